@@ -1,0 +1,48 @@
+"""The application builder: `serve run serve_app.app:build_app` or serve_config.yaml.
+
+It validates `args` once and wires the two deployments; it is the only module that
+knows both of them. Deployment options here are defaults: serve_config.yaml overrides them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.deployment import Deployment
+
+from serve_app.config import AppConfig, load_config
+from serve_app.ingress import Ingress
+from serve_app.model import ImageEditModel
+
+INGRESS_NAME = "OpenAIIngress"
+MODEL_NAME = "QwenImageEditModel"
+
+# A diffusion replica works on one edit at a time; a short queue in front of it keeps
+# latency bounded, and overflow is answered at once with 503 + Retry-After.
+MODEL_DEPLOYMENT_DEFAULTS: dict[str, Any] = {
+    "max_ongoing_requests": 1,
+    "max_queued_requests": 8,
+    "graceful_shutdown_timeout_s": 300,
+    "health_check_period_s": 10,
+    "health_check_timeout_s": 30,
+    "ray_actor_options": {"num_cpus": 1, "num_gpus": 0},
+}
+INGRESS_DEPLOYMENT_DEFAULTS: dict[str, Any] = {
+    "max_ongoing_requests": 64,
+    # CPU only: never given a GPU, and never imports torch.
+    "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0},
+}
+
+
+def build_app(args: Mapping[str, Any] | None = None) -> Application:
+    config: AppConfig = load_config(args)
+    model: Deployment = serve.deployment(name=MODEL_NAME, **MODEL_DEPLOYMENT_DEFAULTS)(
+        ImageEditModel
+    )
+    ingress: Deployment = serve.deployment(name=INGRESS_NAME, **INGRESS_DEPLOYMENT_DEFAULTS)(
+        serve.ingress()(Ingress)
+    )
+    return ingress.bind(model.bind(config), config)

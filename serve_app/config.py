@@ -1,0 +1,113 @@
+"""Application configuration: the `args:` of serve_config.yaml, validated once in the builder."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Environment overrides, for operators who keep one serve_config.yaml for many machines.
+ENV_MODEL_DIR = "QWEN_MODEL_DIR"
+ENV_DEVICE_MAP = "DEVICE_MAP"
+
+DEFAULT_MODEL_NAME = "qwen-image-edit"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """Which pipeline to load and where to put it."""
+
+    # local: a diffusers-format folder (Qwen-Image-Edit, -2509, -2511).
+    # tiny: the embedded random-weight model, built on first use (CPU demo and tests).
+    # synthetic: real architecture, random weights made on the GPUs (benchmarks, GPU tests).
+    source: Literal["local", "tiny", "synthetic"] = "local"
+    path: str | None = None
+    served_name: str = DEFAULT_MODEL_NAME
+    aliases: list[str] = Field(default_factory=list)
+    # auto: "balanced" with 2+ GPUs, "cuda" with one, "cpu" with none.
+    device_map: Literal["auto", "balanced", "cuda", "cpu"] = "auto"
+    # auto: bfloat16 on GPU, float32 on CPU.
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    # Upper bound on reference images for the Plus pipelines; the v1 Edit pipeline takes one.
+    max_input_images: int = Field(default=3, ge=1, le=8)
+    synthetic_variant: Literal["2509", "2511"] = "2509"
+    # Per-GPU memory cap in GiB (index -> GiB), passed to placement.
+    max_memory_gib: dict[int, float] | None = None
+    allow_cpu_offload: bool = False
+
+    @model_validator(mode="after")
+    def _needs_path(self) -> ModelConfig:
+        if self.source == "local" and not self.path:
+            raise ValueError(f"model.path is required for source 'local' (or set {ENV_MODEL_DIR})")
+        return self
+
+    @property
+    def served_names(self) -> list[str]:
+        return [self.served_name, *[a for a in self.aliases if a != self.served_name]]
+
+
+class GenerationConfig(_Strict):
+    """Defaults for the documented request extensions."""
+
+    default_steps: int = Field(default=50, ge=1)
+    max_steps: int = Field(default=100, ge=1)
+    true_cfg_scale: float = Field(default=4.0, ge=0.0)
+    # " " turns true CFG on, as the model cards use it.
+    negative_prompt: str = " "
+    # size=auto: the first input's aspect ratio at about this many pixels.
+    auto_size_pixels: int = Field(default=1024 * 1024, ge=64 * 64)
+
+    @model_validator(mode="after")
+    def _steps_in_range(self) -> GenerationConfig:
+        if self.default_steps > self.max_steps:
+            raise ValueError("generation.default_steps must be <= generation.max_steps")
+        return self
+
+
+class LimitsConfig(_Strict):
+    """Request limits; each rejection names the offending field."""
+
+    max_n: int = Field(default=4, ge=1, le=10)
+    max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
+    max_input_pixels: int = Field(default=4096 * 4096, ge=64 * 64)
+    min_output_side: int = Field(default=256, ge=16)
+    max_output_side: int = Field(default=2048, ge=16)
+    max_output_pixels: int = Field(default=2048 * 2048, ge=16 * 16)
+    max_prompt_chars: int = Field(default=4000, ge=1)
+
+    @model_validator(mode="after")
+    def _sides(self) -> LimitsConfig:
+        if self.min_output_side > self.max_output_side:
+            raise ValueError("limits.min_output_side must be <= limits.max_output_side")
+        return self
+
+
+class AppConfig(_Strict):
+    model: ModelConfig
+    generation: GenerationConfig = GenerationConfig()
+    limits: LimitsConfig = LimitsConfig()
+    # How long /ready waits for the model replica to answer.
+    ready_timeout_s: float = Field(default=5.0, gt=0)
+    # Reported as the `Retry-After` of 429/503 answers.
+    retry_after_s: float = Field(default=5.0, ge=0)
+
+
+def load_config(
+    args: Mapping[str, Any] | None, *, environ: Mapping[str, str] | None = None
+) -> AppConfig:
+    """Validate builder args, applying QWEN_MODEL_DIR / DEVICE_MAP overrides."""
+    env = os.environ if environ is None else environ
+    data: dict[str, Any] = dict(args or {})
+    model = dict(data.get("model") or {})
+    if env.get(ENV_MODEL_DIR):
+        model["path"] = env[ENV_MODEL_DIR]
+        model["source"] = "local"
+    if env.get(ENV_DEVICE_MAP):
+        model["device_map"] = env[ENV_DEVICE_MAP]
+    data["model"] = model
+    return AppConfig.model_validate(data)

@@ -1,0 +1,150 @@
+"""Typed API errors and their one mapping to OpenAI error JSON.
+
+Every failure a client can see is an `APIError`; `error_body` is the only place that
+knows the wire shape `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class APIError(Exception):
+    """An error with an HTTP status and an OpenAI error type."""
+
+    status_code: int = 500
+    error_type: str = "server_error"
+    default_code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.retry_after_s = retry_after_s
+
+    # Keyword-only __init__ arguments are lost by the default pickling, and these errors
+    # cross Ray process boundaries.
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild,
+            (type(self), self.message, self.param, self.code, self.retry_after_s),
+        )
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_s is None:
+            return {}
+        return {"Retry-After": str(max(1, round(self.retry_after_s)))}
+
+
+def _rebuild(
+    cls: type[APIError],
+    message: str,
+    param: str | None,
+    code: str | None,
+    retry_after_s: float | None,
+) -> APIError:
+    return cls(message, param=param, code=code, retry_after_s=retry_after_s)
+
+
+class InvalidRequestError(APIError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class AuthenticationError(APIError):
+    status_code = 401
+    error_type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+
+class NotFoundError(APIError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class MethodNotAllowedError(APIError):
+    status_code = 405
+    error_type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+
+class PayloadTooLargeError(APIError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    default_code = "payload_too_large"
+
+
+class RateLimitError(APIError):
+    status_code = 429
+    error_type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+
+class InternalError(APIError):
+    status_code = 500
+    error_type = "server_error"
+    default_code = "internal_error"
+
+
+class ServiceUnavailableError(APIError):
+    status_code = 503
+    error_type = "server_error"
+    default_code = "service_unavailable"
+
+
+class TimeoutError_(APIError):
+    """The edit did not finish within the request deadline."""
+
+    status_code = 504
+    error_type = "server_error"
+    default_code = "timeout"
+
+
+class RequestCancelledError(APIError):
+    """The client went away; nobody reads this answer, but the replica stops work on it."""
+
+    status_code = 499
+    error_type = "server_error"
+    default_code = "cancelled"
+
+
+def error_body(error: APIError) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": error.message,
+            "type": error.error_type,
+            "param": error.param,
+            "code": error.code,
+        }
+    }
+
+
+_STATUS_TO_ERROR: dict[int, type[APIError]] = {
+    400: InvalidRequestError,
+    401: AuthenticationError,
+    404: NotFoundError,
+    405: MethodNotAllowedError,
+    413: PayloadTooLargeError,
+    429: RateLimitError,
+    503: ServiceUnavailableError,
+    504: TimeoutError_,
+}
+
+
+def error_for_status(status_code: int, message: str) -> APIError:
+    """An APIError for a bare HTTP status (Starlette's own HTTPExceptions)."""
+    cls = _STATUS_TO_ERROR.get(status_code)
+    if cls is None:
+        err = InvalidRequestError(message) if status_code < 500 else InternalError(message)
+        err.status_code = status_code
+        return err
+    return cls(message)

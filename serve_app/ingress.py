@@ -1,0 +1,472 @@
+"""The CPU-only HTTP ingress: OpenAI multipart in, OpenAI JSON out.
+
+`EditService` holds the request logic and talks to the model through a handle-like object
+(injected, so unit tests can use a fake); `create_app` is the Starlette app around it;
+`Ingress` is the Ray Serve deployment class that wires the two. Nothing here imports torch,
+so the ingress can never initialise CUDA on a GPU node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
+
+from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve_app.config import AppConfig
+from serve_app.errors import (
+    APIError,
+    InternalError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+    ServiceUnavailableError,
+    error_body,
+    error_for_status,
+)
+from serve_app.imaging import decode_image, encode_image
+from serve_app.jobs import EditJob, EditOutput, ModelInfo
+from serve_app.protocol import (
+    IMAGE_FIELDS,
+    MASK_FIELD,
+    EditParams,
+    ImageData,
+    ImagesResponse,
+    InputTokensDetails,
+    ModelCard,
+    ModelList,
+    Usage,
+    check_limits,
+)
+from serve_app.sizing import parse_size, resolve_size
+
+logger = logging.getLogger("ray.serve")
+
+_MAX_FORM_FIELDS = 64
+
+
+class ModelHandle(Protocol):
+    """What the ingress needs of the model deployment's DeploymentHandle."""
+
+    @property
+    def edit(self) -> Any: ...
+
+    @property
+    def info(self) -> Any: ...
+
+
+def _translate_handle_errors(exc: BaseException, *, retry_after_s: float) -> APIError:
+    """Map what a handle call can raise to an APIError (Ray imported lazily for unit tests)."""
+    if isinstance(exc, APIError):
+        return exc
+    try:
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+    except ImportError:  # pragma: no cover - ray is a hard dependency
+        return InternalError("The server failed to process the request.")
+    if isinstance(exc, BackPressureError):
+        return ServiceUnavailableError(
+            "The server is at capacity; retry after the delay in Retry-After.",
+            code="server_overloaded",
+            retry_after_s=retry_after_s,
+        )
+    if isinstance(
+        exc, ActorDiedError | ActorUnavailableError | RayActorError | DeploymentUnavailableError
+    ):
+        return ServiceUnavailableError(
+            "The model replica became unavailable; retry the request.",
+            code="replica_unavailable",
+            retry_after_s=retry_after_s,
+        )
+    return InternalError("The server failed to process the request.")
+
+
+class EditService:
+    """Validates requests, calls the model, encodes results."""
+
+    def __init__(
+        self,
+        *,
+        model: ModelHandle,
+        config: AppConfig,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._model = model
+        self._config = config
+        self._clock = clock
+        self._info: ModelInfo | None = None
+        self._created = int(clock())
+
+    @property
+    def config(self) -> AppConfig:
+        return self._config
+
+    async def _call(self, awaitable: Awaitable[Any]) -> Any:
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            err = _translate_handle_errors(exc, retry_after_s=self._config.retry_after_s)
+            if isinstance(err, InternalError):
+                logger.exception("model call failed")
+            raise err from None
+
+    async def model_info(self) -> ModelInfo:
+        if self._info is None:
+            self._info = await self._call(self._model.info.remote())
+        return self._info
+
+    async def ready(self) -> dict[str, Any]:
+        try:
+            info = await asyncio.wait_for(
+                self._call(self._model.info.remote()), self._config.ready_timeout_s
+            )
+        except (TimeoutError, APIError):
+            raise ServiceUnavailableError(
+                "The model is not loaded yet.", code="model_not_ready", retry_after_s=5
+            ) from None
+        self._info = info
+        return {
+            "status": "ready",
+            "model": info.served_names[0],
+            "pipeline": info.pipeline_class,
+            "source": info.source,
+            "device_map": info.device_map,
+        }
+
+    def list_models(self) -> ModelList:
+        names = self._config.model.served_names
+        return ModelList(data=[ModelCard(id=name, created=self._created) for name in names])
+
+    def _check_model(self, requested: str | None) -> str:
+        names = self._config.model.served_names
+        if requested is None or requested == "":
+            return names[0]
+        if requested not in names:
+            raise InvalidRequestError(
+                f"The model '{requested}' does not exist. Available: {', '.join(names)}.",
+                param="model",
+                code="model_not_found",
+            )
+        return requested
+
+    async def edit(
+        self,
+        *,
+        fields: Mapping[str, str],
+        images: list[bytes],
+        has_mask: bool,
+        request_id: str,
+    ) -> ImagesResponse:
+        params = EditParams.from_form(fields)
+        check_limits(params, self._config)
+        model_name = self._check_model(params.model)
+        requested_size = parse_size(params.size)
+        if not images:
+            raise InvalidRequestError(
+                "Missing required parameter: 'image'.",
+                param="image",
+                code="missing_required_parameter",
+            )
+        if has_mask:
+            raise InvalidRequestError(
+                "mask is not supported yet.", param="mask", code="unsupported_value"
+            )
+        info = await self.model_info()
+        if len(images) > info.max_input_images:
+            raise InvalidRequestError(
+                f"{info.pipeline_class} takes at most {info.max_input_images} input image(s);"
+                f" got {len(images)}.",
+                param="image",
+                code="too_many_images",
+            )
+        arrays = await asyncio.to_thread(self._decode_all, images)
+        first_h, first_w = arrays[0].shape[:2]
+        width, height = resolve_size(
+            requested_size,
+            first_image_wh=(first_w, first_h),
+            multiple=info.size_multiple,
+            auto_pixels=self._config.generation.auto_size_pixels,
+            limits=self._config.limits,
+        )
+        job = self._make_job(params, model_name, arrays, width, height, request_id)
+        logger.info(
+            "edit %s: model=%s images=%d size=%dx%d n=%d steps=%d cfg=%.2f seed=%s",
+            request_id, model_name, len(arrays), width, height, job.n,
+            job.num_inference_steps, job.true_cfg_scale, params.seed,
+        )  # fmt: skip
+        output: EditOutput = await self._call(self._model.edit.remote(job))
+        return await asyncio.to_thread(self._build_response, params, output)
+
+    def _decode_all(self, images: list[bytes]) -> list[Any]:
+        max_pixels = self._config.limits.max_input_pixels
+        param = "image" if len(images) == 1 else "image[]"
+        return [decode_image(data, param=param, max_pixels=max_pixels) for data in images]
+
+    def _make_job(
+        self,
+        params: EditParams,
+        model_name: str,
+        arrays: list[Any],
+        width: int,
+        height: int,
+        request_id: str,
+    ) -> EditJob:
+        gen = self._config.generation
+        if params.seed is not None:
+            seeds = [(params.seed + i) % 2**63 for i in range(params.n)]
+        else:
+            seeds = [secrets.randbits(63) for _ in range(params.n)]
+        negative = (
+            params.negative_prompt if params.negative_prompt is not None else gen.negative_prompt
+        )
+        return EditJob(
+            request_id=request_id,
+            model=model_name,
+            images=arrays,
+            prompt=params.prompt,
+            negative_prompt=negative,
+            true_cfg_scale=(
+                params.true_cfg_scale if params.true_cfg_scale is not None else gen.true_cfg_scale
+            ),
+            num_inference_steps=params.num_inference_steps or gen.default_steps,
+            width=width,
+            height=height,
+            seeds=seeds,
+        )
+
+    def _build_response(self, params: EditParams, output: EditOutput) -> ImagesResponse:
+        import base64
+
+        data = [
+            ImageData(
+                b64_json=base64.b64encode(
+                    encode_image(
+                        image,
+                        output_format=params.output_format,
+                        compression=params.output_compression,
+                    )
+                ).decode("ascii")
+            )
+            for image in output.images
+        ]
+        input_tokens = output.text_tokens + output.input_image_tokens
+        return ImagesResponse(
+            created=int(self._clock()),
+            data=data,
+            output_format=params.output_format,
+            size=f"{output.width}x{output.height}",
+            quality=params.quality,
+            background="opaque",
+            usage=Usage(
+                input_tokens=input_tokens,
+                input_tokens_details=InputTokensDetails(
+                    image_tokens=output.input_image_tokens, text_tokens=output.text_tokens
+                ),
+                output_tokens=output.output_image_tokens,
+                total_tokens=input_tokens + output.output_image_tokens,
+            ),
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# HTTP layer
+
+
+def error_response(error: APIError, *, request_id: str | None = None) -> JSONResponse:
+    headers = error.headers()
+    if request_id:
+        headers["x-request-id"] = request_id
+    return JSONResponse(error_body(error), status_code=error.status_code, headers=headers)
+
+
+def _request_id(request: Request) -> str:
+    incoming = request.headers.get("x-request-id", "")
+    return incoming[:128] if incoming else f"req_{uuid.uuid4().hex}"
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def _openai_errors(endpoint: Endpoint) -> Endpoint:
+    """Every exception leaves an endpoint as OpenAI error JSON, never a traceback."""
+
+    @functools.wraps(endpoint)
+    async def wrapper(request: Request) -> Response:
+        request_id = _request_id(request)
+        request.state.request_id = request_id
+        try:
+            response = await endpoint(request)
+        except APIError as exc:
+            if exc.status_code >= 500:
+                logger.warning("request %s failed: %s", request_id, exc.message)
+            return error_response(exc, request_id=request_id)
+        except HTTPException as exc:
+            return error_response(
+                error_for_status(exc.status_code, str(exc.detail)), request_id=request_id
+            )
+        except Exception:
+            logger.exception("request %s failed with an unexpected error", request_id)
+            return error_response(
+                InternalError("The server had an error while processing your request."),
+                request_id=request_id,
+            )
+        response.headers["x-request-id"] = request_id
+        return response
+
+    return wrapper
+
+
+async def _read_form(request: Request) -> tuple[dict[str, str], list[bytes], bool]:
+    content_type = request.headers.get("content-type", "")
+    # A form without files arrives urlencoded; it then fails as "missing image", naming it.
+    if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        raise InvalidRequestError(
+            "Send the edit as multipart/form-data (fields 'image' and 'prompt').",
+            code="invalid_content_type",
+        )
+    try:
+        form = await request.form(max_fields=_MAX_FORM_FIELDS, max_files=_MAX_FORM_FIELDS)
+    except HTTPException as exc:
+        raise InvalidRequestError(
+            f"Malformed multipart body: {exc.detail}", code="invalid_multipart"
+        ) from None
+    try:
+        fields: dict[str, str] = {}
+        images: list[bytes] = []
+        has_mask = False
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if key in IMAGE_FIELDS:
+                    images.append(await value.read())
+                elif key == MASK_FIELD:
+                    has_mask = True
+                continue
+            if key in IMAGE_FIELDS:
+                raise InvalidRequestError(
+                    f"'{key}' must be a file upload, not a text field.", param="image"
+                )
+            fields.setdefault(key, value)
+        return fields, images, has_mask
+    finally:
+        await form.close()
+
+
+def create_app(service: EditService) -> Starlette:
+    """The Starlette app serving the OpenAI routes over `service`."""
+
+    @_openai_errors
+    async def images_edits(request: Request) -> Response:
+        fields, images, has_mask = await _read_form(request)
+        result = await service.edit(
+            fields=fields,
+            images=images,
+            has_mask=has_mask,
+            request_id=request.state.request_id,
+        )
+        return JSONResponse(result.model_dump(exclude_none=True))
+
+    @_openai_errors
+    async def list_models(request: Request) -> Response:
+        return JSONResponse(service.list_models().model_dump())
+
+    @_openai_errors
+    async def get_model(request: Request) -> Response:
+        model_id = request.path_params["model_id"]
+        for card in service.list_models().data:
+            if card.id == model_id:
+                return JSONResponse(card.model_dump())
+        raise error_for_status(404, f"The model '{model_id}' does not exist.")
+
+    @_openai_errors
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    @_openai_errors
+    async def ready(request: Request) -> Response:
+        return JSONResponse(await service.ready())
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        message = (
+            f"Unknown route: {request.method} {request.url.path}"
+            if exc.status_code == 404
+            else str(exc.detail)
+        )
+        return error_response(error_for_status(exc.status_code, message))
+
+    async def api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, APIError)
+        return error_response(exc)
+
+    app = Starlette(
+        routes=[
+            Route("/v1/images/edits", images_edits, methods=["POST"]),
+            Route("/v1/models", list_models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/ready", ready, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: http_error, APIError: api_error},
+    )
+    limit = service.config.limits.max_upload_bytes
+    return BodySizeLimit(app, max_bytes=limit)  # type: ignore[return-value]
+
+
+class BodySizeLimit:
+    """Answer 413 as soon as a request body passes `max_bytes`, declared or streamed."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def __getattr__(self, name: str) -> Any:
+        # Ray Serve registers exception handlers on the wrapped Starlette app.
+        return getattr(self.app, name)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = PayloadTooLargeError(
+            f"The request body exceeds the {self.max_bytes}-byte limit.",
+        )
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await error_response(too_large)(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise too_large
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+class Ingress:
+    """Ray Serve deployment: builds the Starlette app at replica start (late-bound ingress)."""
+
+    def __init__(self, model: ModelHandle, config: AppConfig | Mapping[str, Any]) -> None:
+        cfg = config if isinstance(config, AppConfig) else AppConfig.model_validate(config)
+        self._service = EditService(model=model, config=cfg)
+
+    def __serve_build_asgi_app__(self) -> ASGIApp:
+        return create_app(self._service)

@@ -1,0 +1,223 @@
+"""Loads a Qwen-Image-Edit diffusers pipeline and runs edits on it.
+
+This package is the only place that knows diffusers: the model deployment sees `EditRunner`
+(plain `EditJob` in, `EditOutput` out) and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serve_app.config import GenerationConfig, ModelConfig
+from serve_app.jobs import EditJob, EditOutput, ModelInfo
+
+logger = logging.getLogger("ray.serve")
+
+# model_index.json `_class_name` -> how many reference images the pipeline takes.
+SUPPORTED_PIPELINES: dict[str, int | None] = {
+    "QwenImageEditPipeline": 1,
+    "QwenImageEditPlusPipeline": None,  # several; capped by config.max_input_images
+}
+# The Plus pipeline encodes each reference at about 1 MP for the VAE.
+_VAE_REFERENCE_PIXELS = 1024 * 1024
+
+
+class EditStopped(Exception):
+    """Raised from the step callback to abandon an edit at once."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+StopCheck = Callable[[], str | None]  # returns a reason to stop, or None to go on
+
+
+def pipeline_class_name(model_dir: str | Path) -> str:
+    index = Path(model_dir) / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(
+            f"{model_dir} is not a diffusers model folder (no model_index.json). Download one"
+            " with `hf download Qwen/Qwen-Image-Edit-2509 --local-dir DIR`."
+        )
+    name = json.loads(index.read_text())["_class_name"]
+    if name not in SUPPORTED_PIPELINES:
+        raise ValueError(
+            f"{model_dir} holds a {name}; supported: {', '.join(SUPPORTED_PIPELINES)}."
+        )
+    return str(name)
+
+
+def resolve_device_map(requested: str, *, gpu_count: int) -> str:
+    if requested != "auto":
+        return requested
+    if gpu_count >= 2:
+        return "balanced"
+    return "cuda" if gpu_count == 1 else "cpu"
+
+
+def _dtype(name: str, *, on_gpu: bool) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if on_gpu else torch.float32
+    return getattr(torch, name)
+
+
+def _vae_reference_tokens(image: np.ndarray, *, multiple: int) -> int:
+    h, w = image.shape[:2]
+    ratio = w / h
+    vw = round(math.sqrt(_VAE_REFERENCE_PIXELS * ratio) / 32) * 32
+    vh = round(vw / ratio / 32) * 32
+    return (vw // multiple) * (vh // multiple)
+
+
+class EditRunner:
+    """A loaded pipeline; runs one edit at a time (diffusers pipelines are not thread-safe)."""
+
+    def __init__(
+        self,
+        pipe: Any,
+        *,
+        model: ModelConfig,
+        generation: GenerationConfig,
+        device_map: dict[str, str],
+        placement_table: str = "",
+    ) -> None:
+        self._pipe = pipe
+        self._model = model
+        self._generation = generation
+        self._lock = threading.Lock()
+        self._class_name = type(pipe).__name__
+        per_class = SUPPORTED_PIPELINES.get(self._class_name)
+        self._max_images = per_class if per_class is not None else model.max_input_images
+        self._multiple = int(pipe.vae_scale_factor) * 2
+        self.info = ModelInfo(
+            served_names=model.served_names,
+            pipeline_class=self._class_name,
+            max_input_images=self._max_images,
+            size_multiple=self._multiple,
+            default_steps=generation.default_steps,
+            source=model.source,
+            device_map=device_map,
+            placement_table=placement_table,
+        )
+
+    @property
+    def pipe(self) -> Any:
+        return self._pipe
+
+    def run(self, job: EditJob, *, should_stop: StopCheck | None = None) -> EditOutput:
+        with self._lock:
+            return self._run_locked(job, should_stop)
+
+    def _run_locked(self, job: EditJob, should_stop: StopCheck | None) -> EditOutput:
+        import torch
+        from PIL import Image
+
+        t0 = time.perf_counter()
+        pil_images = [Image.fromarray(a) for a in job.images]
+        generators = [torch.Generator(device="cpu").manual_seed(s) for s in job.seeds]
+
+        def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> Any:
+            reason = should_stop() if should_stop is not None else None
+            if reason is not None:
+                raise EditStopped(reason)
+            return kwargs
+
+        with torch.inference_mode():
+            result = self._pipe(
+                image=pil_images if self._max_images > 1 else pil_images[0],
+                prompt=job.prompt,
+                negative_prompt=job.negative_prompt,
+                true_cfg_scale=job.true_cfg_scale,
+                num_inference_steps=job.num_inference_steps,
+                height=job.height,
+                width=job.width,
+                num_images_per_prompt=job.n,
+                generator=generators,
+                output_type="np",
+                callback_on_step_end=on_step_end,
+            )
+        images = [
+            np.ascontiguousarray((frame * 255.0).round().clip(0, 255).astype(np.uint8))
+            for frame in result.images
+        ]
+        elapsed = time.perf_counter() - t0
+        return EditOutput(
+            images=images,
+            width=job.width,
+            height=job.height,
+            text_tokens=self._count_text_tokens(job.prompt),
+            input_image_tokens=sum(
+                _vae_reference_tokens(a, multiple=self._multiple) for a in job.images
+            ),
+            output_image_tokens=job.n
+            * (job.width // self._multiple)
+            * (job.height // self._multiple),
+            timings_s={"pipeline": elapsed},
+        )
+
+    def _count_text_tokens(self, prompt: str) -> int:
+        tokenizer = getattr(self._pipe, "tokenizer", None)
+        if tokenizer is None:
+            return 0
+        return len(tokenizer(prompt)["input_ids"])
+
+
+def _placement_of(pipe: Any, *, fallback: str) -> dict[str, str]:
+    """Component -> device, from diffusers' hf_device_map (a dict, a device string, or None)."""
+    hf_map = getattr(pipe, "hf_device_map", None)
+    if isinstance(hf_map, dict) and hf_map:
+        return {str(k): str(v) for k, v in hf_map.items()}
+    device = str(hf_map) if hf_map else fallback
+    return {name: device for name in ("transformer", "text_encoder", "vae")}
+
+
+def load_runner(model: ModelConfig, generation: GenerationConfig) -> EditRunner:
+    """Load the configured pipeline onto the GPUs this process can see."""
+    import torch
+
+    gpu_count = torch.cuda.device_count()
+    device_map = resolve_device_map(model.device_map, gpu_count=gpu_count)
+    dtype = _dtype(model.dtype, on_gpu=device_map != "cpu")
+    t0 = time.perf_counter()
+    if model.source == "synthetic":
+        raise NotImplementedError("the synthetic full-size model source is not wired yet")
+    if model.source == "tiny":
+        from serve_app.pipeline.tiny import ensure_tiny_model
+
+        path = ensure_tiny_model(model.path)
+        logger.warning(
+            "!!! SERVING THE EMBEDDED TINY MODEL WITH RANDOM WEIGHTS (%s): outputs are noise."
+            " Set model.source=local and model.path (or QWEN_MODEL_DIR) for real edits. !!!",
+            path,
+        )
+    else:
+        assert model.path is not None
+        path = Path(model.path)
+    class_name = pipeline_class_name(path)
+    logger.info(
+        "loading %s from %s: device_map=%s dtype=%s visible GPUs=%d",
+        class_name, path, device_map, dtype, gpu_count,
+    )  # fmt: skip
+    import diffusers
+
+    pipeline_cls = getattr(diffusers, class_name)
+    pipe = pipeline_cls.from_pretrained(str(path), dtype=dtype, device_map=device_map)
+    pipe.set_progress_bar_config(disable=True)
+    placement = _placement_of(pipe, fallback=device_map)
+    table = "\n".join(f"  {name:<14} -> {dev}" for name, dev in placement.items())
+    logger.info("loaded %s in %.1f s; placement:\n%s", class_name, time.perf_counter() - t0, table)
+    return EditRunner(
+        pipe, model=model, generation=generation, device_map=placement, placement_table=table
+    )

@@ -1,0 +1,93 @@
+"""The real Ray Serve app (both deployments, real HTTP proxy) with the embedded tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+TEST_ARGS: dict[str, Any] = {
+    "model": {"source": "tiny", "device_map": "cpu", "aliases": ["qwen-image-edit-2509"]},
+    "generation": {"default_steps": 2, "max_steps": 8, "auto_size_pixels": 96 * 96},
+    "limits": {"max_n": 3, "min_output_side": 32, "max_output_side": 256,
+               "max_upload_bytes": 2 * 1024 * 1024},
+    "ready_timeout_s": 0.5,
+}  # fmt: skip
+
+
+@dataclass
+class Server:
+    url: str
+    # (status, error code or None) of every /ready answer seen while the app came up.
+    ready_history: list[tuple[int, str | None]] = field(default_factory=list)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str) -> tuple[int, dict[str, Any] | None]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        body = err.read()
+        try:
+            return err.code, json.loads(body)
+        except ValueError:
+            return err.code, None  # the proxy's own answer before our route exists
+    except (urllib.error.URLError, OSError):
+        return 0, None
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    # A fresh folder: the model replica builds the tiny model while the ingress is up,
+    # which makes the "not ready yet" window observable.
+    args = json.loads(json.dumps(TEST_ARGS))
+    args["model"]["path"] = str(tmp_path_factory.mktemp("tiny") / "model")
+    port = _free_port()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run_many(
+        [serve.RunTarget(target=build_app(args), name="qwen-image-edit", route_prefix="/")],
+        wait_for_ingress_deployment_creation=False,
+        wait_for_applications_running=False,
+    )
+    srv = Server(url=f"http://127.0.0.1:{port}")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        status, body = _get(f"{srv.url}/ready")
+        if body is not None:
+            srv.ready_history.append((status, (body.get("error") or {}).get("code")))
+        if status == 200:
+            break
+        app_status = serve.status().applications.get("qwen-image-edit")
+        if app_status is not None and app_status.status == "DEPLOY_FAILED":
+            pytest.fail(f"app failed to deploy: {app_status.message[-2000:]}")
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"app not ready in 300 s; last /ready answers: {srv.ready_history[-3:]}")
+    try:
+        yield srv
+    finally:
+        serve.shutdown()
+        ray.shutdown()

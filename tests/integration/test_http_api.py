@@ -1,0 +1,185 @@
+"""End to end over HTTP: the official openai client and raw multipart against the real app."""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from tests.integration.conftest import Server
+
+pytestmark = pytest.mark.integration
+
+
+def png(width: int = 48, height: int = 40, mode: str = "RGB", color: Any = (200, 40, 40)) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (width, height), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def edit(server: Server, files: list[tuple[str, Any]], **data: Any) -> httpx.Response:
+    data.setdefault("prompt", "make it blue")
+    return httpx.post(
+        f"{server.url}/v1/images/edits",
+        data={k: str(v) for k, v in data.items()},
+        files=files,
+        timeout=120,
+    )
+
+
+def test_ready_went_from_503_to_200(server: Server) -> None:
+    statuses = [status for status, _ in server.ready_history]
+    assert statuses[-1] == 200
+    # Before the model replica had loaded, /ready answered OpenAI-style 503s.
+    assert (503, "model_not_ready") in server.ready_history, server.ready_history
+    assert all(s in (200, 503) for s in statuses)
+
+
+def test_openai_client_single_image(client: openai.OpenAI) -> None:
+    result = client.images.edit(
+        model="qwen-image-edit",
+        image=("in.png", png(), "image/png"),
+        prompt="add a hat",
+        size="64x48",
+    )
+    assert result.size == "64x48" and result.output_format == "png"
+    assert len(result.data) == 1
+    assert decode(result.data[0].b64_json).size == (64, 48)
+    assert result.usage is not None and result.usage.output_tokens == 4 * 3
+
+
+def test_openai_client_several_images_and_n(client: openai.OpenAI) -> None:
+    images = [
+        ("a.png", png(), "image/png"),
+        ("b.png", png(32, 64, color=(0, 90, 200)), "image/png"),
+    ]
+    result = client.images.edit(
+        model="qwen-image-edit-2509", image=images, prompt="combine them", n=2, size="48x48"
+    )
+    assert len(result.data) == 2
+    decoded = [np.asarray(decode(d.b64_json)) for d in result.data]
+    assert all(a.shape == (48, 48, 3) for a in decoded)
+    assert not np.array_equal(decoded[0], decoded[1])  # no seed: each image its own noise
+
+
+def test_openai_client_extensions_through_extra_body(client: openai.OpenAI) -> None:
+    result = client.images.edit(
+        image=("in.png", png(), "image/png"), prompt="x", size="32x32",
+        extra_body={"seed": 3, "num_inference_steps": 1, "negative_prompt": "blurry", "true_cfg_scale": 2.0},
+    )  # fmt: skip
+    assert decode(result.data[0].b64_json).size == (32, 32)
+
+
+@pytest.mark.parametrize("field", ["image", "image[]"])
+def test_raw_multipart_field_names(server: Server, field: str) -> None:
+    resp = edit(server, [(field, ("a.png", png(), "image/png"))], size="32x32")
+    assert resp.status_code == 200, resp.text
+    repeated = [(field, ("a.png", png(), "image/png")), (field, ("b.png", png(), "image/png"))]
+    assert edit(server, repeated, size="32x32").status_code == 200
+
+
+@pytest.mark.parametrize("fmt,pil", [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_output_formats_decode_at_the_claimed_size(server: Server, fmt: str, pil: str) -> None:
+    resp = edit(
+        server,
+        [("image", ("a.png", png(), "image/png"))],
+        size="80x48",
+        output_format=fmt,
+        output_compression=70,
+    )
+    body = resp.json()
+    assert resp.status_code == 200 and body["output_format"] == fmt
+    img = decode(body["data"][0]["b64_json"])
+    assert img.format == pil and f"{img.size[0]}x{img.size[1]}" == body["size"] == "80x48"
+
+
+def test_size_auto_keeps_the_first_input_aspect(server: Server) -> None:
+    resp = edit(server, [("image", ("wide.png", png(200, 100), "image/png"))], size="auto")
+    body = resp.json()
+    w, h = (int(v) for v in body["size"].split("x"))
+    assert decode(body["data"][0]["b64_json"]).size == (w, h)
+    assert w > h and w % 16 == 0 and h % 16 == 0
+
+
+@pytest.mark.parametrize(
+    "mode,color", [("RGBA", (10, 200, 10, 128)), ("L", 90), ("LA", (30, 200)), ("P", 3)]
+)
+def test_rgba_grayscale_palette_inputs(server: Server, mode: str, color: Any) -> None:
+    resp = edit(
+        server, [("image", ("x.png", png(mode=mode, color=color), "image/png"))], size="32x32"
+    )
+    assert resp.status_code == 200, resp.text
+
+
+def test_seed_reproducibility(server: Server) -> None:
+    files = [("image", ("a.png", png(), "image/png"))]
+    a = edit(server, files, size="32x32", seed=1234).json()["data"][0]["b64_json"]
+    b = edit(server, files, size="32x32", seed=1234).json()["data"][0]["b64_json"]
+    c = edit(server, files, size="32x32", seed=999).json()["data"][0]["b64_json"]
+    assert a == b
+    assert a != c
+
+
+@pytest.mark.parametrize(
+    "files,data,status,param",
+    [
+        ([("image", ("a.png", png(), "image/png"))], {"prompt": ""}, 400, "prompt"),
+        ([], {"prompt": "x"}, 400, "image"),
+        ([("image", ("a.png", b"not an image", "image/png"))], {}, 400, "image"),
+        ([("image", ("a.png", png(), "image/png"))], {"size": "huge"}, 400, "size"),
+        ([("image", ("a.png", png(), "image/png"))], {"size": "4096x4096"}, 400, "size"),
+        ([("image", ("a.png", png(), "image/png"))], {"n": 4}, 400, "n"),
+        ([("image", ("a.png", png(), "image/png"))], {"output_format": "bmp"}, 400, "output_format"),
+        ([("image", ("a.png", png(), "image/png"))], {"model": "gpt-image-1"}, 400, "model"),
+        ([("image[]", (f"{i}.png", png(), "image/png")) for i in range(4)], {}, 400, "image"),
+        ([("image", ("a.png", png(1200, 1200, color=None) + b"\0" * (3 * 1024 * 1024), "image/png"))], {}, 413, None),
+    ],
+)  # fmt: skip
+def test_errors_over_http(
+    server: Server, files: Any, data: dict[str, Any], status: int, param: str | None
+) -> None:
+    resp = edit(server, files, **data)
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["param"] == param and err["message"]
+
+
+def test_openai_client_sees_bad_request(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.images.edit(image=("a.png", png(), "image/png"), prompt="x", n=9)
+    assert info.value.status_code == 400
+    assert isinstance(info.value.body, dict) and info.value.body["param"] == "n"
+
+
+def test_unknown_route_is_openai_json(server: Server) -> None:
+    resp = httpx.get(f"{server.url}/v1/images/generations")
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == "not_found"
+
+
+def test_models_and_health(server: Server, client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list().data] == ["qwen-image-edit", "qwen-image-edit-2509"]
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    ready = httpx.get(f"{server.url}/ready").json()
+    assert ready["status"] == "ready" and ready["pipeline"] == "QwenImageEditPlusPipeline"
+
+
+def test_server_keeps_serving_after_errors(server: Server) -> None:
+    for _ in range(3):
+        edit(server, [("image", ("a.png", b"junk", "image/png"))])
+    assert edit(server, [("image", ("a.png", png(), "image/png"))], size="32x32").status_code == 200
