@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve_app.auth import ApiKeyChecker, RequireApiKey, load_api_keys
 from serve_app.config import AppConfig
 from serve_app.errors import (
     APIError,
@@ -32,11 +33,13 @@ from serve_app.errors import (
     InvalidRequestError,
     PayloadTooLargeError,
     ServiceUnavailableError,
+    TimeoutError_,
     error_body,
     error_for_status,
 )
 from serve_app.imaging import decode_image, encode_image
 from serve_app.jobs import EditJob, EditOutput, ModelInfo
+from serve_app.metrics import IngressMetrics, NullMetrics
 from serve_app.protocol import (
     IMAGE_FIELDS,
     MASK_FIELD,
@@ -54,6 +57,8 @@ from serve_app.sizing import parse_size, resolve_size
 logger = logging.getLogger("ray.serve")
 
 _MAX_FORM_FIELDS = 64
+# Extra time the ingress waits past the model's own deadline before answering 504 itself.
+_DEADLINE_GRACE_S = 5.0
 
 
 class ModelHandle(Protocol):
@@ -101,10 +106,16 @@ class EditService:
         model: ModelHandle,
         config: AppConfig,
         clock: Callable[[], float] = time.time,
+        metrics: IngressMetrics | None = None,
+        api_keys: list[str] | None = None,
+        model_healthy: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self._model = model
         self._config = config
         self._clock = clock
+        self.metrics: IngressMetrics = metrics if metrics is not None else NullMetrics()
+        self.api_keys = ApiKeyChecker(api_keys or [])
+        self._model_healthy = model_healthy
         self._info: ModelInfo | None = None
         self._created = int(clock())
 
@@ -129,15 +140,23 @@ class EditService:
         return self._info
 
     async def ready(self) -> dict[str, Any]:
-        try:
-            info = await asyncio.wait_for(
-                self._call(self._model.info.remote()), self._config.ready_timeout_s
-            )
-        except (TimeoutError, APIError):
-            raise ServiceUnavailableError(
-                "The model is not loaded yet.", code="model_not_ready", retry_after_s=5
-            ) from None
-        self._info = info
+        not_ready = ServiceUnavailableError(
+            "The model is not loaded yet.", code="model_not_ready", retry_after_s=5
+        )
+        # A replica busy with an edit cannot answer a call (max_ongoing_requests), so once
+        # the model has answered us, readiness is Serve's view of its replicas' health.
+        if self._info is not None and self._model_healthy is not None:
+            if not await self._model_healthy():
+                raise not_ready
+            info = self._info
+        else:
+            try:
+                info = await asyncio.wait_for(
+                    self._call(self._model.info.remote()), self._config.ready_timeout_s
+                )
+            except (TimeoutError, APIError):
+                raise not_ready from None
+            self._info = info
         return {
             "status": "ready",
             "model": info.served_names[0],
@@ -207,8 +226,25 @@ class EditService:
             request_id, model_name, len(arrays), width, height, job.n,
             job.num_inference_steps, job.true_cfg_scale, params.seed,
         )  # fmt: skip
-        output: EditOutput = await self._call(self._model.edit.remote(job))
+        output = await self._run_edit(job)
+        self.metrics.images_returned(len(output.images))
         return await asyncio.to_thread(self._build_response, params, output)
+
+    async def _run_edit(self, job: EditJob) -> EditOutput:
+        response = self._model.edit.remote(job)
+        timeout = self._config.request_timeout_s + _DEADLINE_GRACE_S
+        try:
+            output: EditOutput = await asyncio.wait_for(self._call(response), timeout)
+        except TimeoutError:
+            # The model normally answers 504 itself at the deadline; this covers a request
+            # that never reached a replica. Cancelling frees its queue slot.
+            cancel = getattr(response, "cancel", None)
+            if cancel is not None:
+                cancel()
+            raise TimeoutError_(
+                f"The edit did not finish within {self._config.request_timeout_s:.0f} s."
+            ) from None
+        return output
 
     def _decode_all(self, images: list[bytes]) -> list[Any]:
         max_pixels = self._config.limits.max_input_pixels
@@ -245,6 +281,8 @@ class EditService:
             width=width,
             height=height,
             seeds=seeds,
+            deadline=self._clock() + self._config.request_timeout_s,
+            submitted_at=self._clock(),
         )
 
     def _build_response(self, params: EditParams, output: EditOutput) -> ImagesResponse:
@@ -300,30 +338,33 @@ def _request_id(request: Request) -> str:
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-def _openai_errors(endpoint: Endpoint) -> Endpoint:
+def _openai_errors(endpoint: Endpoint, *, route: str, metrics: IngressMetrics) -> Endpoint:
     """Every exception leaves an endpoint as OpenAI error JSON, never a traceback."""
 
     @functools.wraps(endpoint)
     async def wrapper(request: Request) -> Response:
         request_id = _request_id(request)
         request.state.request_id = request_id
+        t0 = time.perf_counter()
         try:
             response = await endpoint(request)
+            response.headers["x-request-id"] = request_id
         except APIError as exc:
             if exc.status_code >= 500:
                 logger.warning("request %s failed: %s", request_id, exc.message)
-            return error_response(exc, request_id=request_id)
+            response = error_response(exc, request_id=request_id)
         except HTTPException as exc:
-            return error_response(
-                error_for_status(exc.status_code, str(exc.detail)), request_id=request_id
-            )
+            err = error_for_status(exc.status_code, str(exc.detail))
+            response = error_response(err, request_id=request_id)
         except Exception:
             logger.exception("request %s failed with an unexpected error", request_id)
-            return error_response(
+            response = error_response(
                 InternalError("The server had an error while processing your request."),
                 request_id=request_id,
             )
-        response.headers["x-request-id"] = request_id
+        metrics.request_done(
+            route=route, status=response.status_code, seconds=time.perf_counter() - t0
+        )
         return response
 
     return wrapper
@@ -367,7 +408,10 @@ async def _read_form(request: Request) -> tuple[dict[str, str], list[bytes], boo
 def create_app(service: EditService) -> Starlette:
     """The Starlette app serving the OpenAI routes over `service`."""
 
-    @_openai_errors
+    def routed(route: str) -> Callable[[Endpoint], Endpoint]:
+        return functools.partial(_openai_errors, route=route, metrics=service.metrics)
+
+    @routed("/v1/images/edits")
     async def images_edits(request: Request) -> Response:
         fields, images, has_mask = await _read_form(request)
         result = await service.edit(
@@ -378,11 +422,11 @@ def create_app(service: EditService) -> Starlette:
         )
         return JSONResponse(result.model_dump(exclude_none=True))
 
-    @_openai_errors
+    @routed("/v1/models")
     async def list_models(request: Request) -> Response:
         return JSONResponse(service.list_models().model_dump())
 
-    @_openai_errors
+    @routed("/v1/models/{model_id}")
     async def get_model(request: Request) -> Response:
         model_id = request.path_params["model_id"]
         for card in service.list_models().data:
@@ -390,11 +434,11 @@ def create_app(service: EditService) -> Starlette:
                 return JSONResponse(card.model_dump())
         raise error_for_status(404, f"The model '{model_id}' does not exist.")
 
-    @_openai_errors
+    @routed("/health")
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    @_openai_errors
+    @routed("/ready")
     async def ready(request: Request) -> Response:
         return JSONResponse(await service.ready())
 
@@ -422,7 +466,12 @@ def create_app(service: EditService) -> Starlette:
         exception_handlers={HTTPException: http_error, APIError: api_error},
     )
     limit = service.config.limits.max_upload_bytes
-    return BodySizeLimit(app, max_bytes=limit)  # type: ignore[return-value]
+    asgi: ASGIApp = BodySizeLimit(app, max_bytes=limit)
+    if service.api_keys.enabled:
+        asgi = RequireApiKey(
+            asgi, checker=service.api_keys, open_paths=service.config.auth.open_paths
+        )
+    return asgi  # type: ignore[return-value]
 
 
 class BodySizeLimit:
@@ -461,12 +510,44 @@ class BodySizeLimit:
         await self.app(scope, limited_receive, send)
 
 
+async def serve_deployment_healthy(deployment: str) -> bool:
+    """Whether Serve reports a running, healthy replica of `deployment` in this app."""
+    from ray import serve
+
+    def check() -> bool:
+        app_name = serve.get_replica_context().app_name
+        app = serve.status().applications.get(app_name)
+        status = app.deployments.get(deployment) if app is not None else None
+        if status is None:
+            return False
+        running = sum(n for state, n in status.replica_states.items() if "RUNNING" in str(state))
+        return bool(running > 0 and str(status.status).endswith("HEALTHY"))
+
+    return await asyncio.to_thread(check)
+
+
 class Ingress:
     """Ray Serve deployment: builds the Starlette app at replica start (late-bound ingress)."""
 
-    def __init__(self, model: ModelHandle, config: AppConfig | Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        model: ModelHandle,
+        config: AppConfig | Mapping[str, Any],
+        *,
+        model_deployment: str,
+    ) -> None:
+        from serve_app.metrics import RayIngressMetrics
+
         cfg = config if isinstance(config, AppConfig) else AppConfig.model_validate(config)
-        self._service = EditService(model=model, config=cfg)
+        keys = load_api_keys(cfg.auth)
+        logger.info("API keys: %s", f"{len(keys)} configured" if keys else "off (no key set)")
+        self._service = EditService(
+            model=model,
+            config=cfg,
+            metrics=RayIngressMetrics(),
+            api_keys=keys,
+            model_healthy=functools.partial(serve_deployment_healthy, model_deployment),
+        )
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
         return create_app(self._service)

@@ -27,6 +27,8 @@ class EditJob:
     seeds: list[int]  # one per output image; len(seeds) == n
     # Wall-clock (time.time()) deadline; the model stops denoising once it passes.
     deadline: float | None = None
+    # Wall-clock time the ingress forwarded the job (for the queue-wait metric).
+    submitted_at: float | None = None
 
     @property
     def n(self) -> int:
