@@ -330,9 +330,12 @@ def error_response(error: APIError, *, request_id: str | None = None) -> JSONRes
     return JSONResponse(error_body(error), status_code=error.status_code, headers=headers)
 
 
-def _request_id(request: Request) -> str:
+def _request_id(request: Request) -> tuple[str, bool]:
+    """The request id, and whether we must echo it (Serve's proxy echoes the ids it sets)."""
     incoming = request.headers.get("x-request-id", "")
-    return incoming[:128] if incoming else f"req_{uuid.uuid4().hex}"
+    if incoming:
+        return incoming[:128], False
+    return f"req_{uuid.uuid4().hex}", True
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -343,24 +346,26 @@ def _openai_errors(endpoint: Endpoint, *, route: str, metrics: IngressMetrics) -
 
     @functools.wraps(endpoint)
     async def wrapper(request: Request) -> Response:
-        request_id = _request_id(request)
+        request_id, echo = _request_id(request)
         request.state.request_id = request_id
+        echo_id = request_id if echo else None
         t0 = time.perf_counter()
         try:
             response = await endpoint(request)
-            response.headers["x-request-id"] = request_id
+            if echo_id:
+                response.headers["x-request-id"] = echo_id
         except APIError as exc:
             if exc.status_code >= 500:
                 logger.warning("request %s failed: %s", request_id, exc.message)
-            response = error_response(exc, request_id=request_id)
+            response = error_response(exc, request_id=echo_id)
         except HTTPException as exc:
             err = error_for_status(exc.status_code, str(exc.detail))
-            response = error_response(err, request_id=request_id)
+            response = error_response(err, request_id=echo_id)
         except Exception:
             logger.exception("request %s failed with an unexpected error", request_id)
             response = error_response(
                 InternalError("The server had an error while processing your request."),
-                request_id=request_id,
+                request_id=echo_id,
             )
         metrics.request_done(
             route=route, status=response.status_code, seconds=time.perf_counter() - t0

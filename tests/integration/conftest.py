@@ -32,6 +32,7 @@ APP_NAME = "qwen-image-edit"
 @dataclass
 class Server:
     url: str
+    metrics_url: str = ""
     # (status, error code or None) of every /ready answer seen while the app came up.
     ready_history: list[tuple[int, str | None]] = field(default_factory=list)
 
@@ -68,12 +69,13 @@ def start_server(
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
-    port = _free_port()
+    port, metrics_port = _free_port(), _free_port()
     ray.init(
         num_cpus=4,
         include_dashboard=False,
         log_to_driver=False,
         runtime_env={"env_vars": env or {}},
+        _metrics_export_port=metrics_port,
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = {
@@ -88,7 +90,9 @@ def start_server(
         ]
     }
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
-    srv = Server(url=f"http://127.0.0.1:{port}")
+    srv = Server(
+        url=f"http://127.0.0.1:{port}", metrics_url=f"http://127.0.0.1:{metrics_port}/metrics"
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         status, body = _get(f"{srv.url}/ready")
