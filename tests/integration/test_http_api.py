@@ -210,17 +210,24 @@ def test_prometheus_metrics_after_requests(server: Server) -> None:
         "ray_qwen_edit_denoise_step_seconds_bucket{",
         "ray_serve_num_http_requests_total{",  # Ray Serve's own metrics ride along
     ]
-    text = ""
+
+    def checks(text: str) -> list[str]:
+        failed = [w for w in wanted if w not in text]
+        lines = [ln for ln in text.splitlines() if ln.startswith("ray_qwen_edit_requests_total{")]
+        if not any('status="200"' in ln and 'route="/v1/images/edits"' in ln for ln in lines):
+            failed.append("a 200 edit in requests_total")
+        if not any('status="400"' in ln for ln in lines):
+            failed.append("a 400 in requests_total")
+        runs = [ln for ln in text.splitlines() if ln.startswith("ray_qwen_edit_runs_total{")]
+        if not any('outcome="ok"' in ln and float(ln.rsplit(" ", 1)[1]) >= 1 for ln in runs):
+            failed.append("an ok run in runs_total")
+        return failed
+
+    # Ray exports metrics in batches every few seconds: poll until all have arrived.
+    failed: list[str] = ["nothing read yet"]
     deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        text = httpx.get(server.metrics_url, timeout=10).text
-        if all(w in text for w in wanted):
-            break
-        time.sleep(2)
-    missing = [w for w in wanted if w not in text]
-    assert not missing, missing
-    lines = [ln for ln in text.splitlines() if ln.startswith("ray_qwen_edit_requests_total{")]
-    assert any('status="200"' in ln and 'route="/v1/images/edits"' in ln for ln in lines), lines
-    assert any('status="400"' in ln for ln in lines), lines
-    runs = [ln for ln in text.splitlines() if ln.startswith("ray_qwen_edit_runs_total{")]
-    assert any('outcome="ok"' in ln and float(ln.rsplit(" ", 1)[1]) >= 1 for ln in runs), runs
+    while failed and time.monotonic() < deadline:
+        failed = checks(httpx.get(server.metrics_url, timeout=10).text)
+        if failed:
+            time.sleep(2)
+    assert not failed, failed
