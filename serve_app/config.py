@@ -39,6 +39,27 @@ class ModelConfig(_Strict):
     # Per-GPU memory cap in GiB (index -> GiB), passed to placement.
     max_memory_gib: dict[int, float] | None = None
     allow_cpu_offload: bool = False
+    # Placement keeps activation headroom for edits up to this many output pixels (None: 2048x2048,
+    # limits.max_output_pixels' default) with this many references (None: max_input_images).
+    headroom_max_pixels: int | None = Field(default=None, ge=64 * 64)
+    headroom_ref_images: int | None = Field(default=None, ge=0, le=8)
+    # Speed switches (docs/gpu.md has the measured effect of each; all off on CPU).
+    # torch.compile the transformer's repeated blocks (fullgraph); compiles at replica start.
+    compile: bool = False
+    # torch.compile's `dynamic`: True compiles once for every size and prompt length; None lets
+    # torch recompile (~12 s, once per device) the first time an input size changes.
+    compile_dynamic: bool | None = None
+    # diffusers attention dispatcher backend, e.g. "native", "_native_cudnn", "_native_flash",
+    # "_native_efficient", "flash" (needs flash-attn), "_flash_3" (FA3). None: diffusers' default.
+    attention_backend: str | None = None
+    # With 2+ GPUs: a full transformer copy on each of two GPUs, the conditional and unconditional
+    # passes of each true-CFG step run at the same time. Falls back (logged) if two don't fit.
+    cfg_parallel: bool = False
+    # Run one small edit at replica start (before reporting ready). None: only when compile is on.
+    warmup: bool | None = None
+    # synthetic source only: config overrides per component (tests shrink the model with it).
+    # (Its tokenizer: `path`/tokenizer if that exists, else the embedded tiny model's.)
+    synthetic_overrides: dict[str, dict[str, Any]] | None = None
 
     @model_validator(mode="after")
     def _needs_path(self) -> ModelConfig:

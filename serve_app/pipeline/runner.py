@@ -6,11 +6,13 @@ This package is the only place that knows diffusers: the model deployment sees `
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ import numpy as np
 
 from serve_app.config import GenerationConfig, ModelConfig
 from serve_app.jobs import EditJob, EditOutput, ModelInfo
+from serve_app.pipeline.profiling import StageTimer
 
 logger = logging.getLogger("ray.serve")
 
@@ -101,8 +104,10 @@ class EditRunner:
         generation: GenerationConfig,
         device_map: dict[str, str],
         placement_table: str = "",
+        stage_timer: StageTimer | None = None,
     ) -> None:
         self._pipe = pipe
+        self._stage_timer = stage_timer
         self._model = model
         self._generation = generation
         self._lock = threading.Lock()
@@ -132,8 +137,12 @@ class EditRunner:
             try:
                 return self._run_locked(job, step_hook)
             except torch.OutOfMemoryError as exc:
-                # Drop the failed edit's activations so the next request starts clean.
+                # Drop the failed edit's activations so the next request starts clean: the
+                # traceback's frames hold them (and would keep them through the exception chain
+                # that reaches the caller), so clear those frames before freeing the cache.
+                traceback.clear_frames(exc.__traceback__)
                 del exc
+                gc.collect()
                 torch.cuda.empty_cache()
                 raise PipelineOutOfMemory(
                     f"out of accelerator memory at {job.width}x{job.height}, n={job.n}"
@@ -168,6 +177,12 @@ class EditRunner:
                 raise EditStopped(reason)
             return kwargs
 
+        if self._stage_timer is not None:
+            self._stage_timer.reset()
+        from serve_app.pipeline.cfg_parallel import CfgParallelTransformer
+
+        if isinstance(self._pipe.transformer, CfgParallelTransformer):
+            self._pipe.transformer.reset()
         with torch.inference_mode():
             result = self._pipe(
                 image=pil_images if self._max_images > 1 else pil_images[0],
@@ -187,6 +202,17 @@ class EditRunner:
             for frame in result.images
         ]
         elapsed = time.perf_counter() - t0
+        timings = {"pipeline": elapsed}
+        if self._stage_timer is not None:
+            stages = self._stage_timer.snapshot()
+            timings.update(stages)
+            timings["denoise"] = max(0.0, elapsed - sum(stages.values()))
+        # One parseable line per edit (bench/run.py reads it from the replica log).
+        logger.info(
+            "edit %s timings %s",
+            job.request_id,
+            json.dumps({k: round(v, 4) for k, v in timings.items()}, sort_keys=True),
+        )
         return EditOutput(
             images=images,
             width=job.width,
@@ -198,7 +224,7 @@ class EditRunner:
             output_image_tokens=job.n
             * (job.width // self._multiple)
             * (job.height // self._multiple),
-            timings_s={"pipeline": elapsed},
+            timings_s=timings,
         )
 
     def _count_text_tokens(self, prompt: str) -> int:
@@ -217,16 +243,27 @@ def _placement_of(pipe: Any, *, fallback: str) -> dict[str, str]:
     return {name: device for name in ("transformer", "text_encoder", "vae")}
 
 
-def load_runner(model: ModelConfig, generation: GenerationConfig) -> EditRunner:
-    """Load the configured pipeline onto the GPUs this process can see."""
-    import torch
+def load_runner(
+    model: ModelConfig,
+    generation: GenerationConfig,
+    *,
+    gpu_probe: Callable[[], list[Any]] | None = None,
+) -> EditRunner:
+    """Load the configured pipeline onto the GPUs this process can see.
 
-    gpu_count = torch.cuda.device_count()
-    device_map = resolve_device_map(model.device_map, gpu_count=gpu_count)
-    dtype = _dtype(model.dtype, on_gpu=device_map != "cpu")
+    `gpu_probe` returns the visible GPUs' memory (`loading.probe_gpus` by default; tests inject a
+    fake table). With the planner (synthetic source; local source with 2+ GPUs and device_map
+    auto/balanced) the placement table is logged and kept in `ModelInfo.placement_table`.
+    """
+    from serve_app.pipeline.loading import probe_gpus
+
     t0 = time.perf_counter()
+    probe = gpu_probe or probe_gpus
+    gpus = probe() if model.device_map != "cpu" else []
+    device_map = resolve_device_map(model.device_map, gpu_count=len(gpus))
+    dtype = _dtype(model.dtype, on_gpu=device_map != "cpu")
     if model.source == "synthetic":
-        raise NotImplementedError("the synthetic full-size model source is not wired yet")
+        return _load_planned(model, generation, gpus, device_map, dtype, t0)
     if model.source == "tiny":
         from serve_app.pipeline.tiny import ensure_tiny_model
 
@@ -239,19 +276,189 @@ def load_runner(model: ModelConfig, generation: GenerationConfig) -> EditRunner:
     else:
         assert model.path is not None
         path = Path(model.path)
+        if len(gpus) >= 2 and device_map == "balanced":
+            return _load_planned(model, generation, gpus, device_map, dtype, t0)
     class_name = pipeline_class_name(path)
     logger.info(
         "loading %s from %s: device_map=%s dtype=%s visible GPUs=%d",
-        class_name, path, device_map, dtype, gpu_count,
+        class_name, path, device_map, dtype, len(gpus),
     )  # fmt: skip
     import diffusers
 
     pipeline_cls = getattr(diffusers, class_name)
     pipe = pipeline_cls.from_pretrained(str(path), dtype=dtype, device_map=device_map)
-    pipe.set_progress_bar_config(disable=True)
     placement = _placement_of(pipe, fallback=device_map)
     table = "\n".join(f"  {name:<14} -> {dev}" for name, dev in placement.items())
-    logger.info("loaded %s in %.1f s; placement:\n%s", class_name, time.perf_counter() - t0, table)
-    return EditRunner(
-        pipe, model=model, generation=generation, device_map=placement, placement_table=table
+    return _finish(pipe, model, generation, placement, table, t0, transformers=None)
+
+
+def _load_planned(
+    model: ModelConfig,
+    generation: GenerationConfig,
+    gpus: list[Any],
+    device_map: str,
+    dtype: Any,
+    t0: float,
+) -> EditRunner:
+    """Synthetic or local weights through the placement planner (see `loading`)."""
+    from serve_app.pipeline.cfg_parallel import CfgParallelTransformer, replicate_module
+    from serve_app.pipeline.loading import device_labels, load_local_pipeline, plan_load
+    from serve_app.pipeline.placement import PlacementError, component_sizes_from_configs
+
+    if device_map == "cpu":
+        gpus = []
+    elif device_map == "cuda":
+        gpus = gpus[:1]
+    dtype_bytes = dtype.itemsize
+    if model.source == "synthetic":
+        from serve_app.pipeline.synthetic import synthetic_component_sizes
+
+        sizes = synthetic_component_sizes(
+            model.synthetic_variant, dtype_bytes=dtype_bytes, overrides=model.synthetic_overrides
+        )
+        what = f"synthetic Qwen-Image-Edit-{model.synthetic_variant} (random weights)"
+    else:
+        assert model.path is not None
+        sizes = component_sizes_from_configs(model.path, dtype_bytes=dtype_bytes)
+        what = str(model.path)
+    try:
+        plan = plan_load(model, sizes, gpus)
+    except PlacementError as exc:
+        logger.error("cannot place %s on this replica's GPUs: %s", what, exc)
+        raise
+    table = plan.table()
+    logger.info("placement of %s (%s, visible GPUs %d):\n%s", what, dtype, len(gpus), table)
+    if model.source == "synthetic":
+        from serve_app.pipeline.synthetic import build_synthetic_pipeline
+
+        logger.warning(
+            "!!! SYNTHETIC MODEL: real architecture, RANDOM WEIGHTS: outputs are noise"
+            " (benchmarks and GPU tests only). !!!"
+        )
+        pipe: Any = build_synthetic_pipeline(
+            model.synthetic_variant,
+            placement=plan.placement,
+            dtype=dtype,
+            tokenizer_source=_synthetic_tokenizer_source(model.path),
+            overrides=model.synthetic_overrides,
+        )
+    else:
+        assert model.path is not None
+        pipe = load_local_pipeline(
+            model.path, pipeline_class_name(model.path), plan.placement, dtype=dtype
+        )
+    copies = [pipe.transformer]
+    if plan.uncond_device is not None:
+        t1 = time.perf_counter()
+        copy = replicate_module(pipe.transformer, plan.uncond_device)
+        copies.append(copy)
+        pipe.transformer = CfgParallelTransformer(pipe.transformer, copy)
+        logger.info(
+            "cfg_parallel: transformer copied to cuda:%d in %.1f s",
+            plan.uncond_device, time.perf_counter() - t1,
+        )  # fmt: skip
+    return _finish(pipe, model, generation, device_labels(plan), table, t0, transformers=copies)
+
+
+def _synthetic_tokenizer_source(path: str | None) -> Path:
+    """A folder with `tokenizer/` (e.g. a downloaded model's), else the embedded tiny model's
+    (built on first use): its BPE, trained on the pipeline's prompt template, gives about the real
+    Qwen tokenizer's text-token count (~220 for a short prompt and one reference)."""
+    if path is not None and (Path(path) / "tokenizer").is_dir():
+        return Path(path)
+    from serve_app.pipeline.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(path)
+
+
+def _finish(
+    pipe: Any,
+    model: ModelConfig,
+    generation: GenerationConfig,
+    placement: dict[str, str],
+    table: str,
+    t0: float,
+    *,
+    transformers: list[Any] | None,
+) -> EditRunner:
+    """Speed switches, stage timers, optional warm-up edit; then the runner is ready."""
+    from serve_app.pipeline.loading import strip_inner_hooks
+
+    pipe.set_progress_bar_config(disable=True)
+    copies = transformers if transformers is not None else [pipe.transformer]
+    # Whole-GPU components need only their top-level accelerate hook (see strip_inner_hooks).
+    for module in [*copies, pipe.text_encoder, pipe.vae]:
+        strip_inner_hooks(module)
+    notes = apply_speed_switches(copies, model)
+    if notes:
+        table = "\n".join([table, *notes])
+    runner = EditRunner(
+        pipe,
+        model=model,
+        generation=generation,
+        device_map=placement,
+        placement_table=table,
+        stage_timer=StageTimer.install(pipe),
     )
+    logger.info(
+        "loaded %s in %.1f s; placement:\n%s",
+        runner.info.pipeline_class, time.perf_counter() - t0, table,
+    )  # fmt: skip
+    if model.warmup if model.warmup is not None else model.compile:
+        warm_up(runner, generation)
+    return runner
+
+
+def apply_speed_switches(transformers: list[Any], model: ModelConfig) -> list[str]:
+    """Attention backend, then regional compile, on every transformer copy; returns log notes."""
+    notes = []
+    if model.attention_backend:
+        for transformer in transformers:
+            transformer.set_attention_backend(model.attention_backend)
+        notes.append(f"attention backend: {model.attention_backend}")
+    if model.compile:
+        if any(hasattr(m, "_hf_hook") and _spans_devices(m) for m in transformers):
+            notes.append("compile skipped: the transformer is split across GPUs")
+        else:
+            for transformer in transformers:
+                transformer.compile_repeated_blocks(fullgraph=True, dynamic=model.compile_dynamic)
+            notes.append(
+                f"compile: transformer blocks (fullgraph, dynamic={model.compile_dynamic}),"
+                " compiled by the warm-up edit"
+            )
+    for note in notes:
+        logger.info("%s", note)
+    return notes
+
+
+def _spans_devices(module: Any) -> bool:
+    return len({p.device for p in module.parameters()}) > 1
+
+
+def warm_up(runner: EditRunner, generation: GenerationConfig) -> float:
+    """One small true-CFG edit (2 steps) at the default size with one reference of that size, so
+    compilation and CUDA/cuDNN autotuning happen before the replica reports ready."""
+    side = max(runner.info.size_multiple, int(math.sqrt(generation.auto_size_pixels)))
+    side -= side % runner.info.size_multiple
+    image = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    job = EditJob(
+        request_id="warm-up",
+        model=runner.info.served_names[0],
+        images=[image],
+        prompt="warm-up edit",
+        negative_prompt=" ",
+        true_cfg_scale=4.0,
+        num_inference_steps=2,
+        width=side,
+        height=side,
+        seeds=[0],
+    )
+    t0 = time.perf_counter()
+    try:
+        runner.run(job)
+    except Exception:
+        logger.exception("warm-up edit failed; the replica cannot start")
+        raise
+    elapsed = time.perf_counter() - t0
+    logger.info("warm-up edit (%dx%d, 2 steps, true CFG) took %.1f s", side, side, elapsed)
+    return elapsed

@@ -1,0 +1,525 @@
+"""End-to-end benchmark of the serve app on the GPUs of this machine.
+
+    python -m bench.run --scenario "name=1gpu,gpus=1,replicas=2,compile=1,clients=2,rounds=2" \\
+                        --scenario "name=cfg2,gpus=2,replicas=1,compile=1,cfg=1" \\
+                        [--steps 50] [--runs 3] [--out-dir bench/results]
+
+For each scenario it starts the real app (`serve_app.app:build_app`, model source `synthetic`:
+the full-size architecture with random weights, made on the GPUs) with `replicas` x `gpus` GPUs per
+replica, waits for /ready (the replica compiles and warms up first when compile is on), sends one
+short warm-up edit per replica, then times:
+
+- HTTP end to end (httpx, multipart, as the openai client sends it): a 1024x1024 edit of one
+  1024x1024 reference, `steps` steps, true CFG (negative_prompt " ", true_cfg_scale 4), `runs`
+  times one after another; median;
+- the bare pipeline call (`EditRunner.run`) of those same requests, from the replica log line
+  `edit <request id> timings {...}`, with its text-encoder / VAE encode / VAE decode / denoising
+  split; serving overhead % = (HTTP - bare) / bare;
+- ms per transformer forward = denoising time / (2 x steps) and achieved TFLOP/s from the FLOPs of
+  a forward (`bench.flops`, text-token counts from the same tokenizer the replica uses);
+- peak memory per GPU (`nvidia-smi` memory.used, sampled every 0.5 s: weights + activations +
+  allocator cache + CUDA context, i.e. what a card must have);
+- optionally throughput: `clients` concurrent clients, `rounds` requests each (img/min).
+
+Each scenario writes `<out-dir>/<name>.json`. Scenario keys: name, gpus (per replica), replicas,
+compile (0/1), cfg (cfg_parallel 0/1), backend (attention backend), variant (2509/2511),
+clients, rounds, steps, runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from glob import glob
+from pathlib import Path
+from typing import Any
+
+from bench.flops import image_tokens, prompt_tokens, transformer_flops
+
+APP = "qwen-image-edit"
+PROMPT = "make the sky purple"
+SIZE = 1024
+GiB = 1024**3
+
+
+@dataclass
+class Scenario:
+    name: str
+    gpus: int = 1
+    replicas: int = 1
+    compile: bool = False
+    dynamic: bool | None = None  # compile_dynamic
+    cfg: bool = False
+    backend: str | None = None
+    variant: str = "2511"
+    clients: int = 0
+    rounds: int = 0
+    steps: int | None = None
+    runs: int | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> Scenario:
+        fields: dict[str, Any] = {}
+        for item in spec.split(","):
+            key, _, value = item.partition("=")
+            key = key.strip()
+            if key in ("gpus", "replicas", "clients", "rounds", "steps", "runs"):
+                fields[key] = int(value)
+            elif key in ("compile", "cfg", "dynamic"):
+                fields[key] = value.strip().lower() in ("1", "true", "yes", "on")
+            elif key in ("name", "backend", "variant"):
+                fields[key] = value.strip() or None
+            else:
+                raise ValueError(f"unknown scenario key {key!r} in {spec!r}")
+        return cls(**fields)
+
+    @property
+    def mode(self) -> str:
+        parts = ["cfg_parallel"] if self.cfg else []
+        parts.append(
+            ("compile-dynamic" if self.dynamic else "compile") if self.compile else "eager"
+        )
+        parts.append(f"attn={self.backend or 'default'}")
+        return "+".join(parts)
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "diffusers", "transformers", "accelerate", "ray"):
+        try:
+            module = __import__(name)
+            out[name] = str(module.__version__)
+        except Exception:
+            out[name] = "missing"
+    try:
+        import torch
+
+        out["cuda"] = str(torch.version.cuda)
+    except Exception:
+        pass
+    return out
+
+
+class GpuSampler:
+    """Peak `nvidia-smi` memory.used per GPU while running; no CUDA context in this process."""
+
+    def __init__(self, period_s: float = 0.5) -> None:
+        self.period_s = period_s
+        self.names: dict[int, str] = {}
+        self._peaks: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def start(self) -> GpuSampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._peaks.clear()
+
+    def peaks_gib(self) -> list[float]:
+        with self._lock:
+            return [round(self._peaks[i] / 1024, 2) for i in sorted(self._peaks)]
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                text = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=index,name,memory.used",
+                     "--format=csv,noheader,nounits"],
+                    capture_output=True, text=True, timeout=10, check=True,
+                ).stdout  # fmt: skip
+                with self._lock:
+                    for line in text.strip().splitlines():
+                        index, name, used = (x.strip() for x in line.split(","))
+                        self.names[int(index)] = name
+                        self._peaks[int(index)] = max(self._peaks.get(int(index), 0.0), float(used))
+            except Exception:
+                pass
+            self._stop.wait(self.period_s)
+
+
+def reference_png() -> bytes:
+    """examples/input.png scaled to 1024x1024 (a photo-like image, not noise)."""
+    from PIL import Image
+
+    src = Path(__file__).resolve().parent.parent / "examples" / "input.png"
+    image = Image.open(src).convert("RGB").resize((SIZE, SIZE), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# A replica builds (seconds) and, with compile on, compiles and warms up (about a minute).
+DEPLOY_TIMEOUT_S = 300.0
+# CPU smoke tests shrink the model (--synthetic-overrides); benchmarks leave it full size.
+OVERRIDES: dict[str, Any] | None = None
+
+
+def app_config(sc: Scenario, *, steps: int) -> dict[str, Any]:
+    model: dict[str, Any] = {
+        "source": "synthetic",
+        "synthetic_variant": sc.variant,
+        "device_map": "auto",
+        "compile": sc.compile,
+        "cfg_parallel": sc.cfg,
+        "warmup": True,
+    }
+    if sc.dynamic is not None:
+        model["compile_dynamic"] = sc.dynamic
+    if sc.backend:
+        model["attention_backend"] = sc.backend
+    if OVERRIDES:
+        model["synthetic_overrides"] = OVERRIDES
+    return {
+        "name": APP,
+        "route_prefix": "/",
+        "import_path": "serve_app.app:build_app",
+        "args": {
+            "model": model,
+            "generation": {"default_steps": steps, "max_steps": max(100, steps)},
+        },
+        "deployments": [
+            {
+                "name": "QwenImageEditModel",
+                "num_replicas": sc.replicas,
+                "max_ongoing_requests": 1,
+                "max_queued_requests": 16,
+                "ray_actor_options": {"num_cpus": 4 if sc.gpus else 1, "num_gpus": sc.gpus},
+            },
+            {"name": "OpenAIIngress", "num_replicas": 1},
+        ],
+    }
+
+
+def deploy(sc: Scenario, url: str, *, steps: int, timeout_s: float) -> dict[str, Any]:
+    import httpx
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate({"applications": [app_config(sc, steps=steps)]})
+    _get_global_client().deploy_apps(schema)
+    deadline = time.monotonic() + timeout_s
+    ready: dict[str, Any] | None = None
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(APP)
+        if status is not None and status.status == "DEPLOY_FAILED":
+            details = [status.message] + [
+                f"{name}: {d.message}" for name, d in status.deployments.items() if d.message
+            ]
+            raise RuntimeError("deploy failed: " + "\n".join(details)[-4000:])
+        if ready is None:
+            try:
+                resp = httpx.get(f"{url}/ready", timeout=10)
+                if resp.status_code == 200:
+                    ready = dict(resp.json())
+            except httpx.HTTPError:
+                pass
+        # /ready answers once one replica does; wait for all of them (RUNNING = all healthy).
+        if ready is not None and status is not None and status.status == "RUNNING":
+            return ready
+        time.sleep(1)
+    raise TimeoutError(f"app not ready in {timeout_s:.0f} s")
+
+
+def edit_http(url: str, png: bytes, *, steps: int, seed: int = 0) -> tuple[str, float]:
+    """One edit over HTTP; returns (request id, seconds)."""
+    import httpx
+
+    rid = f"bench-{uuid.uuid4().hex[:12]}"
+    data = {
+        "model": "qwen-image-edit",
+        "prompt": PROMPT,
+        "size": f"{SIZE}x{SIZE}",
+        "negative_prompt": " ",
+        "true_cfg_scale": "4",
+        "num_inference_steps": str(steps),
+        "seed": str(seed),
+    }
+    t0 = time.perf_counter()
+    resp = httpx.post(
+        f"{url}/v1/images/edits",
+        data=data,
+        files=[("image", ("input.png", png, "image/png"))],
+        headers={"x-request-id": rid},
+        timeout=1800,
+    )
+    elapsed = time.perf_counter() - t0
+    if resp.status_code != 200:
+        raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:500]}")
+    body = resp.json()
+    image = base64.b64decode(body["data"][0]["b64_json"])
+    if body["size"] != f"{SIZE}x{SIZE}" or len(image) < 1000:
+        raise RuntimeError(f"unexpected answer: size {body['size']}, {len(image)} bytes")
+    return rid, elapsed
+
+
+def replica_timings(rid: str, *, wait_s: float = 10.0) -> dict[str, float] | None:
+    """The runner's `edit <rid> timings {...}` line from the Serve replica logs."""
+    needle = f"edit {rid} timings "
+    deadline = time.monotonic() + wait_s
+    while True:
+        for path in glob("/tmp/ray/session_latest/logs/serve/replica_*"):
+            try:
+                with open(path, errors="replace") as fh:
+                    for line in fh:
+                        if needle in line:
+                            text = line.split(needle, 1)[1].strip()
+                            return dict(json.loads(text[: text.rindex("}") + 1]))
+            except (OSError, ValueError):
+                continue
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.5)
+
+
+def replica_device_maps(replicas: int, *, tries: int = 40) -> list[dict[str, str]]:
+    """Each replica's ModelInfo.device_map (with the CUDA_VISIBLE_DEVICES Ray gave it), asking
+    the deployment until `replicas` different ones answered."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("QwenImageEditModel", app_name=APP)
+    seen: dict[str, dict[str, str]] = {}
+    for _ in range(tries):
+        device_map = dict(handle.info.remote().result().device_map)
+        seen[json.dumps(device_map, sort_keys=True)] = device_map
+        if len(seen) >= replicas:
+            break
+    return list(seen.values())
+
+
+def median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 3) if values else None
+
+
+def run_scenario(
+    sc: Scenario, *, url: str, png: bytes, steps: int, runs: int, deadline: float,
+    flops_per_forward: float, text_tokens: dict[str, int], sampler: GpuSampler,
+) -> dict[str, Any]:  # fmt: skip
+    from ray import serve
+
+    result: dict[str, Any] = {
+        "name": sc.name,
+        "gpus_per_replica": sc.gpus,
+        "replicas": sc.replicas,
+        "mode": sc.mode,
+        "compile": sc.compile,
+        "cfg_parallel": sc.cfg,
+        "attention_backend": sc.backend,
+        "weights": "synthetic-shrunk" if OVERRIDES else "synthetic-full",
+        "variant": sc.variant,
+        "size": f"{SIZE}x{SIZE}",
+        "reference_images": 1,
+        "steps": steps,
+        "true_cfg": True,
+        "image_tokens": image_tokens(SIZE, SIZE, references=1),
+        "text_tokens": text_tokens,
+        "gflop_per_forward": round(flops_per_forward / 1e9, 1),
+    }
+    sampler.reset()
+    t0 = time.perf_counter()
+    try:
+        budget = min(DEPLOY_TIMEOUT_S, deadline - time.monotonic())
+        ready = deploy(sc, url, steps=steps, timeout_s=max(60.0, budget))
+        result["startup_s"] = round(time.perf_counter() - t0, 1)
+        result["ready"] = ready
+        print(f"[{sc.name}] ready in {result['startup_s']} s: {ready}", flush=True)
+        result["replica_device_maps"] = replica_device_maps(sc.replicas)
+        print(f"[{sc.name}] replicas: {result['replica_device_maps']}", flush=True)
+        # One short edit per replica (HTTP path, the benchmark prompt's text length).
+        with ThreadPoolExecutor(sc.replicas) as pool:
+            list(pool.map(lambda i: edit_http(url, png, steps=2, seed=i), range(sc.replicas)))
+        latencies, bare = [], []
+        for i in range(runs):
+            if time.monotonic() > deadline:
+                result["note"] = f"stopped after {i} timed runs: time limit"
+                break
+            rid, seconds = edit_http(url, png, steps=steps, seed=100 + i)
+            timings = replica_timings(rid)
+            latencies.append(seconds)
+            if timings:
+                bare.append(timings)
+            print(f"[{sc.name}] run {i}: http {seconds:.2f} s, replica {timings}", flush=True)
+        result["latency_s_all"] = [round(x, 3) for x in latencies]
+        result["latency_s_median"] = median(latencies)
+        stage = {k: median([t[k] for t in bare if k in t]) for k in (bare[0] if bare else {})}
+        result["bare_pipeline_s_all"] = [round(t["pipeline"], 3) for t in bare]
+        result["bare_pipeline_s_median"] = stage.get("pipeline")
+        result["text_encoder_s"] = stage.get("text_encoder")
+        result["vae_encode_s"] = stage.get("vae_encode")
+        result["vae_decode_s"] = stage.get("vae_decode")
+        result["denoise_s"] = stage.get("denoise")
+        if result["latency_s_median"] and result["bare_pipeline_s_median"]:
+            lat, base = result["latency_s_median"], result["bare_pipeline_s_median"]
+            result["overhead_pct"] = round(100 * (lat - base) / base, 2)
+            result["overhead_s"] = round(lat - base, 3)
+        if stage.get("denoise"):
+            per_step = stage["denoise"] / steps
+            result["ms_per_cfg_step"] = round(1000 * per_step, 1)
+            result["ms_per_forward"] = round(1000 * per_step / 2, 1)
+            result["tflops"] = round(2 * flops_per_forward / per_step / 1e12, 1)
+            if sc.cfg:
+                result["tflops_note"] = "two GPUs: aggregate; ms_per_forward is effective"
+        result["peak_gib_per_gpu"] = sampler.peaks_gib()
+        result["peak_memory_source"] = "nvidia-smi memory.used (weights+activations+cache+context)"
+        if sc.clients and sc.rounds:
+            result.update(throughput(sc, url, png, steps=steps, deadline=deadline))
+            result["peak_gib_per_gpu"] = sampler.peaks_gib()
+    except Exception as exc:
+        result["error"] = f"{type(exc).__name__}: {exc}"[:3000]
+        print(f"[{sc.name}] FAILED: {result['error']}", flush=True)
+    finally:
+        try:
+            serve.delete(APP)
+        except Exception as exc:
+            print(f"[{sc.name}] delete failed: {exc}", flush=True)
+    return result
+
+
+def throughput(
+    sc: Scenario, url: str, png: bytes, *, steps: int, deadline: float
+) -> dict[str, Any]:
+    lat: list[float] = []
+    lock = threading.Lock()
+    done = 0
+
+    def client(index: int) -> None:
+        nonlocal done
+        for r in range(sc.rounds):
+            if time.monotonic() > deadline:
+                return
+            _, seconds = edit_http(url, png, steps=steps, seed=1000 + 10 * index + r)
+            with lock:
+                lat.append(seconds)
+                done += 1
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(sc.clients) as pool:
+        list(pool.map(client, range(sc.clients)))
+    wall = time.perf_counter() - t0
+    print(f"[{sc.name}] throughput: {done} edits in {wall:.1f} s", flush=True)
+    return {
+        "throughput_clients": sc.clients,
+        "throughput_rounds": sc.rounds,
+        "throughput_edits": done,
+        "throughput_wall_s": round(wall, 2),
+        "throughput_img_per_min": round(60 * done / wall, 2) if done else None,
+        "throughput_latency_s_median": median(lat),
+    }
+
+
+def text_token_counts(variant: str) -> dict[str, int]:
+    """What the replicas' tokenizer (the embedded tiny model's, see runner) makes of the prompts;
+    building it here first also saves the replicas the build."""
+    from serve_app.pipeline.synthetic import load_tokenizer_and_processor, variant_dir
+    from serve_app.pipeline.tiny import ensure_tiny_model
+
+    config = json.loads((variant_dir(variant) / "text_encoder" / "config.json").read_text())
+    _, processor = load_tokenizer_and_processor(
+        ensure_tiny_model(), vision_config=config["vision_config"]
+    )
+    return {"cond": prompt_tokens(processor, PROMPT), "uncond": prompt_tokens(processor, " ")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    global SIZE, OVERRIDES
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenario", action="append", required=True, type=Scenario.parse)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out-dir", type=Path, default=Path("bench/results"))
+    parser.add_argument("--time-limit-s", type=float, default=540.0)
+    parser.add_argument("--size", type=int, default=SIZE, help="output and reference side")
+    parser.add_argument(
+        "--synthetic-overrides", type=Path, default=None, help="JSON file (CPU smoke tests only)"
+    )
+    args = parser.parse_args(argv)
+    SIZE = args.size
+    if args.synthetic_overrides:
+        OVERRIDES = json.loads(args.synthetic_overrides.read_text())
+    deadline = time.monotonic() + args.time_limit_s
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import serve
+
+    png = reference_png()
+    sampler = GpuSampler().start()
+    port = _free_port()
+    ray.init(include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    info = {"versions": versions(), "date": time.strftime("%Y-%m-%d")}
+    summary = []
+    try:
+        for sc in args.scenario:
+            from serve_app.pipeline.synthetic import variant_dir
+
+            tokens = text_token_counts(sc.variant)
+            config_path = variant_dir(sc.variant) / "transformer" / "config.json"
+            config = json.loads(config_path.read_text())
+            config.update((OVERRIDES or {}).get("transformer", {}))
+            img = image_tokens(SIZE, SIZE, references=1)
+            flops = statistics.mean(
+                transformer_flops(config, image_tokens=img, text_tokens=t) for t in tokens.values()
+            )
+            steps = sc.steps or args.steps
+            result = run_scenario(
+                sc, url=url, png=png, steps=steps, runs=sc.runs or args.runs, deadline=deadline,
+                flops_per_forward=flops, text_tokens=tokens, sampler=sampler,
+            )  # fmt: skip
+            names = sampler.names
+            result["gpu"] = names.get(0, "unknown") if names else "unknown"
+            result.update(info)
+            path = args.out_dir / f"{sc.name}.json"
+            path.write_text(json.dumps(result, indent=1) + "\n")
+            summary.append(result)
+            print(json.dumps(result), flush=True)
+    finally:
+        sampler.stop()
+        serve.shutdown()
+        ray.shutdown()
+    print(
+        "\nscenario         mode                                latency  bare     ovh%   ms/fwd"
+        "  TFLOP/s  img/min  peak GiB/GPU"
+    )
+    for r in summary:
+        print(
+            f"{r['name']:16s} {r['mode']:35s} {r.get('latency_s_median')!s:8s} "
+            f"{r.get('bare_pipeline_s_median')!s:8s} {r.get('overhead_pct')!s:6s} "
+            f"{r.get('ms_per_forward')!s:7s} {r.get('tflops')!s:8s} "
+            f"{r.get('throughput_img_per_min')!s:8s} {r.get('peak_gib_per_gpu')}"
+            + (f"  ERROR {r['error'][:200]}" if "error" in r else "")
+        )
+    return 0 if all("error" not in r for r in summary) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""GPU tests: skipped (with a reason) where torch sees no CUDA GPU, 2-GPU tests where it sees one.
+
+Run them on a GPU machine: `python -m pytest tests/gpu -v -s` (docs/gpu.md: through the device
+tool, with the devkit for ray/diffusers).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    count = _gpu_count()
+    no_gpu = pytest.mark.skip(reason="needs CUDA GPUs (run via the device tool)")
+    for item in items:
+        if "tests/gpu/" not in item.nodeid.replace("\\", "/"):
+            continue
+        if count == 0:
+            item.add_marker(no_gpu)
+            continue
+        marker = item.get_closest_marker("gpus")
+        need = int(marker.args[0]) if marker else 1
+        if count < need:
+            item.add_marker(
+                pytest.mark.skip(reason=f"needs {need} CUDA GPUs, this machine has {count}")
+            )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpus(n): needs at least n CUDA GPUs")
