@@ -6,12 +6,13 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Protocol
 
 from serve_app.config import AppConfig, GenerationConfig, ModelConfig
 from serve_app.errors import APIError, InternalError, RequestCancelledError, TimeoutError_
-from serve_app.jobs import EditJob, EditOutput, ModelInfo
+from serve_app.jobs import EditJob, EditOutput, ModelInfo, PartialImage
+from serve_app.streaming import iterate_in_thread, stop_check
 
 logger = logging.getLogger("ray.serve")
 
@@ -74,11 +75,35 @@ class ImageEditModel:
         )  # fmt: skip
         return output
 
-    def _run(self, job: EditJob, should_stop: Callable[[], str | None]) -> EditOutput:
+    async def edit_stream(self, job: EditJob) -> AsyncIterator[PartialImage | EditOutput]:
+        """Streaming edit (`handle.options(stream=True).edit_stream`): PartialImages while
+        denoising, then the EditOutput. Closing the stream stops the pipeline."""
+        cancelled = threading.Event()
+        should_stop = stop_check(job, cancelled)
+
+        def work(emit: Callable[[Any], None]) -> EditOutput:
+            def on_partial(index: int, image: Any) -> None:
+                emit(PartialImage(index=index, image=image))
+
+            return self._run(job, should_stop, on_partial=on_partial)
+
+        async for event in iterate_in_thread(work, on_close=cancelled.set):
+            yield event
+        logger.info("stream %s done (%d preview(s) asked)", job.request_id, job.partial_images)
+
+    def _run(
+        self,
+        job: EditJob,
+        should_stop: Callable[[], str | None],
+        *,
+        on_partial: Callable[[int, Any], None] | None = None,
+    ) -> EditOutput:
         from serve_app.pipeline.runner import EditStopped
 
+        # Only streaming passes on_partial, so runners without previews keep working.
+        extra: dict[str, Any] = {} if on_partial is None else {"on_partial": on_partial}
         try:
-            return self._runner.run(job, should_stop=should_stop)
+            return self._runner.run(job, should_stop=should_stop, **extra)
         except EditStopped as stop:
             if stop.reason == "deadline":
                 raise TimeoutError_(
