@@ -179,7 +179,7 @@ class EditService:
     def _model_metadata(self, model_id: str, info: ModelInfo | None) -> dict[str, Any]:
         steps, cfg = self._config.defaults_for(model_id)
         lora = self._config.model.lora(model_id)
-        meta: dict[str, Any] = {
+        return {
             "base_model": self._config.model.served_name,
             "variant": info.variant if info else None,
             "pipeline": info.pipeline_class if info else None,
@@ -189,7 +189,6 @@ class EditService:
             "default_steps": steps,
             "default_true_cfg_scale": cfg,
         }
-        return meta
 
     def _check_model(self, requested: str | None) -> str:
         names = self._config.model.model_ids

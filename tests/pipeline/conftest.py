@@ -13,19 +13,22 @@ import pytest
 from serve_app.config import GenerationConfig, ModelConfig
 from serve_app.jobs import EditJob
 from serve_app.pipeline.runner import EditRunner, load_runner
-from serve_app.pipeline.tiny import build_tiny_lora, build_tiny_model
+from serve_app.pipeline.tiny import build_tiny_lora, ensure_tiny_model
 
 TinyModels = Callable[[str], Path]
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
-    """variant -> a tiny model folder of that variant (all share seed 0, hence weights)."""
-    root = tmp_path_factory.mktemp("tiny-variants")
+def tiny_models() -> TinyModels:
+    """variant -> a tiny model folder of that variant (all share seed 0, hence weights).
+
+    The per-user cache that `source: tiny` uses: built once per machine (seconds each), then
+    reused; a build of another recipe version or variant there is rebuilt, never reused.
+    """
 
     @functools.cache
     def get(variant: str) -> Path:
-        return build_tiny_model(root / variant, variant=variant)
+        return ensure_tiny_model(variant=variant)
 
     return get
 

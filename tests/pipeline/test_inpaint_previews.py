@@ -97,11 +97,11 @@ def test_runner_rejects_a_mask_that_does_not_fit(runner: EditRunner) -> None:
 def test_previews_arrive_at_the_scheduled_steps(runner: EditRunner, masked: bool) -> None:
     previews: list[tuple[int, np.ndarray]] = []
     job = make_job(
-        num_inference_steps=6, partial_images=2, width=48, height=32,
+        num_inference_steps=4, partial_images=2, width=48, height=32,
         mask=left_mask() if masked else None,
     )  # fmt: skip
     out = runner.run(job, on_partial=lambda i, image: previews.append((i, image)))
-    assert [i for i, _ in previews] == [0, 1] and len(preview_steps(6, 2)) == 2
+    assert [i for i, _ in previews] == [0, 1] and len(preview_steps(4, 2)) == 2
     for _, image in previews:
         assert image.shape == (32, 48, 3) and image.dtype == np.uint8
     assert out.images[0].shape == (32, 48, 3)
