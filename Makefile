@@ -27,8 +27,8 @@ test: $(STAMP) lint typecheck
 	$(PY) -m pytest -q -ra
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check serve_app tests bench
-	$(VENV)/bin/ruff format --check serve_app tests bench
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy serve_app

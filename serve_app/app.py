@@ -45,4 +45,4 @@ def build_app(args: Mapping[str, Any] | None = None) -> Application:
     ingress: Deployment = serve.deployment(name=INGRESS_NAME, **INGRESS_DEPLOYMENT_DEFAULTS)(
         serve.ingress()(Ingress)
     )
-    return ingress.bind(model.bind(config), config)
+    return ingress.bind(model.bind(config), config, model_deployment=MODEL_NAME)

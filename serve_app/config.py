@@ -136,11 +136,28 @@ class StorageConfig(_Strict):
     public_base_url: str | None = None
 
 
+class AuthConfig(_Strict):
+    """Where API keys come from; the keys themselves never enter the config (or its logs)."""
+
+    # Comma-separated keys in this environment variable of the ingress process.
+    api_keys_env: str = "QWEN_API_KEYS"
+    # A mounted file (e.g. a Kubernetes Secret) with one key per line; '#' starts a comment.
+    api_keys_file: str | None = None
+    # Routes answered without a key (probes).
+    open_paths: list[str] = Field(default_factory=lambda: ["/health", "/ready"])
+
+
 class AppConfig(_Strict):
     model: ModelConfig
     generation: GenerationConfig = GenerationConfig()
     limits: LimitsConfig = LimitsConfig()
     storage: StorageConfig = StorageConfig()
+    auth: AuthConfig = AuthConfig()
+    # Per-request deadline, queueing included: past it denoising stops and the client gets 504.
+    # Keep it below http_options.request_timeout_s, whose 408 is the proxy's, not ours.
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    # check_health fails when an edit has made no denoising step for this long.
+    wedged_after_s: float = Field(default=600.0, gt=0)
     # How long /ready waits for the model replica to answer.
     ready_timeout_s: float = Field(default=5.0, gt=0)
     # Reported as the `Retry-After` of 429/503 answers.

@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve_app.auth import ApiKeyChecker, RequireApiKey, load_api_keys
 from serve_app.config import AppConfig
 from serve_app.errors import (
     APIError,
@@ -34,12 +35,14 @@ from serve_app.errors import (
     InvalidRequestError,
     PayloadTooLargeError,
     ServiceUnavailableError,
+    TimeoutError_,
     error_body,
     error_for_status,
 )
 from serve_app.imaging import decode_image, encode_image
 from serve_app.jobs import EditJob, EditOutput, ModelInfo
 from serve_app.masking import decode_mask
+from serve_app.metrics import IngressMetrics, NullMetrics
 from serve_app.protocol import (
     IMAGE_FIELDS,
     MASK_FIELD,
@@ -59,6 +62,8 @@ from serve_app.streaming import check_stream_params, open_event_stream
 logger = logging.getLogger("ray.serve")
 
 _MAX_FORM_FIELDS = 64
+# Extra time the ingress waits past the model's own deadline before answering 504 itself.
+_DEADLINE_GRACE_S = 5.0
 
 
 class ModelHandle(Protocol):
@@ -110,10 +115,16 @@ class EditService:
         config: AppConfig,
         clock: Callable[[], float] = time.time,
         store: ImageStore | None = None,
+        metrics: IngressMetrics | None = None,
+        api_keys: list[str] | None = None,
+        model_healthy: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self._model = model
         self._config = config
         self._clock = clock
+        self.metrics: IngressMetrics = metrics if metrics is not None else NullMetrics()
+        self.api_keys = ApiKeyChecker(api_keys or [])
+        self._model_healthy = model_healthy
         self._info: ModelInfo | None = None
         self._created = int(clock())
         self._store = store  # made on first use: url results and GET /v1/images/{id}
@@ -144,15 +155,23 @@ class EditService:
         return self._info
 
     async def ready(self) -> dict[str, Any]:
-        try:
-            info = await asyncio.wait_for(
-                self._call(self._model.info.remote()), self._config.ready_timeout_s
-            )
-        except (TimeoutError, APIError):
-            raise ServiceUnavailableError(
-                "The model is not loaded yet.", code="model_not_ready", retry_after_s=5
-            ) from None
-        self._info = info
+        not_ready = ServiceUnavailableError(
+            "The model is not loaded yet.", code="model_not_ready", retry_after_s=5
+        )
+        # A replica busy with an edit cannot answer a call (max_ongoing_requests), so once
+        # the model has answered us, readiness is Serve's view of its replicas' health.
+        if self._info is not None and self._model_healthy is not None:
+            if not await self._model_healthy():
+                raise not_ready
+            info = self._info
+        else:
+            try:
+                info = await asyncio.wait_for(
+                    self._call(self._model.info.remote()), self._config.ready_timeout_s
+                )
+            except (TimeoutError, APIError):
+                raise not_ready from None
+            self._info = info
         return {
             "status": "ready",
             "model": info.served_names[0],
@@ -265,11 +284,28 @@ class EditService:
             return await open_event_stream(
                 stream, params=params, job=job, call=self._call, clock=self._clock
             )
-        output: EditOutput = await self._call(self._model.edit.remote(job))
+        output = await self._run_edit(job)
+        self.metrics.images_returned(len(output.images))
         if params.response_format == "url":
             base = self._config.storage.public_base_url or base_url or ""
             return await asyncio.to_thread(self._build_response, params, output, url_base=base)
         return await asyncio.to_thread(self._build_response, params, output)
+
+    async def _run_edit(self, job: EditJob) -> EditOutput:
+        response = self._model.edit.remote(job)
+        timeout = self._config.request_timeout_s + _DEADLINE_GRACE_S
+        try:
+            output: EditOutput = await asyncio.wait_for(self._call(response), timeout)
+        except TimeoutError:
+            # The model normally answers 504 itself at the deadline; this covers a request
+            # that never reached a replica. Cancelling frees its queue slot.
+            cancel = getattr(response, "cancel", None)
+            if cancel is not None:
+                cancel()
+            raise TimeoutError_(
+                f"The edit did not finish within {self._config.request_timeout_s:.0f} s."
+            ) from None
+        return output
 
     def _decode_all(self, images: list[bytes]) -> list[Any]:
         max_pixels = self._config.limits.max_input_pixels
@@ -310,6 +346,8 @@ class EditService:
             seeds=seeds,
             partial_images=params.partial_images if params.stream else 0,
             mask=mask,
+            deadline=self._clock() + self._config.request_timeout_s,
+            submitted_at=self._clock(),
         )
 
     def _build_response(
@@ -362,38 +400,46 @@ def error_response(error: APIError, *, request_id: str | None = None) -> JSONRes
     return JSONResponse(error_body(error), status_code=error.status_code, headers=headers)
 
 
-def _request_id(request: Request) -> str:
+def _request_id(request: Request) -> tuple[str, bool]:
+    """The request id, and whether we must echo it (Serve's proxy echoes the ids it sets)."""
     incoming = request.headers.get("x-request-id", "")
-    return incoming[:128] if incoming else f"req_{uuid.uuid4().hex}"
+    if incoming:
+        return incoming[:128], False
+    return f"req_{uuid.uuid4().hex}", True
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-def _openai_errors(endpoint: Endpoint) -> Endpoint:
+def _openai_errors(endpoint: Endpoint, *, route: str, metrics: IngressMetrics) -> Endpoint:
     """Every exception leaves an endpoint as OpenAI error JSON, never a traceback."""
 
     @functools.wraps(endpoint)
     async def wrapper(request: Request) -> Response:
-        request_id = _request_id(request)
+        request_id, echo = _request_id(request)
         request.state.request_id = request_id
+        echo_id = request_id if echo else None
+        t0 = time.perf_counter()
         try:
             response = await endpoint(request)
+            if echo_id:
+                response.headers["x-request-id"] = echo_id
         except APIError as exc:
             if exc.status_code >= 500:
                 logger.warning("request %s failed: %s", request_id, exc.message)
-            return error_response(exc, request_id=request_id)
+            response = error_response(exc, request_id=echo_id)
         except HTTPException as exc:
-            return error_response(
-                error_for_status(exc.status_code, str(exc.detail)), request_id=request_id
-            )
+            err = error_for_status(exc.status_code, str(exc.detail))
+            response = error_response(err, request_id=echo_id)
         except Exception:
             logger.exception("request %s failed with an unexpected error", request_id)
-            return error_response(
+            response = error_response(
                 InternalError("The server had an error while processing your request."),
-                request_id=request_id,
+                request_id=echo_id,
             )
-        response.headers["x-request-id"] = request_id
+        metrics.request_done(
+            route=route, status=response.status_code, seconds=time.perf_counter() - t0
+        )
         return response
 
     return wrapper
@@ -437,7 +483,10 @@ async def _read_form(request: Request) -> tuple[dict[str, str], list[bytes], byt
 def create_app(service: EditService) -> Starlette:
     """The Starlette app serving the OpenAI routes over `service`."""
 
-    @_openai_errors
+    def routed(route: str) -> Callable[[Endpoint], Endpoint]:
+        return functools.partial(_openai_errors, route=route, metrics=service.metrics)
+
+    @routed("/v1/images/edits")
     async def images_edits(request: Request) -> Response:
         fields, images, mask = await _read_form(request)
         result = await service.edit(
@@ -455,10 +504,10 @@ def create_app(service: EditService) -> Starlette:
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    @_openai_errors
+    @routed("/v1/images/{image_id}")
     async def get_image(request: Request) -> Response:
-        # Hook for API keys: OpenAI's result URLs are bearer links (unguessable ids), so this
-        # route is open; if keys must guard it, check them here like on the other routes.
+        # With API keys on, RequireApiKey guards this route like the others (it is not in
+        # auth.open_paths); the ids are unguessable either way.
         image_id = request.path_params["image_id"]
         image = await asyncio.to_thread(service.image_store().get, image_id)
         max_age = max(0, int(image.expires_in_s))
@@ -468,11 +517,11 @@ def create_app(service: EditService) -> Starlette:
             headers={"Cache-Control": f"private, max-age={max_age}"},
         )
 
-    @_openai_errors
+    @routed("/v1/models")
     async def list_models(request: Request) -> Response:
         return JSONResponse((await service.list_models()).model_dump())
 
-    @_openai_errors
+    @routed("/v1/models/{model_id}")
     async def get_model(request: Request) -> Response:
         model_id = request.path_params["model_id"]
         for card in (await service.list_models()).data:
@@ -480,11 +529,11 @@ def create_app(service: EditService) -> Starlette:
                 return JSONResponse(card.model_dump())
         raise error_for_status(404, f"The model '{model_id}' does not exist.")
 
-    @_openai_errors
+    @routed("/health")
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    @_openai_errors
+    @routed("/ready")
     async def ready(request: Request) -> Response:
         return JSONResponse(await service.ready())
 
@@ -513,7 +562,12 @@ def create_app(service: EditService) -> Starlette:
         exception_handlers={HTTPException: http_error, APIError: api_error},
     )
     limit = service.config.limits.max_upload_bytes
-    return BodySizeLimit(app, max_bytes=limit)  # type: ignore[return-value]
+    asgi: ASGIApp = BodySizeLimit(app, max_bytes=limit)
+    if service.api_keys.enabled:
+        asgi = RequireApiKey(
+            asgi, checker=service.api_keys, open_paths=service.config.auth.open_paths
+        )
+    return asgi  # type: ignore[return-value]
 
 
 class _ImageIdConvertor(Convertor[str]):
@@ -567,12 +621,44 @@ class BodySizeLimit:
         await self.app(scope, limited_receive, send)
 
 
+async def serve_deployment_healthy(deployment: str) -> bool:
+    """Whether Serve reports a running, healthy replica of `deployment` in this app."""
+    from ray import serve
+
+    def check() -> bool:
+        app_name = serve.get_replica_context().app_name
+        app = serve.status().applications.get(app_name)
+        status = app.deployments.get(deployment) if app is not None else None
+        if status is None:
+            return False
+        running = sum(n for state, n in status.replica_states.items() if "RUNNING" in str(state))
+        return bool(running > 0 and str(status.status).endswith("HEALTHY"))
+
+    return await asyncio.to_thread(check)
+
+
 class Ingress:
     """Ray Serve deployment: builds the Starlette app at replica start (late-bound ingress)."""
 
-    def __init__(self, model: ModelHandle, config: AppConfig | Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        model: ModelHandle,
+        config: AppConfig | Mapping[str, Any],
+        *,
+        model_deployment: str,
+    ) -> None:
+        from serve_app.metrics import RayIngressMetrics
+
         cfg = config if isinstance(config, AppConfig) else AppConfig.model_validate(config)
-        self._service = EditService(model=model, config=cfg)
+        keys = load_api_keys(cfg.auth)
+        logger.info("API keys: %s", f"{len(keys)} configured" if keys else "off (no key set)")
+        self._service = EditService(
+            model=model,
+            config=cfg,
+            metrics=RayIngressMetrics(),
+            api_keys=keys,
+            model_healthy=functools.partial(serve_deployment_healthy, model_deployment),
+        )
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
         return create_app(self._service)

@@ -31,6 +31,8 @@ class EditJob:
     partial_images: int = 0
     # uint8 (H, W) of the first image: 255 where to repaint (OpenAI's transparent pixels).
     mask: np.ndarray | None = None
+    # Wall-clock time the ingress forwarded the job (for the queue-wait metric).
+    submitted_at: float | None = None
 
     @property
     def n(self) -> int:

@@ -22,8 +22,6 @@ import base64
 import contextlib
 import json
 import logging
-import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -42,19 +40,6 @@ StreamEvent = PartialImage | EditOutput
 
 # ---------------------------------------------------------------------------------------
 # Model side
-
-
-def stop_check(job: EditJob, cancelled: threading.Event) -> Callable[[], str | None]:
-    """The pipeline's per-step question: stop now, and why?"""
-
-    def should_stop() -> str | None:
-        if cancelled.is_set():
-            return "cancelled"
-        if job.deadline is not None and time.time() > job.deadline:
-            return "deadline"
-        return None
-
-    return should_stop
 
 
 async def iterate_in_thread(

@@ -44,7 +44,16 @@ class EditStopped(Exception):
         self.reason = reason
 
 
-StopCheck = Callable[[], str | None]  # returns a reason to stop, or None to go on
+class PipelineOutOfMemory(Exception):
+    """The accelerator ran out of memory; the cache was freed and the runner is usable."""
+
+
+class PipelineBroken(Exception):
+    """An unrecoverable device error (e.g. a CUDA fault): the replica must be replaced."""
+
+
+# Called after each denoising step with (steps done, total); returns a reason to stop or None.
+StepHook = Callable[[int, int], str | None]
 PartialSink = Callable[[int, np.ndarray], None]  # (partial_image_index, uint8 RGB preview)
 
 
@@ -146,14 +155,39 @@ class EditRunner:
         self,
         job: EditJob,
         *,
-        should_stop: StopCheck | None = None,
+        step_hook: StepHook | None = None,
         on_partial: PartialSink | None = None,
     ) -> EditOutput:
+        import torch
+
         with self._lock:
-            return self._run_locked(job, should_stop, on_partial)
+            try:
+                return self._run_locked(job, step_hook, on_partial)
+            except torch.OutOfMemoryError as exc:
+                # Drop the failed edit's activations so the next request starts clean.
+                del exc
+                torch.cuda.empty_cache()
+                raise PipelineOutOfMemory(
+                    f"out of accelerator memory at {job.width}x{job.height}, n={job.n}"
+                ) from None
+            except RuntimeError as exc:
+                if "CUDA error" in str(exc) or "device-side assert" in str(exc):
+                    raise PipelineBroken(str(exc)) from exc
+                raise
+
+    def memory_report(self) -> list[tuple[str, int, int]]:
+        """(gpu, allocated bytes, peak bytes) for each visible GPU."""
+        import torch
+
+        if not torch.cuda.is_available():
+            return []
+        return [
+            (str(i), torch.cuda.memory_allocated(i), torch.cuda.max_memory_allocated(i))
+            for i in range(torch.cuda.device_count())
+        ]
 
     def _run_locked(
-        self, job: EditJob, should_stop: StopCheck | None, on_partial: PartialSink | None = None
+        self, job: EditJob, step_hook: StepHook | None, on_partial: PartialSink | None = None
     ) -> EditOutput:
         import torch
         from PIL import Image
@@ -167,7 +201,7 @@ class EditRunner:
 
         def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> Any:
             nonlocal schedule
-            reason = should_stop() if should_stop is not None else None
+            reason = step_hook(step + 1, job.num_inference_steps) if step_hook else None
             if reason is not None:
                 raise EditStopped(reason)
             if on_partial is not None:

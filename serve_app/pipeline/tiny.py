@@ -9,8 +9,8 @@ It is built here, offline, from the *real* component classes (so every code path
 pipeline runs: processor, vision tower, MMDiT, VAE, scheduler) but with configs so small that a
 2-step 64x64 edit with true CFG takes about half a second on two CPU cores. Nothing is
 downloaded: the tokenizer is a byte-level BPE trained here on a fixed corpus, and the weights
-come from a seeded ``torch`` generator, so the same ``seed`` always gives byte-identical
-safetensors.
+come from torch's RNG seeded with ``seed``, so the same seed always gives byte-identical
+safetensors (checked across transformers 5.17 and 5.24).
 
 The folder is written in diffusers format (``model_index.json`` naming
 ``QwenImageEditPlusPipeline``) and loads with ``DiffusionPipeline.from_pretrained``.
@@ -19,13 +19,13 @@ The folder is written in diffusers format (``model_index.json`` naming
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import os
 import pathlib
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from typing import Any
@@ -45,6 +45,9 @@ _MARKER_NAME = ".tiny-model.json"
 
 #: Staging folders older than this are crashed builds (a build takes seconds) and get swept.
 _LEFTOVER_AGE_S = 3600.0
+
+#: Serializes builds within a process (they seed torch's process-wide RNG).
+_BUILD_LOCK = threading.Lock()
 
 #: The Qwen special tokens, in the real vocabulary's relative order. The processor and the text
 #: encoder look these up by text, so they must exist as single added tokens.
@@ -100,8 +103,11 @@ _VAE_BASE_DIM = 2
 _BPE_VOCAB_SIZE = 512
 
 # Fixed training text for the BPE: the pipeline's own prompt template plus common edit words, so
-# prompts tokenize into plausible multi-byte pieces. Changing it changes the tokenizer: bump the
-# version.
+# prompts tokenize into plausible multi-byte pieces. Training on the template also makes its
+# system-prompt prefix exactly 64 tokens, as with the real tokenizer: the pipeline drops the first
+# ``prompt_template_encode_start_idx = 64`` hidden states, so a longer prefix would leak system
+# text into the conditioning and a shorter one would cut the user's prompt. Changing the corpus
+# changes the tokenizer: bump the version.
 _BPE_CORPUS: tuple[str, ...] = (
     "Describe the key features of the input image (color, shape, size, texture, objects, "
     "background), then explain how the user's text instruction should alter or modify the "
@@ -147,13 +153,26 @@ def build_tiny_model(
     ``target_dir`` already holds a build of this recipe version and seed, it is returned as is
     (without importing torch). An existing folder that is not a tiny-model build is never
     replaced: that raises ``FileExistsError``.
+
+    Weights are drawn from torch's global CPU RNG (seeded, then restored); builds in this module
+    are serialized, but another thread drawing from that RNG during the ~0.2 s build would change
+    the weights, so build before serving starts.
     """
     if variant not in TINY_VARIANTS:
         raise ValueError(f"unknown tiny variant {variant!r}; choose from {TINY_VARIANTS}")
     target = pathlib.Path(target_dir).expanduser().absolute()
     if _is_complete(target, seed, variant):
         return target
+    # Threads of one process share torch's global RNG, so two concurrent builds would interleave
+    # their seeded draws and give other weights; processes (replicas) each have their own RNG.
+    with _BUILD_LOCK:
+        if _is_complete(target, seed, variant):  # built by another thread while we waited
+            return target
+        _build_into(target, seed, variant)
+    return target
 
+
+def _build_into(target: pathlib.Path, seed: int, variant: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     _sweep_leftovers(target)
     logger.info("building the tiny %s model (seed %d) in %s", variant, seed, target)
@@ -169,7 +188,6 @@ def build_tiny_model(
     finally:
         # Gone already when the rename won; left over when another builder won or we failed.
         shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def _is_complete(folder: pathlib.Path, seed: int, variant: str = DEFAULT_TINY_VARIANT) -> bool:
@@ -271,6 +289,7 @@ def _build_pipeline(seed: int, variant: str = DEFAULT_TINY_VARIANT) -> Any:
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
         Qwen2VLProcessor,
         Qwen2VLVideoProcessor,
     )
@@ -353,7 +372,9 @@ def _build_pipeline(seed: int, variant: str = DEFAULT_TINY_VARIANT) -> Any:
         torch.set_default_dtype(previous_dtype)
 
     processor = Qwen2VLProcessor(
-        image_processor=_image_processor_class()(),
+        # torchvision-backed in transformers >= 5.17 (the range pyproject allows); the processor
+        # needs it (it was ``Qwen2VLImageProcessorFast`` in early 5.x, now a deprecated alias).
+        image_processor=Qwen2VLImageProcessor(),
         tokenizer=tokenizer,
         # transformers 5 no longer builds a default video processor on its own.
         video_processor=Qwen2VLVideoProcessor(),
@@ -368,17 +389,6 @@ def _build_pipeline(seed: int, variant: str = DEFAULT_TINY_VARIANT) -> Any:
         processor=processor,
         transformer=transformer,
     )
-
-
-def _image_processor_class() -> Any:
-    # The processor wants the torchvision-backed image processor. From transformers 5.2x it is
-    # plain ``Qwen2VLImageProcessor`` (the PIL one moved to ``image_processing_pil_qwen2_vl``, and
-    # the old ``...Fast`` name survives only as a deprecated alias); before that it was ``...Fast``.
-    import transformers
-
-    if importlib.util.find_spec("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl"):
-        return transformers.Qwen2VLImageProcessor
-    return getattr(transformers, "Qwen2VLImageProcessorFast")  # noqa: B009 (absent in stubs)
 
 
 def _build_tokenizer() -> Any:

@@ -179,7 +179,55 @@ def test_models_and_health(server: Server, client: openai.OpenAI) -> None:
     assert ready["status"] == "ready" and ready["pipeline"] == "QwenImageEditPlusPipeline"
 
 
+def test_request_id_is_echoed_once(server: Server) -> None:
+    resp = edit(server, [("image", ("a.png", b"junk", "image/png"))], size="32x32")
+    assert resp.status_code == 400
+    assert len(resp.headers.get_list("x-request-id")) == 1
+    mine = httpx.post(
+        f"{server.url}/v1/images/edits", headers={"x-request-id": "abc123"}, data={"prompt": "x"}
+    )
+    assert mine.headers.get_list("x-request-id") == ["abc123"]
+
+
 def test_server_keeps_serving_after_errors(server: Server) -> None:
     for _ in range(3):
         edit(server, [("image", ("a.png", b"junk", "image/png"))])
     assert edit(server, [("image", ("a.png", png(), "image/png"))], size="32x32").status_code == 200
+
+
+def test_prometheus_metrics_after_requests(server: Server) -> None:
+    import time
+
+    edit(server, [("image", ("a.png", png(), "image/png"))], size="32x32", n=2)
+    edit(server, [("image", ("a.png", png(), "image/png"))], size="nope")
+    wanted = [
+        "ray_qwen_edit_requests_total{",
+        "ray_qwen_edit_request_latency_seconds_bucket{",
+        "ray_qwen_edit_images_per_request_bucket{",
+        "ray_qwen_edit_runs_total{",
+        "ray_qwen_edit_pipeline_seconds_bucket{",
+        "ray_qwen_edit_queue_wait_seconds_bucket{",
+        "ray_qwen_edit_denoise_step_seconds_bucket{",
+        "ray_serve_num_http_requests_total{",  # Ray Serve's own metrics ride along
+    ]
+
+    def checks(text: str) -> list[str]:
+        failed = [w for w in wanted if w not in text]
+        lines = [ln for ln in text.splitlines() if ln.startswith("ray_qwen_edit_requests_total{")]
+        if not any('status="200"' in ln and 'route="/v1/images/edits"' in ln for ln in lines):
+            failed.append("a 200 edit in requests_total")
+        if not any('status="400"' in ln for ln in lines):
+            failed.append("a 400 in requests_total")
+        runs = [ln for ln in text.splitlines() if ln.startswith("ray_qwen_edit_runs_total{")]
+        if not any('outcome="ok"' in ln and float(ln.rsplit(" ", 1)[1]) >= 1 for ln in runs):
+            failed.append("an ok run in runs_total")
+        return failed
+
+    # Ray exports metrics in batches every few seconds: poll until all have arrived.
+    failed: list[str] = ["nothing read yet"]
+    deadline = time.monotonic() + 90
+    while failed and time.monotonic() < deadline:
+        failed = checks(httpx.get(server.metrics_url, timeout=10).text)
+        if failed:
+            time.sleep(2)
+    assert not failed, failed

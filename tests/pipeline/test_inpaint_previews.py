@@ -126,15 +126,15 @@ def test_preview_decodes_the_latents_it_is_given(runner: EditRunner) -> None:
     assert np.abs(preview.astype(int) - expected.astype(int)).max() <= 1
 
 
-def test_should_stop_aborts_the_real_pipeline(runner: EditRunner) -> None:
+def test_step_hook_aborts_the_real_pipeline(runner: EditRunner) -> None:
     calls = []
 
-    def should_stop() -> str | None:
-        calls.append(1)
+    def step_hook(done: int, total: int) -> str | None:
+        calls.append((done, total))
         return "cancelled" if len(calls) == 2 else None
 
     with pytest.raises(EditStopped) as info:
-        runner.run(make_job(num_inference_steps=20), should_stop=should_stop)
-    assert info.value.reason == "cancelled" and len(calls) == 2
+        runner.run(make_job(num_inference_steps=20), step_hook=step_hook)
+    assert info.value.reason == "cancelled" and calls == [(1, 20), (2, 20)]
     # The lock was released: the next edit runs.
     assert runner.run(make_job()).images[0].shape == (32, 32, 3)

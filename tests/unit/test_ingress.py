@@ -249,3 +249,41 @@ def test_ready_is_503_while_the_model_does_not_answer() -> None:
     err = assert_error(resp, 503, None)
     assert err["code"] == "model_not_ready"
     assert "Retry-After" in resp.headers
+
+
+class RecordingMetrics:
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, int]] = []
+        self.images: list[int] = []
+
+    def request_done(self, *, route: str, status: int, seconds: float) -> None:
+        assert seconds >= 0
+        self.requests.append((route, status))
+
+    def images_returned(self, count: int) -> None:
+        self.images.append(count)
+
+
+def test_metrics_record_route_status_and_images() -> None:
+    metrics = RecordingMetrics()
+    cfg = AppConfig.model_validate({"model": {"source": "tiny"}, "limits": {"min_output_side": 32}})
+    client = TestClient(
+        create_app(EditService(model=FakeModelHandle(), config=cfg, metrics=metrics))
+    )
+    post_edit(client, size="32x32", n=2)
+    post_edit(client, size="nope")
+    client.get("/health")
+    assert metrics.requests == [
+        ("/v1/images/edits", 200),
+        ("/v1/images/edits", 400),
+        ("/health", 200),
+    ]
+    assert metrics.images == [2]
+
+
+def test_deadline_and_submit_time_are_set() -> None:
+    client, handle = make_client(request_timeout_s=30)
+    post_edit(client, size="32x32")
+    job = handle.jobs[0]
+    assert job.deadline is not None and job.submitted_at is not None
+    assert 29 <= job.deadline - job.submitted_at <= 31

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from serve_app.config import AppConfig
-from serve_app.errors import InternalError, TimeoutError_
+from serve_app.errors import InternalError, ServiceUnavailableError, TimeoutError_
 from serve_app.jobs import EditJob, EditOutput
+from serve_app.metrics import NullMetrics
 from serve_app.model import ImageEditModel
-from serve_app.pipeline.runner import EditStopped
+from serve_app.pipeline.runner import EditStopped, PipelineBroken, PipelineOutOfMemory
 from tests.unit.fakes import FAKE_INFO
 
 CONFIG = AppConfig.model_validate({"model": {"source": "tiny"}})
@@ -48,14 +49,17 @@ class StepRunner:
         self.steps_done = 0
         self.finished = threading.Event()
 
-    def run(self, job: EditJob, *, should_stop: Any = None) -> EditOutput:
+    def memory_report(self) -> list[tuple[str, int, int]]:
+        return [("0", 1, 2)]
+
+    def run(self, job: EditJob, *, step_hook: Any = None) -> EditOutput:
         try:
             if self.fail:
                 raise self.fail
             for _ in range(job.num_inference_steps):
                 time.sleep(self.step_s)
                 self.steps_done += 1
-                reason = should_stop() if should_stop else None
+                reason = step_hook(self.steps_done, job.num_inference_steps) if step_hook else None
                 if reason:
                     raise EditStopped(reason)
             img = np.zeros((job.height, job.width, 3), np.uint8)
@@ -65,7 +69,7 @@ class StepRunner:
 
 
 def make(runner: StepRunner) -> ImageEditModel:
-    return ImageEditModel(CONFIG, runner_factory=lambda m, g: runner)
+    return ImageEditModel(CONFIG, runner_factory=lambda m, g: runner, metrics=NullMetrics())
 
 
 def test_edit_runs_off_the_event_loop_and_returns_output() -> None:
@@ -104,3 +108,44 @@ def test_pipeline_failure_is_a_500_without_details() -> None:
     with pytest.raises(InternalError) as info:
         asyncio.run(model.edit(job()))
     assert "secret" not in info.value.message
+
+
+def test_oom_answers_a_clear_error_and_the_replica_keeps_serving() -> None:
+    runner = StepRunner(fail=PipelineOutOfMemory("at 4096x4096"))
+    model = make(runner)
+    with pytest.raises(InternalError) as info:
+        asyncio.run(model.edit(job()))
+    assert info.value.code == "gpu_out_of_memory" and "smaller size" in info.value.message
+    model.check_health()  # still healthy
+    runner.fail = None
+    assert asyncio.run(model.edit(job(num_inference_steps=2))).width == 16
+    assert model.stats()["oom"] == 1 and model.stats()["ok"] == 1
+
+
+def test_device_error_marks_the_replica_unhealthy() -> None:
+    model = make(StepRunner(fail=PipelineBroken("CUDA error: an illegal memory access")))
+    with pytest.raises(ServiceUnavailableError) as info:
+        asyncio.run(model.edit(job()))
+    assert info.value.retry_after_s is not None
+    with pytest.raises(RuntimeError, match="broken"):
+        model.check_health()
+    with pytest.raises(ServiceUnavailableError):  # refuses work until replaced
+        asyncio.run(model.edit(job()))
+
+
+def test_check_health_notices_a_wedged_pipeline() -> None:
+    cfg = AppConfig.model_validate({"model": {"source": "tiny"}, "wedged_after_s": 0.2})
+    runner = StepRunner(step_s=1.0)  # one step takes longer than the wedge threshold
+    model = ImageEditModel(cfg, runner_factory=lambda m, g: runner, metrics=NullMetrics())
+
+    async def main() -> None:
+        task = asyncio.create_task(model.edit(job(num_inference_steps=2)))
+        await asyncio.sleep(0.5)
+        with pytest.raises(RuntimeError, match="no progress"):
+            model.check_health()
+        assert model.stats()["active"] == 1
+        await task
+
+    asyncio.run(main())
+    model.check_health()
+    assert model.stats() == {"ok": 1, "active": 0}

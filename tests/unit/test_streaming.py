@@ -18,6 +18,7 @@ from PIL import Image
 
 from serve_app.errors import InvalidRequestError, ServiceUnavailableError
 from serve_app.jobs import EditJob, EditOutput, PartialImage
+from serve_app.metrics import NullMetrics
 from serve_app.model import ImageEditModel
 from serve_app.pipeline.previews import preview_steps
 from serve_app.pipeline.runner import EditStopped
@@ -128,13 +129,13 @@ class PreviewRunner:
         self.steps_done = 0
         self.finished = threading.Event()
 
-    def run(self, job: EditJob, *, should_stop: Any = None, on_partial: Any = None) -> EditOutput:
+    def run(self, job: EditJob, *, step_hook: Any = None, on_partial: Any = None) -> EditOutput:
         try:
             schedule = preview_steps(job.num_inference_steps, job.partial_images)
             for step in range(job.num_inference_steps):
                 time.sleep(self.step_s)
                 self.steps_done += 1
-                if should_stop and (reason := should_stop()):
+                if step_hook and (reason := step_hook(step + 1, job.num_inference_steps)):
                     raise EditStopped(reason)
                 if on_partial and step in schedule:
                     on_partial(
@@ -146,7 +147,9 @@ class PreviewRunner:
 
 
 def test_edit_stream_yields_previews_then_the_output() -> None:
-    model = ImageEditModel(CONFIG, runner_factory=lambda m, g: PreviewRunner())
+    model = ImageEditModel(
+        CONFIG, runner_factory=lambda m, g: PreviewRunner(), metrics=NullMetrics()
+    )
 
     async def main() -> list[Any]:
         return [e async for e in model.edit_stream(job(num_inference_steps=10, partial_images=3))]
@@ -159,7 +162,7 @@ def test_edit_stream_yields_previews_then_the_output() -> None:
 
 def test_closing_edit_stream_stops_the_pipeline() -> None:
     runner = PreviewRunner(step_s=0.02)
-    model = ImageEditModel(CONFIG, runner_factory=lambda m, g: runner)
+    model = ImageEditModel(CONFIG, runner_factory=lambda m, g: runner, metrics=NullMetrics())
 
     async def main() -> None:
         agen = model.edit_stream(job(num_inference_steps=200, partial_images=3))
@@ -174,7 +177,7 @@ def test_closing_edit_stream_stops_the_pipeline() -> None:
 
 def test_edit_stream_cancelled_task_stops_the_pipeline() -> None:
     runner = PreviewRunner(step_s=0.02)
-    model = ImageEditModel(CONFIG, runner_factory=lambda m, g: runner)
+    model = ImageEditModel(CONFIG, runner_factory=lambda m, g: runner, metrics=NullMetrics())
 
     async def consume() -> None:
         async for _ in model.edit_stream(job(num_inference_steps=200, partial_images=1)):
