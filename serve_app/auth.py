@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from starlette._utils import get_route_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serve_app.config import AuthConfig
@@ -58,7 +59,8 @@ class RequireApiKey:
         self.open_paths = frozenset(open_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in self.open_paths:
+        # The path below the app's route prefix, as the router sees it.
+        if scope["type"] == "http" and get_route_path(scope) not in self.open_paths:
             headers = dict(scope.get("headers") or [])
             raw = headers.get(b"authorization")
             try:

@@ -19,6 +19,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class LoraConfig(_Strict):
+    """One LoRA served as its own model id, e.g. a Lightning 8-step LoRA."""
+
+    # The model id clients send as `model`; listed in /v1/models.
+    name: str = Field(min_length=1)
+    # A local .safetensors file, or a folder holding `weight_name`.
+    path: str
+    weight_name: str | None = None
+    scale: float = 1.0
+    # Distilled LoRAs want fewer steps and no CFG; None keeps the generation defaults.
+    default_steps: int | None = Field(default=None, ge=1)
+    default_true_cfg_scale: float | None = Field(default=None, ge=0.0)
+
+
 class ModelConfig(_Strict):
     """Which pipeline to load and where to put it."""
 
@@ -60,6 +74,10 @@ class ModelConfig(_Strict):
     # synthetic source only: config overrides per component (tests shrink the model with it).
     # (Its tokenizer: `path`/tokenizer if that exists, else the embedded tiny model's.)
     synthetic_overrides: dict[str, dict[str, Any]] | None = None
+    # Which embedded tiny model `source: tiny` builds (tests and demos of each variant).
+    tiny_variant: Literal["edit", "2509", "2511"] = "2509"
+    # Loaded once at start; each is chosen per request by its name as `model`.
+    loras: list[LoraConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _needs_path(self) -> ModelConfig:
@@ -67,9 +85,25 @@ class ModelConfig(_Strict):
             raise ValueError(f"model.path is required for source 'local' (or set {ENV_MODEL_DIR})")
         return self
 
+    @model_validator(mode="after")
+    def _lora_names_unique(self) -> ModelConfig:
+        names = [lora.name for lora in self.loras]
+        clashes = {n for n in names if names.count(n) > 1 or n in self.served_names}
+        if clashes:
+            raise ValueError(f"model.loras names must be unique model ids: {sorted(clashes)}")
+        return self
+
     @property
     def served_names(self) -> list[str]:
         return [self.served_name, *[a for a in self.aliases if a != self.served_name]]
+
+    @property
+    def model_ids(self) -> list[str]:
+        """Every id a request may name: the base model's names, then the LoRAs."""
+        return [*self.served_names, *(lora.name for lora in self.loras)]
+
+    def lora(self, model_id: str) -> LoraConfig | None:
+        return next((lora for lora in self.loras if lora.name == model_id), None)
 
 
 class GenerationConfig(_Strict):
@@ -82,6 +116,8 @@ class GenerationConfig(_Strict):
     negative_prompt: str = " "
     # size=auto: the first input's aspect ratio at about this many pixels.
     auto_size_pixels: int = Field(default=1024 * 1024, ge=64 * 64)
+    # Inpainting (`mask`) strength: 1.0 repaints the transparent area from pure noise.
+    mask_strength: float = Field(default=1.0, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _steps_in_range(self) -> GenerationConfig:
@@ -108,6 +144,19 @@ class LimitsConfig(_Strict):
         return self
 
 
+class StorageConfig(_Strict):
+    """Where `response_format=url` results live: shared by every ingress replica."""
+
+    # A local folder, or any fsspec URL (s3://bucket/prefix, gcs://..., memory:// for tests).
+    url: str = "~/.cache/qwen-image-edit-serve/images"
+    # OpenAI's URLs expire after an hour.
+    ttl_s: float = Field(default=3600.0, gt=0)
+    # The oldest images are evicted to stay under this.
+    max_total_bytes: int = Field(default=1024**3, ge=1024)
+    # Prefix of the returned URLs, e.g. https://images.example.com; default: the request's.
+    public_base_url: str | None = None
+
+
 class AuthConfig(_Strict):
     """Where API keys come from; the keys themselves never enter the config (or its logs)."""
 
@@ -123,6 +172,7 @@ class AppConfig(_Strict):
     model: ModelConfig
     generation: GenerationConfig = GenerationConfig()
     limits: LimitsConfig = LimitsConfig()
+    storage: StorageConfig = StorageConfig()
     auth: AuthConfig = AuthConfig()
     # Per-request deadline, queueing included: past it denoising stops and the client gets 504.
     # Keep it below http_options.request_timeout_s, whose 408 is the proxy's, not ours.
@@ -133,6 +183,19 @@ class AppConfig(_Strict):
     ready_timeout_s: float = Field(default=5.0, gt=0)
     # Reported as the `Retry-After` of 429/503 answers.
     retry_after_s: float = Field(default=5.0, ge=0)
+
+    def defaults_for(self, model_id: str) -> tuple[int, float]:
+        """(num_inference_steps, true_cfg_scale) when the request leaves them out."""
+        gen, lora = self.generation, self.model.lora(model_id)
+        if lora is None:
+            return gen.default_steps, gen.true_cfg_scale
+        steps = lora.default_steps if lora.default_steps is not None else gen.default_steps
+        cfg = (
+            lora.default_true_cfg_scale
+            if lora.default_true_cfg_scale is not None
+            else gen.true_cfg_scale
+        )
+        return min(steps, gen.max_steps), cfg
 
 
 def load_config(

@@ -9,19 +9,21 @@ so the ingress can never initialise CUDA on a GPU node.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from starlette.applications import Starlette
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -39,6 +41,7 @@ from serve_app.errors import (
 )
 from serve_app.imaging import decode_image, encode_image
 from serve_app.jobs import EditJob, EditOutput, ModelInfo
+from serve_app.masking import decode_mask
 from serve_app.metrics import IngressMetrics, NullMetrics
 from serve_app.protocol import (
     IMAGE_FIELDS,
@@ -53,6 +56,8 @@ from serve_app.protocol import (
     check_limits,
 )
 from serve_app.sizing import parse_size, resolve_size
+from serve_app.storage import ID_PATTERN, ImageStore, image_url
+from serve_app.streaming import check_stream_params, open_event_stream
 
 logger = logging.getLogger("ray.serve")
 
@@ -69,6 +74,9 @@ class ModelHandle(Protocol):
 
     @property
     def info(self) -> Any: ...
+
+    # `options(stream=True).edit_stream.remote(job)`: the streaming edit.
+    def options(self, **kwargs: Any) -> Any: ...
 
 
 def _translate_handle_errors(exc: BaseException, *, retry_after_s: float) -> APIError:
@@ -106,6 +114,7 @@ class EditService:
         model: ModelHandle,
         config: AppConfig,
         clock: Callable[[], float] = time.time,
+        store: ImageStore | None = None,
         metrics: IngressMetrics | None = None,
         api_keys: list[str] | None = None,
         model_healthy: Callable[[], Awaitable[bool]] | None = None,
@@ -118,6 +127,12 @@ class EditService:
         self._model_healthy = model_healthy
         self._info: ModelInfo | None = None
         self._created = int(clock())
+        self._store = store  # made on first use: url results and GET /v1/images/{id}
+
+    def image_store(self) -> ImageStore:
+        if self._store is None:
+            self._store = ImageStore.from_config(self._config.storage, clock=self._clock)
+        return self._store
 
     @property
     def config(self) -> AppConfig:
@@ -163,14 +178,41 @@ class EditService:
             "pipeline": info.pipeline_class,
             "source": info.source,
             "device_map": info.device_map,
+            # Component or block range -> device -> GiB, as the replica logged it at start.
+            "placement": info.placement_table.splitlines(),
+            "variant": info.variant,
+            "loras": [lora.name for lora in self._config.model.loras],
         }
 
-    def list_models(self) -> ModelList:
-        names = self._config.model.served_names
-        return ModelList(data=[ModelCard(id=name, created=self._created) for name in names])
+    async def list_models(self) -> ModelList:
+        # Variant and pipeline come from the model replica; listed without them until it answers.
+        info = self._info
+        if info is None:
+            with contextlib.suppress(TimeoutError, APIError):
+                info = await asyncio.wait_for(self.model_info(), self._config.ready_timeout_s)
+        return ModelList(
+            data=[
+                ModelCard(id=name, created=self._created, metadata=self._model_metadata(name, info))
+                for name in self._config.model.model_ids
+            ]
+        )
+
+    def _model_metadata(self, model_id: str, info: ModelInfo | None) -> dict[str, Any]:
+        steps, cfg = self._config.defaults_for(model_id)
+        lora = self._config.model.lora(model_id)
+        return {
+            "base_model": self._config.model.served_name,
+            "variant": info.variant if info else None,
+            "pipeline": info.pipeline_class if info else None,
+            "max_input_images": info.max_input_images if info else None,
+            "lora": lora.name if lora else None,
+            "lora_scale": lora.scale if lora else None,
+            "default_steps": steps,
+            "default_true_cfg_scale": cfg,
+        }
 
     def _check_model(self, requested: str | None) -> str:
-        names = self._config.model.served_names
+        names = self._config.model.model_ids
         if requested is None or requested == "":
             return names[0]
         if requested not in names:
@@ -186,11 +228,14 @@ class EditService:
         *,
         fields: Mapping[str, str],
         images: list[bytes],
-        has_mask: bool,
+        mask: bytes | None = None,
         request_id: str,
-    ) -> ImagesResponse:
+        base_url: str | None = None,
+    ) -> ImagesResponse | AsyncIterator[bytes]:
+        """The JSON response, or for stream=true the SSE body (after its first event)."""
         params = EditParams.from_form(fields)
         check_limits(params, self._config)
+        check_stream_params(params)
         model_name = self._check_model(params.model)
         requested_size = parse_size(params.size)
         if not images:
@@ -199,9 +244,11 @@ class EditService:
                 param="image",
                 code="missing_required_parameter",
             )
-        if has_mask:
+        if mask is not None and len(images) > 1:
             raise InvalidRequestError(
-                "mask is not supported yet.", param="mask", code="unsupported_value"
+                f"mask edits take one image (the mask applies to it); got {len(images)} images.",
+                param="mask",
+                code="unsupported_value",
             )
         info = await self.model_info()
         if len(images) > info.max_input_images:
@@ -220,14 +267,30 @@ class EditService:
             auto_pixels=self._config.generation.auto_size_pixels,
             limits=self._config.limits,
         )
-        job = self._make_job(params, model_name, arrays, width, height, request_id)
+        mask_array = None
+        if mask is not None:
+            mask_array = await asyncio.to_thread(
+                decode_mask,
+                mask,
+                image_size=(first_w, first_h),
+                max_pixels=self._config.limits.max_input_pixels,
+            )
+        job = self._make_job(params, model_name, arrays, width, height, request_id, mask_array)
         logger.info(
             "edit %s: model=%s images=%d size=%dx%d n=%d steps=%d cfg=%.2f seed=%s",
             request_id, model_name, len(arrays), width, height, job.n,
             job.num_inference_steps, job.true_cfg_scale, params.seed,
         )  # fmt: skip
+        if params.stream:
+            stream = self._model.options(stream=True).edit_stream.remote(job)
+            return await open_event_stream(
+                stream, params=params, job=job, call=self._call, clock=self._clock
+            )
         output = await self._run_edit(job)
         self.metrics.images_returned(len(output.images))
+        if params.response_format == "url":
+            base = self._config.storage.public_base_url or base_url or ""
+            return await asyncio.to_thread(self._build_response, params, output, url_base=base)
         return await asyncio.to_thread(self._build_response, params, output)
 
     async def _run_edit(self, job: EditJob) -> EditOutput:
@@ -259,8 +322,10 @@ class EditService:
         width: int,
         height: int,
         request_id: str,
+        mask: Any = None,
     ) -> EditJob:
         gen = self._config.generation
+        default_steps, default_cfg = self._config.defaults_for(model_name)
         if params.seed is not None:
             seeds = [(params.seed + i) % 2**63 for i in range(params.n)]
         else:
@@ -275,31 +340,38 @@ class EditService:
             prompt=params.prompt,
             negative_prompt=negative,
             true_cfg_scale=(
-                params.true_cfg_scale if params.true_cfg_scale is not None else gen.true_cfg_scale
+                params.true_cfg_scale if params.true_cfg_scale is not None else default_cfg
             ),
-            num_inference_steps=params.num_inference_steps or gen.default_steps,
+            num_inference_steps=params.num_inference_steps or default_steps,
             width=width,
             height=height,
             seeds=seeds,
+            partial_images=params.partial_images if params.stream else 0,
+            mask=mask,
             deadline=self._clock() + self._config.request_timeout_s,
             submitted_at=self._clock(),
         )
 
-    def _build_response(self, params: EditParams, output: EditOutput) -> ImagesResponse:
+    def _build_response(
+        self, params: EditParams, output: EditOutput, *, url_base: str | None = None
+    ) -> ImagesResponse:
+        """Blocking (encodes, and stores for url results): call from a thread."""
         import base64
 
-        data = [
-            ImageData(
-                b64_json=base64.b64encode(
-                    encode_image(
-                        image,
-                        output_format=params.output_format,
-                        compression=params.output_compression,
-                    )
-                ).decode("ascii")
+        encoded = [
+            encode_image(
+                image, output_format=params.output_format, compression=params.output_compression
             )
             for image in output.images
         ]
+        if url_base is not None:
+            store = self.image_store()
+            data = [
+                ImageData(url=image_url(url_base, store.put(e, output_format=params.output_format)))
+                for e in encoded
+            ]
+        else:
+            data = [ImageData(b64_json=base64.b64encode(e).decode("ascii")) for e in encoded]
         input_tokens = output.text_tokens + output.input_image_tokens
         return ImagesResponse(
             created=int(self._clock()),
@@ -375,7 +447,7 @@ def _openai_errors(endpoint: Endpoint, *, route: str, metrics: IngressMetrics) -
     return wrapper
 
 
-async def _read_form(request: Request) -> tuple[dict[str, str], list[bytes], bool]:
+async def _read_form(request: Request) -> tuple[dict[str, str], list[bytes], bytes | None]:
     content_type = request.headers.get("content-type", "")
     # A form without files arrives urlencoded; it then fails as "missing image", naming it.
     if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
@@ -392,20 +464,20 @@ async def _read_form(request: Request) -> tuple[dict[str, str], list[bytes], boo
     try:
         fields: dict[str, str] = {}
         images: list[bytes] = []
-        has_mask = False
+        mask: bytes | None = None
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
                 if key in IMAGE_FIELDS:
                     images.append(await value.read())
-                elif key == MASK_FIELD:
-                    has_mask = True
+                elif key == MASK_FIELD and mask is None:
+                    mask = await value.read()
                 continue
             if key in IMAGE_FIELDS:
                 raise InvalidRequestError(
                     f"'{key}' must be a file upload, not a text field.", param="image"
                 )
             fields.setdefault(key, value)
-        return fields, images, has_mask
+        return fields, images, mask
     finally:
         await form.close()
 
@@ -418,23 +490,43 @@ def create_app(service: EditService) -> Starlette:
 
     @routed("/v1/images/edits")
     async def images_edits(request: Request) -> Response:
-        fields, images, has_mask = await _read_form(request)
+        fields, images, mask = await _read_form(request)
         result = await service.edit(
             fields=fields,
             images=images,
-            has_mask=has_mask,
+            mask=mask,
             request_id=request.state.request_id,
+            base_url=str(request.base_url),
         )
-        return JSONResponse(result.model_dump(exclude_none=True))
+        if isinstance(result, ImagesResponse):
+            return JSONResponse(result.model_dump(exclude_none=True))
+        return StreamingResponse(
+            result,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @routed("/v1/images/{image_id}")
+    async def get_image(request: Request) -> Response:
+        # With API keys on, RequireApiKey guards this route like the others (it is not in
+        # auth.open_paths); the ids are unguessable either way.
+        image_id = request.path_params["image_id"]
+        image = await asyncio.to_thread(service.image_store().get, image_id)
+        max_age = max(0, int(image.expires_in_s))
+        return Response(
+            image.data,
+            media_type=image.content_type,
+            headers={"Cache-Control": f"private, max-age={max_age}"},
+        )
 
     @routed("/v1/models")
     async def list_models(request: Request) -> Response:
-        return JSONResponse(service.list_models().model_dump())
+        return JSONResponse((await service.list_models()).model_dump())
 
     @routed("/v1/models/{model_id}")
     async def get_model(request: Request) -> Response:
         model_id = request.path_params["model_id"]
-        for card in service.list_models().data:
+        for card in (await service.list_models()).data:
             if card.id == model_id:
                 return JSONResponse(card.model_dump())
         raise error_for_status(404, f"The model '{model_id}' does not exist.")
@@ -463,6 +555,7 @@ def create_app(service: EditService) -> Starlette:
     app = Starlette(
         routes=[
             Route("/v1/images/edits", images_edits, methods=["POST"]),
+            Route("/v1/images/{image_id:image_id}", get_image, methods=["GET"]),
             Route("/v1/models", list_models, methods=["GET"]),
             Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
@@ -477,6 +570,21 @@ def create_app(service: EditService) -> Starlette:
             asgi, checker=service.api_keys, open_paths=service.config.auth.open_paths
         )
     return asgi  # type: ignore[return-value]
+
+
+class _ImageIdConvertor(Convertor[str]):
+    """Only stored-image ids match /v1/images/{id}; other names stay unknown routes."""
+
+    regex = ID_PATTERN
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("image_id", _ImageIdConvertor())
 
 
 class BodySizeLimit:

@@ -27,6 +27,10 @@ class EditJob:
     seeds: list[int]  # one per output image; len(seeds) == n
     # Wall-clock (time.time()) deadline; the model stops denoising once it passes.
     deadline: float | None = None
+    # Previews to send while denoising (streaming only), 0-3.
+    partial_images: int = 0
+    # uint8 (H, W) of the first image: 255 where to repaint (OpenAI's transparent pixels).
+    mask: np.ndarray | None = None
     # Wall-clock time the ingress forwarded the job (for the queue-wait metric).
     submitted_at: float | None = None
 
@@ -58,3 +62,13 @@ class ModelInfo:
     source: str  # "local", "tiny", "synthetic"
     device_map: dict[str, str] = field(default_factory=dict)
     placement_table: str = ""
+    # "Qwen-Image-Edit", "Qwen-Image-Edit-2509" or "Qwen-Image-Edit-2511".
+    variant: str = ""
+
+
+@dataclass(frozen=True)
+class PartialImage:
+    """A preview decoded from the latents mid-denoising (streamed before the EditOutput)."""
+
+    index: int  # 0-based, as OpenAI's partial_image_index
+    image: np.ndarray  # uint8, (height, width, 3), RGB

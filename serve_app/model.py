@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Protocol
 
 from serve_app.config import AppConfig, GenerationConfig, ModelConfig
@@ -23,8 +23,9 @@ from serve_app.errors import (
     ServiceUnavailableError,
     TimeoutError_,
 )
-from serve_app.jobs import EditJob, EditOutput, ModelInfo
+from serve_app.jobs import EditJob, EditOutput, ModelInfo, PartialImage
 from serve_app.metrics import ModelMetrics
+from serve_app.streaming import iterate_in_thread
 
 logger = logging.getLogger("ray.serve")
 
@@ -85,6 +86,12 @@ class _EditWatch:
         return None
 
 
+def _outcome_of(err: APIError) -> str:
+    if err.code == "gpu_out_of_memory":
+        return "oom"
+    return {504: "timeout", 499: "cancelled"}.get(err.status_code, "error")
+
+
 class ImageEditModel:
     """Holds one loaded pipeline; `edit` is called through a DeploymentHandle."""
 
@@ -111,12 +118,7 @@ class ImageEditModel:
         return {**self._outcomes, "active": len(self._active)}
 
     async def edit(self, job: EditJob) -> EditOutput:
-        if self._broken is not None:
-            raise ServiceUnavailableError(
-                "This model replica is being replaced; retry the request.",
-                code="replica_unavailable",
-                retry_after_s=self._config.retry_after_s,
-            )
+        self._refuse_if_broken()
         if job.submitted_at is not None:
             self._metrics.queue_wait(time.time() - job.submitted_at)
         watch = _EditWatch(job, self._metrics)
@@ -134,25 +136,63 @@ class ImageEditModel:
             logger.info("edit %s cancelled by the caller", job.request_id)
             raise
         except APIError as err:
-            outcome = {504: "timeout", 499: "cancelled"}.get(err.status_code, outcome)
-            outcome = "oom" if err.code == "gpu_out_of_memory" else outcome
+            outcome = _outcome_of(err)
             raise
         finally:
-            seconds = time.perf_counter() - t0
-            self._outcomes[outcome] += 1
-            self._metrics.run_done(outcome=outcome, seconds=seconds)
-            self._report_memory()
-            logger.info(
-                "edit %s %s in %.2f s (%d image(s), %d steps)",
-                job.request_id, outcome, seconds, job.n, job.num_inference_steps,
-            )  # fmt: skip
+            self._finish(job, outcome, time.perf_counter() - t0)
 
-    def _run(self, watch: _EditWatch) -> EditOutput:
+    def _refuse_if_broken(self) -> None:
+        if self._broken is not None:
+            raise ServiceUnavailableError(
+                "This model replica is being replaced; retry the request.",
+                code="replica_unavailable",
+                retry_after_s=self._config.retry_after_s,
+            )
+
+    def _finish(self, job: EditJob, outcome: str, seconds: float) -> None:
+        self._outcomes[outcome] += 1
+        self._metrics.run_done(outcome=outcome, seconds=seconds)
+        self._report_memory()
+        logger.info(
+            "edit %s %s in %.2f s (%d image(s), %d steps)",
+            job.request_id, outcome, seconds, job.n, job.num_inference_steps,
+        )  # fmt: skip
+
+    async def edit_stream(self, job: EditJob) -> AsyncIterator[PartialImage | EditOutput]:
+        """Streaming edit (`handle.options(stream=True).edit_stream`): PartialImages while
+        denoising, then the EditOutput. Closing the stream stops the pipeline."""
+        self._refuse_if_broken()
+        watch = _EditWatch(job, self._metrics)
+        self._active[job.request_id] = watch
+
+        def work(emit: Callable[[Any], None]) -> EditOutput:
+            def on_partial(index: int, image: Any) -> None:
+                emit(PartialImage(index=index, image=image))
+
+            return self._run(watch, on_partial=on_partial)
+
+        t0 = time.perf_counter()
+        outcome = "cancelled"  # unless the stream runs to its end or fails
+        try:
+            async for event in iterate_in_thread(work, on_close=watch.cancelled.set):
+                yield event
+            outcome = "ok"
+        except APIError as err:
+            outcome = _outcome_of(err)
+            raise
+        finally:
+            self._finish(job, outcome, time.perf_counter() - t0)
+
+    def _run(
+        self, watch: _EditWatch, *, on_partial: Callable[[int, Any], None] | None = None
+    ) -> EditOutput:
         from serve_app.pipeline.runner import EditStopped, PipelineBroken, PipelineOutOfMemory
 
         job = watch.job
+        # Only streaming passes on_partial, so runners without previews keep working.
+        extra: dict[str, Any] = {} if on_partial is None else {"on_partial": on_partial}
         try:
-            return self._runner.run(job, step_hook=watch.on_step)
+            return self._runner.run(job, step_hook=watch.on_step, **extra)
         except EditStopped as stop:
             if stop.reason == "deadline":
                 raise TimeoutError_(

@@ -107,16 +107,6 @@ def check_limits(params: EditParams, config: AppConfig) -> None:
             param="num_inference_steps",
             code="invalid_value",
         )
-    if params.response_format == "url":
-        raise InvalidRequestError(
-            "response_format 'url' is not supported yet; use 'b64_json'.",
-            param="response_format",
-            code="unsupported_value",
-        )
-    if params.stream:
-        raise InvalidRequestError(
-            "stream=true is not supported yet.", param="stream", code="unsupported_value"
-        )
     if params.background == "transparent":
         raise InvalidRequestError(
             "background 'transparent' is not supported: this model paints opaque images.",
@@ -158,6 +148,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "qwen-image-edit-serve"
+    # Extension: variant, pipeline, LoRA and defaults (clients ignore unknown keys).
+    metadata: dict[str, Any] | None = None
 
 
 class ModelList(BaseModel):

@@ -20,8 +20,13 @@ from typing import Any
 import numpy as np
 
 from serve_app.config import GenerationConfig, ModelConfig
+from serve_app.errors import InvalidRequestError
 from serve_app.jobs import EditJob, EditOutput, ModelInfo
+from serve_app.pipeline.inpaint import inpaint_pipeline, inpaint_size, mask_image
+from serve_app.pipeline.lora import AdapterSwitch, load_adapters
+from serve_app.pipeline.previews import decode_preview, preview_steps
 from serve_app.pipeline.profiling import StageTimer
+from serve_app.pipeline.variants import variant_of
 
 logger = logging.getLogger("ray.serve")
 
@@ -52,6 +57,7 @@ class PipelineBroken(Exception):
 
 # Called after each denoising step with (steps done, total); returns a reason to stop or None.
 StepHook = Callable[[int, int], str | None]
+PartialSink = Callable[[int, np.ndarray], None]  # (partial_image_index, uint8 RGB preview)
 
 
 def pipeline_class_name(model_dir: str | Path) -> str:
@@ -93,6 +99,23 @@ def _vae_reference_tokens(image: np.ndarray, *, multiple: int) -> int:
     return (vw // multiple) * (vh // multiple)
 
 
+def _fit(image: np.ndarray, *, width: int, height: int) -> np.ndarray:
+    """`image` at exactly width x height (the inpaint pipeline works at its own size)."""
+    if image.shape[:2] == (height, width):
+        return image
+    from PIL import Image
+
+    resized = Image.fromarray(image).resize((width, height), Image.Resampling.LANCZOS)
+    return np.ascontiguousarray(np.asarray(resized, dtype=np.uint8))
+
+
+def _variant_name(pipe: Any) -> str:
+    try:
+        return variant_of(pipe).name
+    except ValueError:
+        return ""  # a pipeline class this server does not know by name
+
+
 class EditRunner:
     """A loaded pipeline; runs one edit at a time (diffusers pipelines are not thread-safe)."""
 
@@ -124,18 +147,27 @@ class EditRunner:
             source=model.source,
             device_map=device_map,
             placement_table=placement_table,
+            variant=_variant_name(pipe),
         )
+        self._adapters = AdapterSwitch(pipe, model.loras)
+        self._inpaint: Any = None  # built on the first mask edit, over the same modules
 
     @property
     def pipe(self) -> Any:
         return self._pipe
 
-    def run(self, job: EditJob, *, step_hook: StepHook | None = None) -> EditOutput:
+    def run(
+        self,
+        job: EditJob,
+        *,
+        step_hook: StepHook | None = None,
+        on_partial: PartialSink | None = None,
+    ) -> EditOutput:
         import torch
 
         with self._lock:
             try:
-                return self._run_locked(job, step_hook)
+                return self._run_locked(job, step_hook, on_partial)
             except torch.OutOfMemoryError as exc:
                 # Drop the failed edit's activations so the next request starts clean: the
                 # traceback's frames hold them (and would keep them through the exception chain
@@ -163,18 +195,32 @@ class EditRunner:
             for i in range(torch.cuda.device_count())
         ]
 
-    def _run_locked(self, job: EditJob, step_hook: StepHook | None) -> EditOutput:
+    def _run_locked(
+        self, job: EditJob, step_hook: StepHook | None, on_partial: PartialSink | None = None
+    ) -> EditOutput:
         import torch
         from PIL import Image
 
         t0 = time.perf_counter()
         pil_images = [Image.fromarray(a) for a in job.images]
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in job.seeds]
+        self._adapters.activate(job.model)
+        pipe, inputs, (work_w, work_h) = self._pipeline_for(job, pil_images)
+        schedule: list[int] | None = None  # known once the pipeline has set its timesteps
 
         def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> Any:
+            nonlocal schedule
             reason = step_hook(step + 1, job.num_inference_steps) if step_hook else None
             if reason is not None:
                 raise EditStopped(reason)
+            if on_partial is not None:
+                if schedule is None:
+                    schedule = preview_steps(pipe.num_timesteps, job.partial_images)
+                if step in schedule:
+                    preview = decode_preview(pipe, kwargs["latents"], width=work_w, height=work_h)
+                    on_partial(
+                        schedule.index(step), _fit(preview, width=job.width, height=job.height)
+                    )
             return kwargs
 
         if self._stage_timer is not None:
@@ -184,21 +230,23 @@ class EditRunner:
         if isinstance(self._pipe.transformer, CfgParallelTransformer):
             self._pipe.transformer.reset()
         with torch.inference_mode():
-            result = self._pipe(
-                image=pil_images if self._max_images > 1 else pil_images[0],
+            result = pipe(
+                **inputs,
                 prompt=job.prompt,
                 negative_prompt=job.negative_prompt,
                 true_cfg_scale=job.true_cfg_scale,
                 num_inference_steps=job.num_inference_steps,
-                height=job.height,
-                width=job.width,
                 num_images_per_prompt=job.n,
                 generator=generators,
                 output_type="np",
                 callback_on_step_end=on_step_end,
             )
         images = [
-            np.ascontiguousarray((frame * 255.0).round().clip(0, 255).astype(np.uint8))
+            _fit(
+                np.ascontiguousarray((frame * 255.0).round().clip(0, 255).astype(np.uint8)),
+                width=job.width,
+                height=job.height,
+            )
             for frame in result.images
         ]
         elapsed = time.perf_counter() - t0
@@ -226,6 +274,30 @@ class EditRunner:
             * (job.height // self._multiple),
             timings_s=timings,
         )
+
+    def _pipeline_for(
+        self, job: EditJob, pil_images: list[Any]
+    ) -> tuple[Any, dict[str, Any], tuple[int, int]]:
+        """(pipeline, its image arguments, the (width, height) it denoises at)."""
+        if job.mask is None:
+            image = pil_images if self._max_images > 1 else pil_images[0]
+            return (
+                self._pipe,
+                {"image": image, "height": job.height, "width": job.width},
+                (job.width, job.height),
+            )
+        if len(job.images) != 1 or job.mask.shape != job.images[0].shape[:2]:
+            raise InvalidRequestError(
+                "mask needs exactly one image of the same size.", param="mask"
+            )
+        if self._inpaint is None:
+            self._inpaint = inpaint_pipeline(self._pipe)
+        inputs = {
+            "image": pil_images[0],
+            "mask_image": mask_image(job.mask),
+            "strength": self._generation.mask_strength,
+        }
+        return self._inpaint, inputs, inpaint_size(pil_images[0].size, multiple=self._multiple)
 
     def _count_text_tokens(self, prompt: str) -> int:
         tokenizer = getattr(self._pipe, "tokenizer", None)
@@ -267,7 +339,7 @@ def load_runner(
     if model.source == "tiny":
         from serve_app.pipeline.tiny import ensure_tiny_model
 
-        path = ensure_tiny_model(model.path)
+        path = ensure_tiny_model(model.path, variant=model.tiny_variant)
         logger.warning(
             "!!! SERVING THE EMBEDDED TINY MODEL WITH RANDOM WEIGHTS (%s): outputs are noise."
             " Set model.source=local and model.path (or QWEN_MODEL_DIR) for real edits. !!!",
@@ -348,7 +420,10 @@ def _load_planned(
             model.path, pipeline_class_name(model.path), plan.placement, dtype=dtype
         )
     copies = [pipe.transformer]
-    if plan.uncond_device is not None:
+    if plan.uncond_device is not None and model.loras:
+        # Adapters are switched on one module; a second copy would not follow them.
+        logger.warning("cfg_parallel is off: it does not combine with LoRAs yet")
+    elif plan.uncond_device is not None:
         t1 = time.perf_counter()
         copy = replicate_module(pipe.transformer, plan.uncond_device)
         copies.append(copy)
@@ -385,6 +460,8 @@ def _finish(
     from serve_app.pipeline.loading import strip_inner_hooks
 
     pipe.set_progress_bar_config(disable=True)
+    # LoRAs before compile: the compiled blocks then see the adapter layers from the start.
+    load_adapters(pipe, model.loras)
     copies = transformers if transformers is not None else [pipe.transformer]
     # Whole-GPU components need only their top-level accelerate hook (see strip_inner_hooks).
     for module in [*copies, pipe.text_encoder, pipe.vae]:
@@ -401,8 +478,8 @@ def _finish(
         stage_timer=StageTimer.install(pipe),
     )
     logger.info(
-        "loaded %s in %.1f s; placement:\n%s",
-        runner.info.pipeline_class, time.perf_counter() - t0, table,
+        "loaded %s (%s) in %.1f s; placement:\n%s",
+        runner.info.pipeline_class, _variant_name(pipe), time.perf_counter() - t0, table,
     )  # fmt: skip
     if model.warmup if model.warmup is not None else model.compile:
         warm_up(runner, generation)

@@ -1,5 +1,10 @@
 """The embedded default model: a tiny Qwen-Image-Edit-Plus pipeline with random weights.
 
+Other variants are built on request (``variant=``): ``"edit"`` (``QwenImageEditPipeline``, the
+first Qwen-Image-Edit: one input image, its own prompt template), ``"2509"`` (the default,
+``QwenImageEditPlusPipeline``) and ``"2511"`` (the Plus pipeline with the transformer's
+``zero_cond_t``). ``build_tiny_lora`` makes a random LoRA for them (tests and demos).
+
 It is built here, offline, from the *real* component classes (so every code path of the real
 pipeline runs: processor, vision tower, MMDiT, VAE, scheduler) but with configs so small that a
 2-step 64x64 edit with true CFG takes about half a second on two CPU cores. Nothing is
@@ -30,6 +35,10 @@ logger = logging.getLogger(__name__)
 #: Bump whenever the recipe below changes: it names the cache folder and the marker, so a stale
 #: build on disk is rebuilt instead of silently reused.
 TINY_MODEL_VERSION: str = "1"
+
+#: The variants ``build_tiny_model`` can make; "2509" is the embedded default.
+TINY_VARIANTS: tuple[str, ...] = ("edit", "2509", "2511")
+DEFAULT_TINY_VARIANT = "2509"
 
 #: Written last inside the folder (before the atomic rename); its presence means "complete".
 _MARKER_NAME = ".tiny-model.json"
@@ -111,22 +120,32 @@ _BPE_CORPUS: tuple[str, ...] = (
 )
 
 
-def default_tiny_model_dir() -> pathlib.Path:
-    """Where the embedded default model lives: ``$QWEN_TINY_MODEL_DIR`` or a per-version cache."""
+def default_tiny_model_dir(variant: str = DEFAULT_TINY_VARIANT) -> pathlib.Path:
+    """Where the embedded model lives: ``$QWEN_TINY_MODEL_DIR`` or a per-version cache.
+
+    The default variant keeps the historical folder name; others get a suffix."""
     override = os.environ.get("QWEN_TINY_MODEL_DIR")
+    suffix = "" if variant == DEFAULT_TINY_VARIANT else f"-{variant}"
     if override:
-        return pathlib.Path(override).expanduser()
-    return pathlib.Path.home() / ".cache" / "qwen-image-edit-serve" / f"tiny-{TINY_MODEL_VERSION}"
+        return pathlib.Path(override + suffix).expanduser()
+    name = f"tiny-{TINY_MODEL_VERSION}{suffix}"
+    return pathlib.Path.home() / ".cache" / "qwen-image-edit-serve" / name
 
 
-def ensure_tiny_model(path: str | os.PathLike[str] | None = None) -> pathlib.Path:
+def ensure_tiny_model(
+    path: str | os.PathLike[str] | None = None, *, variant: str = DEFAULT_TINY_VARIANT
+) -> pathlib.Path:
     """Return a complete tiny-model folder at ``path`` (default: ``default_tiny_model_dir()``),
-    building it first if it is missing or from another recipe version."""
-    target = pathlib.Path(path).expanduser() if path is not None else default_tiny_model_dir()
-    return build_tiny_model(target)
+    building it first if it is missing or from another recipe version or variant."""
+    target = (
+        pathlib.Path(path).expanduser() if path is not None else default_tiny_model_dir(variant)
+    )
+    return build_tiny_model(target, variant=variant)
 
 
-def build_tiny_model(target_dir: str | os.PathLike[str], *, seed: int = 0) -> pathlib.Path:
+def build_tiny_model(
+    target_dir: str | os.PathLike[str], *, seed: int = 0, variant: str = DEFAULT_TINY_VARIANT
+) -> pathlib.Path:
     """Build the tiny pipeline and save it, in diffusers format, into ``target_dir``.
 
     The folder appears atomically: everything is written into a temporary sibling that is renamed
@@ -139,37 +158,39 @@ def build_tiny_model(target_dir: str | os.PathLike[str], *, seed: int = 0) -> pa
     are serialized, but another thread drawing from that RNG during the ~0.2 s build would change
     the weights, so build before serving starts.
     """
+    if variant not in TINY_VARIANTS:
+        raise ValueError(f"unknown tiny variant {variant!r}; choose from {TINY_VARIANTS}")
     target = pathlib.Path(target_dir).expanduser().absolute()
-    if _is_complete(target, seed):
+    if _is_complete(target, seed, variant):
         return target
     # Threads of one process share torch's global RNG, so two concurrent builds would interleave
     # their seeded draws and give other weights; processes (replicas) each have their own RNG.
     with _BUILD_LOCK:
-        if _is_complete(target, seed):  # built by another thread while we waited
+        if _is_complete(target, seed, variant):  # built by another thread while we waited
             return target
-        _build_into(target, seed)
+        _build_into(target, seed, variant)
     return target
 
 
-def _build_into(target: pathlib.Path, seed: int) -> None:
+def _build_into(target: pathlib.Path, seed: int, variant: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     _sweep_leftovers(target)
-    logger.info("building the tiny Qwen-Image-Edit-Plus model (seed %d) in %s", seed, target)
+    logger.info("building the tiny %s model (seed %d) in %s", variant, seed, target)
     # A sibling, so the final rename stays on one filesystem (rename is atomic only there).
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
     try:
-        pipe = _build_pipeline(seed)
+        pipe = _build_pipeline(seed, variant)
         pipe.save_pretrained(staging, safe_serialization=True)
-        marker = {"version": TINY_MODEL_VERSION, "seed": seed}
+        marker = {"version": TINY_MODEL_VERSION, "seed": seed, "variant": variant}
         (staging / _MARKER_NAME).write_text(json.dumps(marker, sort_keys=True) + "\n")
         _make_readable(staging)
-        _publish(staging, target, seed)
+        _publish(staging, target, seed, variant)
     finally:
         # Gone already when the rename won; left over when another builder won or we failed.
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _is_complete(folder: pathlib.Path, seed: int) -> bool:
+def _is_complete(folder: pathlib.Path, seed: int, variant: str = DEFAULT_TINY_VARIANT) -> bool:
     try:
         marker = json.loads((folder / _MARKER_NAME).read_text())
     except (OSError, ValueError):
@@ -178,6 +199,8 @@ def _is_complete(folder: pathlib.Path, seed: int) -> bool:
         isinstance(marker, dict)
         and marker.get("version") == TINY_MODEL_VERSION
         and marker.get("seed") == seed
+        # Builds from before variants existed have no key: they are the default variant.
+        and marker.get("variant", DEFAULT_TINY_VARIANT) == variant
     )
 
 
@@ -200,7 +223,7 @@ def _sweep_leftovers(target: pathlib.Path) -> None:
                     shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _publish(staging: pathlib.Path, target: pathlib.Path, seed: int) -> None:
+def _publish(staging: pathlib.Path, target: pathlib.Path, seed: int, variant: str) -> None:
     """Move the finished ``staging`` folder to ``target``; tolerate a concurrent builder."""
     try:
         # Atomic; also replaces an empty directory. Fails if ``target`` has content.
@@ -208,7 +231,7 @@ def _publish(staging: pathlib.Path, target: pathlib.Path, seed: int) -> None:
         return
     except OSError:
         pass
-    if _is_complete(target, seed):
+    if _is_complete(target, seed, variant):
         return  # another replica finished first; same recipe and seed, hence the same bytes
     is_empty_dir = target.is_dir() and not any(target.iterdir())
     if not is_empty_dir and not (target / _MARKER_NAME).is_file():
@@ -229,7 +252,7 @@ def _publish(staging: pathlib.Path, target: pathlib.Path, seed: int) -> None:
     try:
         os.rename(staging, target)
     except OSError:
-        if not _is_complete(target, seed):
+        if not _is_complete(target, seed, variant):
             raise
     finally:
         shutil.rmtree(trash, ignore_errors=True)
@@ -252,13 +275,14 @@ def _copy_into(staging: pathlib.Path, target: pathlib.Path) -> None:
     shutil.copy2(staging / _MARKER_NAME, target / _MARKER_NAME)
 
 
-def _build_pipeline(seed: int) -> Any:
+def _build_pipeline(seed: int, variant: str = DEFAULT_TINY_VARIANT) -> Any:
     # Imported here: torch/diffusers/transformers cost seconds to import, and callers that only
     # want the folder path (or an already-built folder) should not pay for them.
     import torch
     from diffusers import (
         AutoencoderKLQwenImage,
         FlowMatchEulerDiscreteScheduler,
+        QwenImageEditPipeline,
         QwenImageEditPlusPipeline,
         QwenImageTransformer2DModel,
     )
@@ -328,6 +352,8 @@ def _build_pipeline(seed: int) -> Any:
                 num_attention_heads=_DIT_HEADS,
                 joint_attention_dim=_TEXT_HIDDEN,
                 axes_dims_rope=_DIT_AXES_ROPE,
+                # 2511: the reference-image tokens get timestep 0 (the class's own switch).
+                zero_cond_t=variant == "2511",
             )
 
             torch.manual_seed(seed + 2)
@@ -353,7 +379,9 @@ def _build_pipeline(seed: int) -> Any:
         # transformers 5 no longer builds a default video processor on its own.
         video_processor=Qwen2VLVideoProcessor(),
     )
-    return QwenImageEditPlusPipeline(
+    # Same components for every variant; the class brings the prompt template and image count.
+    pipeline_cls = QwenImageEditPipeline if variant == "edit" else QwenImageEditPlusPipeline
+    return pipeline_cls(
         scheduler=FlowMatchEulerDiscreteScheduler(**_SCHEDULER_CONFIG),
         vae=vae,
         text_encoder=text_encoder,
@@ -413,3 +441,43 @@ def _build_tokenizer() -> Any:
     # ``special`` keeps them whole (never split by BPE, skipped when decoding).
     tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in _SPECIAL_TOKENS])
     return tokenizer
+
+
+#: The attention projections of every MMDiT block: the usual LoRA targets for Qwen-Image.
+_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj"]
+
+
+def build_tiny_lora(
+    model_dir: str | os.PathLike[str],
+    target_dir: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    rank: int = 4,
+    gain: float = 20.0,
+) -> pathlib.Path:
+    """A random LoRA for the tiny model's transformer, in diffusers' LoRA format.
+
+    Written as ``target_dir/pytorch_lora_weights.safetensors`` (what ``save_lora_weights``
+    writes and ``load_lora_weights`` reads). peft's random init is tiny; ``gain`` scales the
+    up-projections so the adapter visibly changes outputs. Returns the weights file.
+    """
+    import torch
+    from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    transformer = QwenImageTransformer2DModel.from_pretrained(model_dir, subfolder="transformer")
+    config = LoraConfig(
+        r=rank, lora_alpha=rank, target_modules=_LORA_TARGETS, init_lora_weights=False
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer.add_adapter(config)
+    state = {
+        key: value * gain if "lora_B" in key else value
+        for key, value in get_peft_model_state_dict(transformer).items()
+    }
+    target = pathlib.Path(target_dir)
+    # The LoRA file format is the same for every Qwen-Image pipeline class.
+    QwenImageEditPlusPipeline.save_lora_weights(target, transformer_lora_layers=state)
+    return target / "pytorch_lora_weights.safetensors"

@@ -177,6 +177,7 @@ def test_models_and_health(server: Server, client: openai.OpenAI) -> None:
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
     ready = httpx.get(f"{server.url}/ready").json()
     assert ready["status"] == "ready" and ready["pipeline"] == "QwenImageEditPlusPipeline"
+    assert ready["device_map"]["transformer"] == "cpu" and ready["placement"]
 
 
 def test_request_id_is_echoed_once(server: Server) -> None:

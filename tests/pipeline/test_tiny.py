@@ -155,7 +155,7 @@ def test_losing_a_race_to_another_builder_is_fine(
     target = pathlib.Path(shutil.copytree(model_dir, tmp_path / "model"))
     before = {p: p.stat().st_mtime_ns for p in target.rglob("*")}
     staging = pathlib.Path(shutil.copytree(model_dir, tmp_path / ".model.building-x"))
-    tiny._publish(staging, target, 0)
+    tiny._publish(staging, target, 0, tiny.DEFAULT_TINY_VARIANT)
     assert {p: p.stat().st_mtime_ns for p in target.rglob("*")} == before
 
 

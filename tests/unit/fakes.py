@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from serve_app.jobs import EditJob, EditOutput, ModelInfo
+from serve_app.jobs import EditJob, EditOutput, ModelInfo, PartialImage
 
 FAKE_INFO = ModelInfo(
     served_names=["qwen-image-edit"],
@@ -54,6 +54,26 @@ def fake_edit(job: EditJob) -> EditOutput:
     return EditOutput(images=images, width=job.width, height=job.height, text_tokens=3)
 
 
+async def fake_edit_stream(job: EditJob) -> AsyncIterator[PartialImage | EditOutput]:
+    """As the model's edit_stream: one gray preview per partial image, then fake_edit's output."""
+    for index in range(job.partial_images):
+        gray = np.full((job.height, job.width, 3), 60 * (index + 1), np.uint8)
+        yield PartialImage(index=index, image=gray)
+    yield fake_edit(job)
+
+
+class _StreamMethod:
+    """`handle.options(stream=True).edit_stream`: remote() returns the async iterator."""
+
+    def __init__(self, fn: Callable[[EditJob], AsyncIterator[Any]]) -> None:
+        self._fn = fn
+        self.calls: list[tuple[Any, ...]] = []
+
+    def remote(self, *args: Any) -> AsyncIterator[Any]:
+        self.calls.append(args)
+        return self._fn(*args)
+
+
 class FakeModelHandle:
     def __init__(
         self,
@@ -61,6 +81,7 @@ class FakeModelHandle:
         info: ModelInfo = FAKE_INFO,
         edit: Callable[[EditJob], EditOutput] = fake_edit,
         info_error: BaseException | None = None,
+        edit_stream: Callable[[EditJob], AsyncIterator[Any]] = fake_edit_stream,
     ) -> None:
         def get_info() -> ModelInfo:
             if info_error is not None:
@@ -69,7 +90,14 @@ class FakeModelHandle:
 
         self.info = _Method(get_info)
         self.edit = _Method(edit)
+        self.edit_stream = _StreamMethod(edit_stream)
+        self.options_seen: list[dict[str, Any]] = []
+
+    def options(self, **kwargs: Any) -> FakeModelHandle:
+        self.options_seen.append(kwargs)
+        return self
 
     @property
     def jobs(self) -> list[EditJob]:
-        return [call[0] for call in self.edit.calls]
+        """Every job sent, streaming or not."""
+        return [call[0] for call in self.edit.calls + self.edit_stream.calls]

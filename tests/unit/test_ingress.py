@@ -149,12 +149,12 @@ def test_extensions_reach_the_job() -> None:
         ({"output_format": "gif"}, "output_format"),
         ({"output_compression": "101"}, "output_compression"),
         ({"model": "dall-e-2"}, "model"),
-        ({"response_format": "url"}, "response_format"),
+        ({"response_format": "url", "stream": "true"}, "response_format"),
         ({"num_inference_steps": "1000"}, "num_inference_steps"),
         ({"true_cfg_scale": "abc"}, "true_cfg_scale"),
         ({"seed": "-1"}, "seed"),
         ({"background": "transparent"}, "background"),
-        ({"stream": "true"}, "stream"),
+        ({"stream": "true", "n": "2"}, "n"),  # streams carry one image
     ],
 )
 def test_bad_fields_are_400_naming_the_param(data: dict[str, str], param: str) -> None:
