@@ -35,6 +35,7 @@ from serve_app.pipeline.placement import (
     component_sizes_from_configs,
     load_component_config,
 )
+from serve_app.pipeline.tiny import QWEN_SPECIAL_TOKENS
 
 if TYPE_CHECKING:
     import torch
@@ -45,16 +46,7 @@ SYNTHETIC_VARIANTS = ("2509", "2511")
 CONFIGS_DIR = Path(__file__).parent / "configs"
 MODEL_COMPONENTS = ("transformer", "text_encoder", "vae")
 DEFAULT_INIT_STD = 0.02
-# Qwen's chat/vision special tokens; the Plus pipeline's prompt template uses all but video_pad.
-QWEN_SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
+# The text encoder's config fields that name special token ids.
 _TOKEN_ID_FIELDS = {
     "image_token_id": "<|image_pad|>",
     "video_token_id": "<|video_pad|>",

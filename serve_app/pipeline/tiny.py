@@ -51,7 +51,7 @@ _BUILD_LOCK = threading.Lock()
 
 #: The Qwen special tokens, in the real vocabulary's relative order. The processor and the text
 #: encoder look these up by text, so they must exist as single added tokens.
-_SPECIAL_TOKENS: tuple[str, ...] = (
+QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|endoftext|>",
     "<|im_start|>",
     "<|im_end|>",
@@ -295,7 +295,7 @@ def _build_pipeline(seed: int, variant: str = DEFAULT_TINY_VARIANT) -> Any:
     )
 
     tokenizer = _build_tokenizer()
-    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in _SPECIAL_TOKENS}
+    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in QWEN_SPECIAL_TOKENS}
 
     # Models are created in float32 whatever the process default is, so the bytes never depend on
     # the caller; each one gets its own reseed so adding a component later does not shift others.
@@ -424,7 +424,7 @@ def _build_tokenizer() -> Any:
     # The special tokens go right after the BPE vocabulary, in the real relative order, as in the
     # real Qwen tokenizer (ids 151643+ there); ``add_tokens`` then keeps these ids.
     vocab: dict[str, int] = dict(model["vocab"])
-    for token in _SPECIAL_TOKENS:
+    for token in QWEN_SPECIAL_TOKENS:
         vocab[token] = len(vocab)
     # As the real Qwen2.5-VL tokenizer: no unk/bos, eos <|im_end|>, pad <|endoftext|>. (A dict,
     # because transformers' annotations say ``merges: list[str]`` while BPE wants pairs.)
@@ -439,7 +439,9 @@ def _build_tokenizer() -> Any:
     }
     tokenizer = Qwen2Tokenizer(**options)
     # ``special`` keeps them whole (never split by BPE, skipped when decoding).
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in _SPECIAL_TOKENS])
+    tokenizer.add_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS]
+    )
     return tokenizer
 
 

@@ -89,7 +89,7 @@ def test_configs_satisfy_the_real_classes_constraints(model_dir: pathlib.Path) -
 
 def test_special_tokens_match_the_text_encoder(pipe: Any) -> None:
     tok, cfg = pipe.tokenizer, pipe.text_encoder.config
-    ids = {t: tok.convert_tokens_to_ids(t) for t in tiny._SPECIAL_TOKENS}
+    ids = {t: tok.convert_tokens_to_ids(t) for t in tiny.QWEN_SPECIAL_TOKENS}
     assert len(set(ids.values())) == len(ids) and all(
         i < cfg.text_config.vocab_size for i in ids.values()
     )
