@@ -237,12 +237,15 @@ def _label(device: Device) -> str:
     return f"cuda:{device}" if isinstance(device, int) else str(device)
 
 
-def dispatch_component(module: nn.Module, device_map: Mapping[str, Any]) -> None:
+def dispatch_component(
+    module: nn.Module, device_map: Mapping[str, Any], *, main_device: Any = None
+) -> None:
     """Accelerate hooks so the component's forward takes inputs from any device and answers on
-    the caller's (as diffusers' own multi-device loading does). Main device = first module's."""
+    the caller's (as diffusers' own multi-device loading does). Main device: `main_device`, else
+    where the first module (the input layers) lives, not whatever a set yields."""
     from accelerate import dispatch_model
 
-    main = next(iter(device_map.values()))
+    main = main_device if main_device is not None else next(iter(device_map.values()))
     skip = getattr(module, "_skip_keys", None) or getattr(
         module, "_skip_keys_device_placement", None
     )

@@ -273,20 +273,10 @@ def special_token_ids(tokenizer: Any) -> dict[str, int]:
 
 
 def _dispatch(module: nn.Module, device_map: Mapping[str, Device]) -> None:
-    from accelerate import dispatch_model
+    from serve_app.pipeline.loading import dispatch_component
 
-    # Main device = where the first module (the input layers) lives, not whatever a set yields.
     main = next(iter(device_map.values()))
-    skip = getattr(module, "_skip_keys", None) or getattr(
-        module, "_skip_keys_device_placement", None
-    )
-    dispatch_model(
-        module,
-        device_map=dict(device_map),
-        main_device=_torch_device(main),
-        force_hooks=True,
-        skip_keys=sorted(skip) if isinstance(skip, set) else skip,
-    )
+    dispatch_component(module, device_map, main_device=_torch_device(main))
 
 
 def _device_for(tensor_name: str, device_map: Mapping[str, Device]) -> Device:
