@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-tokens", type=int, default=219)
     parser.add_argument("--side", type=int, default=1024)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--fp8", action="store_true", help="also time FP8 linears (torchao)")
+    parser.add_argument("--only-fp8", action="store_true", help="native bf16 reference + FP8")
+    parser.add_argument("--profile", action="store_true", help="top CUDA kernels per forward")
+    parser.add_argument("--quick-fp8", action="store_true", help="only the compiled FP8 default")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--device", default="cuda:0", help="cpu: smoke test with --overrides")
     parser.add_argument("--overrides", type=Path, default=None, help="transformer config JSON")
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"),
     }
     reference = None
-    for name in BACKENDS:
+    for name in ("native",) if args.only_fp8 else BACKENDS:
         try:
             transformer.set_attention_backend(name)
             ms, out = timed(args.repeats)
@@ -142,11 +146,18 @@ def main(argv: list[str] | None = None) -> int:
         results["compiled"] = {}
         import torch._dynamo
 
+        from serve_app.pipeline import rope
+
         for label, backend, dynamic in (
             ("static", best, None),
             ("dynamic", best, True),
+            ("dynamic_real_rope", best, True),
         ):
             try:
+                if label == "dynamic_real_rope":
+                    rope.install_real_rope()
+                else:
+                    rope.uninstall_real_rope()
                 torch._dynamo.reset()
                 transformer.set_attention_backend(backend)
                 transformer.compile_repeated_blocks(fullgraph=True, dynamic=dynamic)
@@ -172,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                     forward()
                     sync()
                     entry["other_text_length_call_s"] = round(time.perf_counter() - t2, 2)
+                    if args.profile:
+                        entry["top_kernels_ms"] = top_kernels(forward)
                     inputs["encoder_hidden_states"] = torch.cat(
                         [inputs["encoder_hidden_states"], inputs["encoder_hidden_states"][:, :7]],
                         dim=1,
@@ -180,12 +193,101 @@ def main(argv: list[str] | None = None) -> int:
                 entry = {"backend": backend, "dynamic": dynamic, "error": str(exc)[:500]}
             results["compiled"][label] = entry
             print(f"compiled {label}: {entry}", flush=True)
+    if args.fp8 or args.only_fp8:
+        results["fp8"] = fp8_section(transformer, forward, timed, reference, flops, best, args)
     text = json.dumps(results, indent=1)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
     return 0
+
+
+def fp8_section(
+    transformer: Any, forward: Any, timed: Any, reference: Any, flops: float, backend: str,
+    args: argparse.Namespace,
+) -> dict[str, Any]:  # fmt: skip
+    """FP8 linears (what `model.quantization: fp8` does): eager, then compiled; each output's
+    relative L2 error against the bf16 eager output of the same inputs."""
+    import torch
+    import torch._dynamo
+
+    from serve_app.pipeline.quantization import quantize_transformer
+
+    out: dict[str, Any] = {}
+    torch._dynamo.reset()
+    for block in transformer.transformer_blocks:  # back to eager after the compiled runs
+        block._compiled_call_impl = None
+    transformer.set_attention_backend(backend)
+    t0 = time.perf_counter()
+    report = quantize_transformer(transformer, "fp8")
+    torch.cuda.synchronize()
+    assert report is not None
+    out["quantize_s"] = round(time.perf_counter() - t0, 2)
+    out["layers"] = report.layers
+    out["linear_weights_gib"] = [
+        round(report.bytes_before / 2**30, 2), round(report.bytes_after / 2**30, 2)
+    ]  # fmt: skip
+    out["weights_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
+    from serve_app.pipeline import rope
+
+    variants = (
+        ("eager", False, False, False),
+        ("compiled_dynamic_complex_rope", True, False, False),
+        ("compiled_dynamic", True, True, False),
+        ("compiled_dynamic_cd_tuning", True, True, True),
+    )
+    for label, compiled, real_rope, tuning in variants:
+        if args.quick_fp8 and label != "compiled_dynamic":
+            continue
+        try:
+            if real_rope:
+                rope.install_real_rope()
+            else:
+                rope.uninstall_real_rope()
+            # inductor's coordinate-descent tuning of the generated kernels (what torchao's
+            # set_inductor_config would switch on): slower compile, maybe faster kernels.
+            torch._inductor.config.coordinate_descent_tuning = tuning
+            if compiled:
+                torch._dynamo.reset()
+                transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
+                t1 = time.perf_counter()
+                forward()
+                torch.cuda.synchronize()
+                first = round(time.perf_counter() - t1, 1)
+            ms, result = timed(args.repeats)
+            rel = float((result.float() - reference).norm() / reference.norm())
+            entry: dict[str, Any] = {
+                "backend": backend,
+                "ms_per_forward": round(ms, 1),
+                "tflops": round(flops / ms / 1e9, 1),
+                "rel_err_vs_bf16": round(rel, 5),
+                "finite": bool(torch.isfinite(result).all()),
+            }
+            if compiled:
+                entry["first_call_s"] = first
+            if args.profile and compiled:
+                entry["top_kernels_ms"] = top_kernels(forward)
+        except Exception as exc:
+            entry = {"backend": backend, "error": f"{type(exc).__name__}: {exc}"[:800]}
+        out[label] = entry
+        print(f"fp8 {label}: {entry}", flush=True)
+    return out
+
+
+def top_kernels(forward: Any, *, top: int = 12) -> dict[str, float]:
+    """CUDA time per kernel name over one forward (ms), the largest `top`."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        forward()
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+    table = {r.key[:90]: round(r.device_time_total / 1000, 2) for r in events[:top]}
+    table["(all kernels)"] = round(sum(e.device_time_total for e in events) / 1000, 2)
+    print("top kernels (ms per forward):", json.dumps(table, indent=1), flush=True)
+    return table
 
 
 if __name__ == "__main__":

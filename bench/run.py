@@ -22,8 +22,10 @@ short warm-up edit per replica, then times:
 - optionally throughput: `clients` concurrent clients, `rounds` requests each (img/min).
 
 Each scenario writes `<out-dir>/<name>.json`. Scenario keys: name, gpus (per replica), replicas,
-compile (0/1), cfg (cfg_parallel 0/1), backend (attention backend), variant (2509/2511),
-clients, rounds, steps, runs.
+compile (0/1), dynamic (compile_dynamic 0/1), cfg (cfg_parallel 0/1), fp8 (quantization fp8
+0/1), backend (attention backend), variant (2509/2511), clients, rounds, steps, runs, ref (an
+earlier scenario's name: the first timed output, same seed and synthetic weights, is compared
+with that scenario's, relative L2 error of the pixels, e.g. fp8 against bf16).
 """
 
 from __future__ import annotations
@@ -63,12 +65,16 @@ class Scenario:
     compile: bool = False
     dynamic: bool | None = None  # compile_dynamic
     cfg: bool = False
+    fp8: bool = False
     backend: str | None = None
     variant: str = "2511"
     clients: int = 0
     rounds: int = 0
     steps: int | None = None
     runs: int | None = None
+    # Another scenario's name: this one's first timed output is compared with that one's (same
+    # seed, same synthetic weights), e.g. fp8 against bf16.
+    ref: str | None = None
 
     @classmethod
     def parse(cls, spec: str) -> Scenario:
@@ -78,9 +84,9 @@ class Scenario:
             key = key.strip()
             if key in ("gpus", "replicas", "clients", "rounds", "steps", "runs"):
                 fields[key] = int(value)
-            elif key in ("compile", "cfg", "dynamic"):
+            elif key in ("compile", "cfg", "dynamic", "fp8"):
                 fields[key] = value.strip().lower() in ("1", "true", "yes", "on")
-            elif key in ("name", "backend", "variant"):
+            elif key in ("name", "backend", "variant", "ref"):
                 fields[key] = value.strip() or None
             else:
                 raise ValueError(f"unknown scenario key {key!r} in {spec!r}")
@@ -89,6 +95,8 @@ class Scenario:
     @property
     def mode(self) -> str:
         parts = ["cfg_parallel"] if self.cfg else []
+        if self.fp8:
+            parts.append("fp8")
         parts.append(
             ("compile-dynamic" if self.dynamic else "compile") if self.compile else "eager"
         )
@@ -187,6 +195,7 @@ def app_config(sc: Scenario, *, steps: int) -> dict[str, Any]:
         "device_map": "auto",
         "compile": sc.compile,
         "cfg_parallel": sc.cfg,
+        "quantization": "fp8" if sc.fp8 else "none",
         "warmup": True,
     }
     if sc.dynamic is not None:
@@ -247,8 +256,8 @@ def deploy(sc: Scenario, url: str, *, steps: int, timeout_s: float) -> dict[str,
     raise TimeoutError(f"app not ready in {timeout_s:.0f} s")
 
 
-def edit_http(url: str, png: bytes, *, steps: int, seed: int = 0) -> tuple[str, float]:
-    """One edit over HTTP; returns (request id, seconds)."""
+def edit_http(url: str, png: bytes, *, steps: int, seed: int = 0) -> tuple[str, float, bytes]:
+    """One edit over HTTP; returns (request id, seconds, the output image file)."""
     import httpx
 
     rid = f"bench-{uuid.uuid4().hex[:12]}"
@@ -276,7 +285,19 @@ def edit_http(url: str, png: bytes, *, steps: int, seed: int = 0) -> tuple[str, 
     image = base64.b64decode(body["data"][0]["b64_json"])
     if body["size"] != f"{SIZE}x{SIZE}" or len(image) < 1000:
         raise RuntimeError(f"unexpected answer: size {body['size']}, {len(image)} bytes")
-    return rid, elapsed
+    return rid, elapsed, image
+
+
+def relative_error(image: bytes, reference: bytes) -> float:
+    """||a - b|| / ||b|| over the decoded RGB pixels (0..1)."""
+    import numpy as np
+    from PIL import Image
+
+    a, b = (
+        np.asarray(Image.open(io.BytesIO(x)).convert("RGB"), np.float64) / 255
+        for x in (image, reference)
+    )
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def replica_timings(rid: str, *, wait_s: float = 10.0) -> dict[str, float] | None:
@@ -320,6 +341,7 @@ def median(values: list[float]) -> float | None:
 def run_scenario(
     sc: Scenario, *, url: str, png: bytes, steps: int, runs: int, deadline: float,
     flops_per_forward: float, text_tokens: dict[str, int], sampler: GpuSampler,
+    outputs: dict[str, bytes],
 ) -> dict[str, Any]:  # fmt: skip
     from ray import serve
 
@@ -330,6 +352,7 @@ def run_scenario(
         "mode": sc.mode,
         "compile": sc.compile,
         "cfg_parallel": sc.cfg,
+        "quantization": "fp8" if sc.fp8 else "none",
         "attention_backend": sc.backend,
         "weights": "synthetic-shrunk" if OVERRIDES else "synthetic-full",
         "variant": sc.variant,
@@ -359,7 +382,12 @@ def run_scenario(
             if time.monotonic() > deadline:
                 result["note"] = f"stopped after {i} timed runs: time limit"
                 break
-            rid, seconds = edit_http(url, png, steps=steps, seed=100 + i)
+            rid, seconds, image = edit_http(url, png, steps=steps, seed=100 + i)
+            if i == 0:
+                outputs[sc.name] = image
+                if sc.ref and sc.ref in outputs:
+                    result["ref_scenario"] = sc.ref
+                    result["rel_err_vs_ref"] = round(relative_error(image, outputs[sc.ref]), 5)
             timings = replica_timings(rid)
             latencies.append(seconds)
             if timings:
@@ -413,7 +441,7 @@ def throughput(
         for r in range(sc.rounds):
             if time.monotonic() > deadline:
                 return
-            _, seconds = edit_http(url, png, steps=steps, seed=1000 + 10 * index + r)
+            _, seconds, _ = edit_http(url, png, steps=steps, seed=1000 + 10 * index + r)
             with lock:
                 lat.append(seconds)
                 done += 1
@@ -478,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     info = {"versions": versions(), "date": time.strftime("%Y-%m-%d")}
     summary = []
+    outputs: dict[str, bytes] = {}  # first timed output of each scenario (for `ref=`)
     try:
         for sc in args.scenario:
             from serve_app.pipeline.synthetic import variant_dir
@@ -493,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
             steps = sc.steps or args.steps
             result = run_scenario(
                 sc, url=url, png=png, steps=steps, runs=sc.runs or args.runs, deadline=deadline,
-                flops_per_forward=flops, text_tokens=tokens, sampler=sampler,
+                flops_per_forward=flops, text_tokens=tokens, sampler=sampler, outputs=outputs,
             )  # fmt: skip
             names = sampler.names
             result["gpu"] = names.get(0, "unknown") if names else "unknown"

@@ -334,6 +334,14 @@ def load_runner(
     gpus = probe() if model.device_map != "cpu" else []
     device_map = resolve_device_map(model.device_map, gpu_count=len(gpus))
     dtype = _dtype(model.dtype, on_gpu=device_map != "cpu")
+    if model.quantization != "none" and device_map == "cpu":
+        # Fail before loading tens of GiB that could not be quantized anyway.
+        from serve_app.pipeline.quantization import QuantizationError
+
+        raise QuantizationError(
+            f"quantization {model.quantization} needs GPUs; this replica sees none"
+            " (give it ray_actor_options.num_gpus, or set model.quantization: none)"
+        )
     if model.source == "synthetic":
         return _load_planned(model, generation, gpus, device_map, dtype, t0)
     if model.source == "tiny":
@@ -487,8 +495,16 @@ def _finish(
 
 
 def apply_speed_switches(transformers: list[Any], model: ModelConfig) -> list[str]:
-    """Attention backend, then regional compile, on every transformer copy; returns log notes."""
+    """Quantization, attention backend, then regional compile (which must see the quantized
+    layers), on every transformer copy; returns log notes."""
+    from serve_app.pipeline.quantization import quantize_transformer
+    from serve_app.pipeline.rope import install_real_rope
+
     notes = []
+    reports = [quantize_transformer(t, model.quantization) for t in transformers]
+    if reports and reports[0] is not None:
+        copies = f", each of {len(reports)} copies" if len(reports) > 1 else ""
+        notes.append(reports[0].note() + copies)
     if model.attention_backend:
         for transformer in transformers:
             transformer.set_attention_backend(model.attention_backend)
@@ -496,7 +512,11 @@ def apply_speed_switches(transformers: list[Any], model: ModelConfig) -> list[st
     if model.compile:
         if any(hasattr(m, "_hf_hook") and _spans_devices(m) for m in transformers):
             notes.append("compile skipped: the transformer is split across GPUs")
+            if model.quantization != "none":
+                notes.append(f"warning: {model.quantization} without compile is slower than bf16")
         else:
+            if install_real_rope():
+                notes.append("rotary embedding: real arithmetic (fused by compile)")
             for transformer in transformers:
                 transformer.compile_repeated_blocks(fullgraph=True, dynamic=model.compile_dynamic)
             notes.append(
