@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 from typing import Any
 
@@ -13,7 +14,8 @@ from starlette.testclient import TestClient
 from serve_app.config import AppConfig
 from serve_app.errors import InternalError, InvalidRequestError
 from serve_app.ingress import EditService, create_app
-from tests.unit.fakes import FakeModelHandle, png_bytes
+from serve_app.timing import parse_server_timing
+from tests.unit.fakes import FakeModelHandle, fake_edit, png_bytes
 
 
 def make_client(
@@ -287,3 +289,30 @@ def test_deadline_and_submit_time_are_set() -> None:
     job = handle.jobs[0]
     assert job.deadline is not None and job.submitted_at is not None
     assert 29 <= job.deadline - job.submitted_at <= 31
+
+
+def test_server_timing_header_on_edits() -> None:
+    def timed_edit(job: Any) -> Any:
+        out = fake_edit(job)
+        timings = {"queue": 0.001, "pipeline": 0.25, "denoise": 0.2, "replica": 0.26}
+        return dataclasses.replace(out, timings_s=timings)
+
+    client, _ = make_client(FakeModelHandle(edit=timed_edit))
+    resp = post_edit(client, size="64x64")
+    assert resp.status_code == 200, resp.text
+    stages = parse_server_timing(resp.headers["server-timing"])
+    assert list(stages) == [
+        "parse", "decode", "model", "queue", "pipeline", "denoise", "replica", "encode", "body",
+        "total",
+    ]  # fmt: skip
+    assert stages["pipeline"] == 250.0 and stages["replica"] == 260.0
+    assert stages["total"] >= stages["parse"] + stages["decode"] + stages["encode"]
+    # Errors and other routes carry none (nothing was timed that a client could use).
+    assert "server-timing" not in post_edit(client, size="1x1").headers
+    assert "server-timing" not in client.get("/v1/models").headers
+
+
+def test_streamed_edits_have_no_server_timing() -> None:
+    client, _ = make_client()
+    resp = post_edit(client, size="64x64", stream="true")
+    assert resp.status_code == 200 and "server-timing" not in resp.headers
