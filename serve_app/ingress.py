@@ -49,15 +49,14 @@ from serve_app.protocol import (
     EditParams,
     ImageData,
     ImagesResponse,
-    InputTokensDetails,
     ModelCard,
     ModelList,
-    Usage,
     check_limits,
+    images_response_json,
 )
 from serve_app.sizing import parse_size, resolve_size
 from serve_app.storage import ID_PATTERN, ImageStore, image_url
-from serve_app.streaming import check_stream_params, open_event_stream
+from serve_app.streaming import check_stream_params, open_event_stream, usage_of
 from serve_app.timing import SERVER_TIMING_HEADER, StageClock, format_server_timing
 
 logger = logging.getLogger("ray.serve")
@@ -233,8 +232,8 @@ class EditService:
         request_id: str,
         base_url: str | None = None,
         timing: StageClock | None = None,
-    ) -> ImagesResponse | AsyncIterator[bytes]:
-        """The JSON response, or for stream=true the SSE body (after its first event).
+    ) -> bytes | AsyncIterator[bytes]:
+        """The JSON response body, or for stream=true the SSE body (after its first event).
 
         `timing` collects the stage durations for the Server-Timing header: the ingress's own
         (decode, model, encode, body) and those the replica reports in `EditOutput.timings_s`.
@@ -373,8 +372,8 @@ class EditService:
         *,
         url_base: str | None = None,
         timing: StageClock | None = None,
-    ) -> ImagesResponse:
-        """Blocking (encodes, and stores for url results): call from a thread."""
+    ) -> bytes:
+        """The JSON body. Blocking (encodes, and stores for url results): call from a thread."""
         timing = timing if timing is not None else StageClock()
         with timing.measure("encode"):
             encoded = [
@@ -386,7 +385,9 @@ class EditService:
                 for image in output.images
             ]
         with timing.measure("body"):
-            return self._response_of(params, output, encoded, url_base=url_base)
+            return images_response_json(
+                self._response_of(params, output, encoded, url_base=url_base)
+            )
 
     def _response_of(
         self, params: EditParams, output: EditOutput, encoded: list[bytes], *, url_base: str | None
@@ -401,7 +402,6 @@ class EditService:
             ]
         else:
             data = [ImageData(b64_json=base64.b64encode(e).decode("ascii")) for e in encoded]
-        input_tokens = output.text_tokens + output.input_image_tokens
         return ImagesResponse(
             created=int(self._clock()),
             data=data,
@@ -409,14 +409,7 @@ class EditService:
             size=f"{output.width}x{output.height}",
             quality=params.quality,
             background="opaque",
-            usage=Usage(
-                input_tokens=input_tokens,
-                input_tokens_details=InputTokensDetails(
-                    image_tokens=output.input_image_tokens, text_tokens=output.text_tokens
-                ),
-                output_tokens=output.output_image_tokens,
-                total_tokens=input_tokens + output.output_image_tokens,
-            ),
+            usage=usage_of(output),
         )
 
 
@@ -530,12 +523,14 @@ def create_app(service: EditService) -> Starlette:
             base_url=str(request.base_url),
             timing=timing,
         )
-        if isinstance(result, ImagesResponse):
-            with timing.measure("body"):
-                response = JSONResponse(result.model_dump(exclude_none=True))
+        if isinstance(result, bytes):
+            # Rendered in the worker thread: a multi-MB body never blocks the event loop.
             timing.add("total", timing.elapsed())
-            response.headers[SERVER_TIMING_HEADER] = format_server_timing(timing.stages)
-            return response
+            return Response(
+                result,
+                media_type="application/json",
+                headers={SERVER_TIMING_HEADER: format_server_timing(timing.stages)},
+            )
         return StreamingResponse(
             result,
             media_type="text/event-stream",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import json
 from typing import Any
 
 import pytest
@@ -310,6 +311,27 @@ def test_server_timing_header_on_edits() -> None:
     # Errors and other routes carry none (nothing was timed that a client could use).
     assert "server-timing" not in post_edit(client, size="1x1").headers
     assert "server-timing" not in client.get("/v1/models").headers
+
+
+def test_response_body_is_compact_utf8_json_as_before() -> None:
+    # The body is rendered by pydantic in the worker thread; it must stay byte for byte what
+    # Starlette's JSONResponse wrote (compact separators, no nulls, key order).
+    client, _ = make_client()
+    resp = post_edit(client, size="64x64", n=2, seed=3)
+    assert resp.status_code == 200 and resp.headers["content-type"] == "application/json"
+    body = resp.json()
+    assert resp.content == json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    assert list(body) == [
+        "created",
+        "data",
+        "output_format",
+        "size",
+        "quality",
+        "background",
+        "usage",
+    ]
+    assert list(body["data"][0]) == ["b64_json"]
+    assert int(resp.headers["content-length"]) == len(resp.content)
 
 
 def test_streamed_edits_have_no_server_timing() -> None:
