@@ -265,7 +265,7 @@ class EditService:
                 code="too_many_images",
             )
         with timing.measure("decode"):
-            arrays = await asyncio.to_thread(self._decode_all, images)
+            arrays = await self._decode_all(images)
         first_h, first_w = arrays[0].shape[:2]
         width, height = resolve_size(
             requested_size,
@@ -322,10 +322,17 @@ class EditService:
             ) from None
         return output
 
-    def _decode_all(self, images: list[bytes]) -> list[Any]:
+    async def _decode_all(self, images: list[bytes]) -> list[Any]:
         max_pixels = self._config.limits.max_input_pixels
         param = "image" if len(images) == 1 else "image[]"
-        return [decode_image(data, param=param, max_pixels=max_pixels) for data in images]
+        # Pillow drops the GIL while it decodes: several images decode on several cores.
+        decoded = await asyncio.gather(
+            *(
+                asyncio.to_thread(decode_image, data, param=param, max_pixels=max_pixels)
+                for data in images
+            )
+        )
+        return list(decoded)
 
     def _make_job(
         self,

@@ -185,6 +185,20 @@ def test_unreadable_image() -> None:
     assert (
         assert_error(post_edit(client, files=text), 400, "image")["code"] == "invalid_image_format"
     )
+    # Several images decode concurrently; one bad one still fails the request, naming image[].
+    several = [("image[]", ("a.png", png_bytes(), "image/png")), bad[0], text[0]]
+    several = [("image[]", file) for _, file in several]
+    assert assert_error(post_edit(client, files=several), 400, "image[]")
+
+
+def test_several_images_keep_their_order() -> None:
+    client, handle = make_client()
+    sizes = [(40, 30), (20, 20), (33, 17)]
+    files = [
+        ("image[]", (f"{i}.png", png_bytes(w, h), "image/png")) for i, (w, h) in enumerate(sizes)
+    ]
+    assert post_edit(client, files=files, size="64x64").status_code == 200
+    assert [a.shape[:2] for a in handle.jobs[0].images] == [(h, w) for w, h in sizes]
 
 
 def test_too_many_images_for_the_pipeline() -> None:
