@@ -49,15 +49,15 @@ from serve_app.protocol import (
     EditParams,
     ImageData,
     ImagesResponse,
-    InputTokensDetails,
     ModelCard,
     ModelList,
-    Usage,
     check_limits,
+    images_response_json,
 )
 from serve_app.sizing import parse_size, resolve_size
 from serve_app.storage import ID_PATTERN, ImageStore, image_url
-from serve_app.streaming import check_stream_params, open_event_stream
+from serve_app.streaming import check_stream_params, open_event_stream, usage_of
+from serve_app.timing import SERVER_TIMING_HEADER, StageClock, format_server_timing
 
 logger = logging.getLogger("ray.serve")
 
@@ -231,8 +231,14 @@ class EditService:
         mask: bytes | None = None,
         request_id: str,
         base_url: str | None = None,
-    ) -> ImagesResponse | AsyncIterator[bytes]:
-        """The JSON response, or for stream=true the SSE body (after its first event)."""
+        timing: StageClock | None = None,
+    ) -> bytes | AsyncIterator[bytes]:
+        """The JSON response body, or for stream=true the SSE body (after its first event).
+
+        `timing` collects the stage durations for the Server-Timing header: the ingress's own
+        (decode, model, encode, body) and those the replica reports in `EditOutput.timings_s`.
+        """
+        timing = timing if timing is not None else StageClock()
         params = EditParams.from_form(fields)
         check_limits(params, self._config)
         check_stream_params(params)
@@ -258,7 +264,8 @@ class EditService:
                 param="image",
                 code="too_many_images",
             )
-        arrays = await asyncio.to_thread(self._decode_all, images)
+        with timing.measure("decode"):
+            arrays = await self._decode_all(images)
         first_h, first_w = arrays[0].shape[:2]
         width, height = resolve_size(
             requested_size,
@@ -269,12 +276,13 @@ class EditService:
         )
         mask_array = None
         if mask is not None:
-            mask_array = await asyncio.to_thread(
-                decode_mask,
-                mask,
-                image_size=(first_w, first_h),
-                max_pixels=self._config.limits.max_input_pixels,
-            )
+            with timing.measure("decode"):
+                mask_array = await asyncio.to_thread(
+                    decode_mask,
+                    mask,
+                    image_size=(first_w, first_h),
+                    max_pixels=self._config.limits.max_input_pixels,
+                )
         job = self._make_job(params, model_name, arrays, width, height, request_id, mask_array)
         logger.info(
             "edit %s: model=%s images=%d size=%dx%d n=%d steps=%d cfg=%.2f seed=%s",
@@ -286,12 +294,17 @@ class EditService:
             return await open_event_stream(
                 stream, params=params, job=job, call=self._call, clock=self._clock
             )
-        output = await self._run_edit(job)
+        with timing.measure("model"):
+            output = await self._run_edit(job)
+        for stage, seconds in output.timings_s.items():  # queue, pipeline (+ parts), replica
+            timing.add(stage, seconds)
         self.metrics.images_returned(len(output.images))
+        url_base = None
         if params.response_format == "url":
-            base = self._config.storage.public_base_url or base_url or ""
-            return await asyncio.to_thread(self._build_response, params, output, url_base=base)
-        return await asyncio.to_thread(self._build_response, params, output)
+            url_base = self._config.storage.public_base_url or base_url or ""
+        return await asyncio.to_thread(
+            self._build_response, params, output, url_base=url_base, timing=timing
+        )
 
     async def _run_edit(self, job: EditJob) -> EditOutput:
         response = self._model.edit.remote(job)
@@ -309,10 +322,17 @@ class EditService:
             ) from None
         return output
 
-    def _decode_all(self, images: list[bytes]) -> list[Any]:
+    async def _decode_all(self, images: list[bytes]) -> list[Any]:
         max_pixels = self._config.limits.max_input_pixels
         param = "image" if len(images) == 1 else "image[]"
-        return [decode_image(data, param=param, max_pixels=max_pixels) for data in images]
+        # Pillow drops the GIL while it decodes: several images decode on several cores.
+        decoded = await asyncio.gather(
+            *(
+                asyncio.to_thread(decode_image, data, param=param, max_pixels=max_pixels)
+                for data in images
+            )
+        )
+        return list(decoded)
 
     def _make_job(
         self,
@@ -353,17 +373,34 @@ class EditService:
         )
 
     def _build_response(
-        self, params: EditParams, output: EditOutput, *, url_base: str | None = None
+        self,
+        params: EditParams,
+        output: EditOutput,
+        *,
+        url_base: str | None = None,
+        timing: StageClock | None = None,
+    ) -> bytes:
+        """The JSON body. Blocking (encodes, and stores for url results): call from a thread."""
+        timing = timing if timing is not None else StageClock()
+        with timing.measure("encode"):
+            encoded = [
+                encode_image(
+                    image,
+                    output_format=params.output_format,
+                    compression=params.output_compression,
+                )
+                for image in output.images
+            ]
+        with timing.measure("body"):
+            return images_response_json(
+                self._response_of(params, output, encoded, url_base=url_base)
+            )
+
+    def _response_of(
+        self, params: EditParams, output: EditOutput, encoded: list[bytes], *, url_base: str | None
     ) -> ImagesResponse:
-        """Blocking (encodes, and stores for url results): call from a thread."""
         import base64
 
-        encoded = [
-            encode_image(
-                image, output_format=params.output_format, compression=params.output_compression
-            )
-            for image in output.images
-        ]
         if url_base is not None:
             store = self.image_store()
             data = [
@@ -372,7 +409,6 @@ class EditService:
             ]
         else:
             data = [ImageData(b64_json=base64.b64encode(e).decode("ascii")) for e in encoded]
-        input_tokens = output.text_tokens + output.input_image_tokens
         return ImagesResponse(
             created=int(self._clock()),
             data=data,
@@ -380,14 +416,7 @@ class EditService:
             size=f"{output.width}x{output.height}",
             quality=params.quality,
             background="opaque",
-            usage=Usage(
-                input_tokens=input_tokens,
-                input_tokens_details=InputTokensDetails(
-                    image_tokens=output.input_image_tokens, text_tokens=output.text_tokens
-                ),
-                output_tokens=output.output_image_tokens,
-                total_tokens=input_tokens + output.output_image_tokens,
-            ),
+            usage=usage_of(output),
         )
 
 
@@ -490,16 +519,25 @@ def create_app(service: EditService) -> Starlette:
 
     @routed("/v1/images/edits")
     async def images_edits(request: Request) -> Response:
-        fields, images, mask = await _read_form(request)
+        timing = StageClock()
+        with timing.measure("parse"):
+            fields, images, mask = await _read_form(request)
         result = await service.edit(
             fields=fields,
             images=images,
             mask=mask,
             request_id=request.state.request_id,
             base_url=str(request.base_url),
+            timing=timing,
         )
-        if isinstance(result, ImagesResponse):
-            return JSONResponse(result.model_dump(exclude_none=True))
+        if isinstance(result, bytes):
+            # Rendered in the worker thread: a multi-MB body never blocks the event loop.
+            timing.add("total", timing.elapsed())
+            return Response(
+                result,
+                media_type="application/json",
+                headers={SERVER_TIMING_HEADER: format_server_timing(timing.stages)},
+            )
         return StreamingResponse(
             result,
             media_type="text/event-stream",

@@ -8,6 +8,7 @@ the next step, and `check_health` can tell a wedged pipeline from a slow one.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -86,6 +87,17 @@ class _EditWatch:
         return None
 
 
+def _with_replica_timings(
+    output: EditOutput, queue_s: float | None, replica_s: float
+) -> EditOutput:
+    """`output` with the replica's stages for the ingress's Server-Timing header: queue (ingress
+    hand-off to this replica) and replica (its wall time for the call, the pipeline included)."""
+    timings = {} if queue_s is None else {"queue": queue_s}
+    timings.update(output.timings_s)
+    timings["replica"] = replica_s
+    return dataclasses.replace(output, timings_s=timings)
+
+
 def _outcome_of(err: APIError) -> str:
     if err.code == "gpu_out_of_memory":
         return "oom"
@@ -118,17 +130,20 @@ class ImageEditModel:
         return {**self._outcomes, "active": len(self._active)}
 
     async def edit(self, job: EditJob) -> EditOutput:
+        t0 = time.perf_counter()
         self._refuse_if_broken()
+        queue_s = None
         if job.submitted_at is not None:
-            self._metrics.queue_wait(time.time() - job.submitted_at)
+            # Wall clocks of two processes (maybe two hosts): never below zero.
+            queue_s = max(0.0, time.time() - job.submitted_at)
+            self._metrics.queue_wait(queue_s)
         watch = _EditWatch(job, self._metrics)
         self._active[job.request_id] = watch
-        t0 = time.perf_counter()
         outcome = "error"
         try:
             output = await asyncio.to_thread(self._run, watch)
             outcome = "ok"
-            return output
+            return _with_replica_timings(output, queue_s, time.perf_counter() - t0)
         except asyncio.CancelledError:
             # The caller went away: make the worker thread stop at the next step.
             watch.cancelled.set()

@@ -12,6 +12,7 @@ import openai
 import pytest
 from PIL import Image
 
+from serve_app.timing import parse_server_timing
 from tests.integration.conftest import Server
 
 pytestmark = pytest.mark.integration
@@ -188,6 +189,23 @@ def test_request_id_is_echoed_once(server: Server) -> None:
         f"{server.url}/v1/images/edits", headers={"x-request-id": "abc123"}, data={"prompt": "x"}
     )
     assert mine.headers.get_list("x-request-id") == ["abc123"]
+
+
+def test_server_timing_header(server: Server) -> None:
+    resp = edit(server, [("image", ("a.png", png(), "image/png"))], size="64x48", seed=1)
+    assert resp.status_code == 200, resp.text
+    header = resp.headers["server-timing"]
+    for part in header.split(", "):  # name;dur=<ms> each, as written
+        name, _, dur = part.partition(";dur=")
+        assert name.isidentifier() and float(dur) >= 0, part
+    ms = parse_server_timing(header)
+    stages = {"parse", "decode", "queue", "pipeline", "replica", "model", "encode", "body", "total"}
+    assert stages <= set(ms)
+    # Nested stages: the ingress's total holds the model call, which holds the replica's time,
+    # which holds the pipeline's (each rounded to 0.1 ms).
+    assert ms["total"] >= ms["model"] >= ms["replica"] >= ms["pipeline"] > 0
+    assert ms["model"] >= ms["queue"]
+    assert ms["total"] >= ms["parse"] + ms["decode"] + ms["model"] + ms["encode"] - 0.5
 
 
 def test_server_keeps_serving_after_errors(server: Server) -> None:

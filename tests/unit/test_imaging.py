@@ -8,6 +8,7 @@ from PIL import Image
 
 from serve_app.errors import InvalidRequestError
 from serve_app.imaging import decode_image, encode_image
+from serve_app.png import encode_png
 
 
 def _bytes(img: Image.Image, fmt: str) -> bytes:
@@ -68,3 +69,14 @@ def test_png_is_lossless() -> None:
         Image.open(io.BytesIO(encode_image(arr, output_format="png", compression=80)))
     )
     assert np.array_equal(arr, back)
+
+
+def test_default_png_takes_the_fast_writer_and_explicit_compression_pillow() -> None:
+    arr = np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    fast = encode_image(arr, output_format="png", compression=None)
+    assert fast == encode_png(arr)
+    for compression in (None, 0, 100):
+        data = encode_image(arr, output_format="png", compression=compression)
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), arr)
+    # An explicit level goes to Pillow (its own per-row filters: other bytes, same pixels).
+    assert encode_image(arr, output_format="png", compression=100) != fast

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
+import json
 from typing import Any
 
 import pytest
@@ -13,7 +15,8 @@ from starlette.testclient import TestClient
 from serve_app.config import AppConfig
 from serve_app.errors import InternalError, InvalidRequestError
 from serve_app.ingress import EditService, create_app
-from tests.unit.fakes import FakeModelHandle, png_bytes
+from serve_app.timing import parse_server_timing
+from tests.unit.fakes import FakeModelHandle, fake_edit, png_bytes
 
 
 def make_client(
@@ -182,6 +185,20 @@ def test_unreadable_image() -> None:
     assert (
         assert_error(post_edit(client, files=text), 400, "image")["code"] == "invalid_image_format"
     )
+    # Several images decode concurrently; one bad one still fails the request, naming image[].
+    several = [("image[]", ("a.png", png_bytes(), "image/png")), bad[0], text[0]]
+    several = [("image[]", file) for _, file in several]
+    assert assert_error(post_edit(client, files=several), 400, "image[]")
+
+
+def test_several_images_keep_their_order() -> None:
+    client, handle = make_client()
+    sizes = [(40, 30), (20, 20), (33, 17)]
+    files = [
+        ("image[]", (f"{i}.png", png_bytes(w, h), "image/png")) for i, (w, h) in enumerate(sizes)
+    ]
+    assert post_edit(client, files=files, size="64x64").status_code == 200
+    assert [a.shape[:2] for a in handle.jobs[0].images] == [(h, w) for w, h in sizes]
 
 
 def test_too_many_images_for_the_pipeline() -> None:
@@ -287,3 +304,51 @@ def test_deadline_and_submit_time_are_set() -> None:
     job = handle.jobs[0]
     assert job.deadline is not None and job.submitted_at is not None
     assert 29 <= job.deadline - job.submitted_at <= 31
+
+
+def test_server_timing_header_on_edits() -> None:
+    def timed_edit(job: Any) -> Any:
+        out = fake_edit(job)
+        timings = {"queue": 0.001, "pipeline": 0.25, "denoise": 0.2, "replica": 0.26}
+        return dataclasses.replace(out, timings_s=timings)
+
+    client, _ = make_client(FakeModelHandle(edit=timed_edit))
+    resp = post_edit(client, size="64x64")
+    assert resp.status_code == 200, resp.text
+    stages = parse_server_timing(resp.headers["server-timing"])
+    assert list(stages) == [
+        "parse", "decode", "model", "queue", "pipeline", "denoise", "replica", "encode", "body",
+        "total",
+    ]  # fmt: skip
+    assert stages["pipeline"] == 250.0 and stages["replica"] == 260.0
+    assert stages["total"] >= stages["parse"] + stages["decode"] + stages["encode"]
+    # Errors and other routes carry none (nothing was timed that a client could use).
+    assert "server-timing" not in post_edit(client, size="1x1").headers
+    assert "server-timing" not in client.get("/v1/models").headers
+
+
+def test_response_body_is_compact_utf8_json_as_before() -> None:
+    # The body is rendered by pydantic in the worker thread; it must stay byte for byte what
+    # Starlette's JSONResponse wrote (compact separators, no nulls, key order).
+    client, _ = make_client()
+    resp = post_edit(client, size="64x64", n=2, seed=3)
+    assert resp.status_code == 200 and resp.headers["content-type"] == "application/json"
+    body = resp.json()
+    assert resp.content == json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    assert list(body) == [
+        "created",
+        "data",
+        "output_format",
+        "size",
+        "quality",
+        "background",
+        "usage",
+    ]
+    assert list(body["data"][0]) == ["b64_json"]
+    assert int(resp.headers["content-length"]) == len(resp.content)
+
+
+def test_streamed_edits_have_no_server_timing() -> None:
+    client, _ = make_client()
+    resp = post_edit(client, size="64x64", stream="true")
+    assert resp.status_code == 200 and "server-timing" not in resp.headers

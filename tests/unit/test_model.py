@@ -149,3 +149,23 @@ def test_check_health_notices_a_wedged_pipeline() -> None:
     asyncio.run(main())
     model.check_health()
     assert model.stats() == {"ok": 1, "active": 0}
+
+
+def test_output_carries_queue_and_replica_times_for_server_timing() -> None:
+    runner = StepRunner(step_s=0.01)
+    inner = runner.run
+
+    def run_with_pipeline_time(job: EditJob, *, step_hook: Any = None) -> EditOutput:
+        out = inner(job, step_hook=step_hook)
+        return EditOutput(out.images, out.width, out.height, timings_s={"pipeline": 0.03})
+
+    runner.run = run_with_pipeline_time  # type: ignore[method-assign]
+    out = asyncio.run(make(runner).edit(job(num_inference_steps=3, submitted_at=time.time() - 0.5)))
+    assert list(out.timings_s) == ["queue", "pipeline", "replica"]
+    assert 0.5 <= out.timings_s["queue"] < 5
+    assert out.timings_s["replica"] >= 0.03  # three 10 ms steps
+    # A submit time from a clock ahead of this one never makes a negative queue wait.
+    out = asyncio.run(
+        make(StepRunner()).edit(job(num_inference_steps=1, submitted_at=time.time() + 60))
+    )
+    assert out.timings_s["queue"] == 0.0 and "pipeline" not in out.timings_s
