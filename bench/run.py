@@ -15,6 +15,9 @@ short warm-up edit per replica, then times:
 - the bare pipeline call (`EditRunner.run`) of those same requests, from the replica log line
   `edit <request id> timings {...}`, with its text-encoder / VAE encode / VAE decode / denoising
   split; serving overhead % = (HTTP - bare) / bare;
+- where the overhead goes: the `Server-Timing` header of each timed edit (ingress parse, decode,
+  model call, replica queue / wall time, pipeline, encode, body; medians in
+  `server_timing_ms_median`);
 - ms per transformer forward = denoising time / (2 x steps) and achieved TFLOP/s from the FLOPs of
   a forward (`bench.flops`, text-token counts from the same tokenizer the replica uses);
 - peak memory per GPU (`nvidia-smi` memory.used, sampled every 0.5 s: weights + activations +
@@ -50,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.flops import image_tokens, prompt_tokens, transformer_flops
+from serve_app.timing import parse_server_timing
 
 APP = "qwen-image-edit"
 PROMPT = "make the sky purple"
@@ -186,6 +190,8 @@ def _free_port() -> int:
 DEPLOY_TIMEOUT_S = 300.0
 # CPU smoke tests shrink the model (--synthetic-overrides); benchmarks leave it full size.
 OVERRIDES: dict[str, Any] | None = None
+# --images-dir: where each scenario's first timed output goes (not committed: noise images).
+IMAGES_DIR: Path | None = None
 
 
 def app_config(sc: Scenario, *, steps: int) -> dict[str, Any]:
@@ -256,8 +262,16 @@ def deploy(sc: Scenario, url: str, *, steps: int, timeout_s: float) -> dict[str,
     raise TimeoutError(f"app not ready in {timeout_s:.0f} s")
 
 
-def edit_http(url: str, png: bytes, *, steps: int, seed: int = 0) -> tuple[str, float, bytes]:
-    """One edit over HTTP; returns (request id, seconds, the output image file)."""
+@dataclass
+class Edit:
+    rid: str
+    seconds: float  # HTTP end to end, as the client saw it
+    image: bytes  # the output file
+    server_timing_ms: dict[str, float]  # the Server-Timing header's stages
+
+
+def edit_http(url: str, png: bytes, *, steps: int, seed: int = 0) -> Edit:
+    """One edit over HTTP."""
     import httpx
 
     rid = f"bench-{uuid.uuid4().hex[:12]}"
@@ -285,7 +299,7 @@ def edit_http(url: str, png: bytes, *, steps: int, seed: int = 0) -> tuple[str, 
     image = base64.b64decode(body["data"][0]["b64_json"])
     if body["size"] != f"{SIZE}x{SIZE}" or len(image) < 1000:
         raise RuntimeError(f"unexpected answer: size {body['size']}, {len(image)} bytes")
-    return rid, elapsed, image
+    return Edit(rid, elapsed, image, parse_server_timing(resp.headers.get("server-timing", "")))
 
 
 def relative_error(image: bytes, reference: bytes) -> float:
@@ -378,22 +392,37 @@ def run_scenario(
         with ThreadPoolExecutor(sc.replicas) as pool:
             list(pool.map(lambda i: edit_http(url, png, steps=2, seed=i), range(sc.replicas)))
         latencies, bare = [], []
+        server_timings: list[dict[str, float]] = []
         for i in range(runs):
             if time.monotonic() > deadline:
                 result["note"] = f"stopped after {i} timed runs: time limit"
                 break
-            rid, seconds, image = edit_http(url, png, steps=steps, seed=100 + i)
+            edit = edit_http(url, png, steps=steps, seed=100 + i)
+            rid, seconds = edit.rid, edit.seconds
+            server_timings.append(edit.server_timing_ms)
             if i == 0:
-                outputs[sc.name] = image
+                outputs[sc.name] = edit.image
+                if IMAGES_DIR is not None:  # to compare outputs of separate runs later
+                    IMAGES_DIR.mkdir(parents=True, exist_ok=True)
+                    (IMAGES_DIR / f"{sc.name}-seed100.png").write_bytes(edit.image)
                 if sc.ref and sc.ref in outputs:
                     result["ref_scenario"] = sc.ref
-                    result["rel_err_vs_ref"] = round(relative_error(image, outputs[sc.ref]), 5)
+                    result["rel_err_vs_ref"] = round(relative_error(edit.image, outputs[sc.ref]), 5)
             timings = replica_timings(rid)
             latencies.append(seconds)
             if timings:
                 bare.append(timings)
             print(f"[{sc.name}] run {i}: http {seconds:.2f} s, replica {timings}", flush=True)
         result["latency_s_all"] = [round(x, 3) for x in latencies]
+        # Where the serving overhead goes (ms, medians): the ingress' and replica's stages.
+        keys = (
+            [k for k in server_timings[0] if all(k in t for t in server_timings)]
+            if server_timings
+            else []
+        )
+        result["server_timing_ms_median"] = {
+            k: round(statistics.median(t[k] for t in server_timings), 1) for k in keys
+        }
         result["latency_s_median"] = median(latencies)
         stage = {k: median([t[k] for t in bare if k in t]) for k in (bare[0] if bare else {})}
         result["bare_pipeline_s_all"] = [round(t["pipeline"], 3) for t in bare]
@@ -441,7 +470,7 @@ def throughput(
         for r in range(sc.rounds):
             if time.monotonic() > deadline:
                 return
-            _, seconds, _ = edit_http(url, png, steps=steps, seed=1000 + 10 * index + r)
+            seconds = edit_http(url, png, steps=steps, seed=1000 + 10 * index + r).seconds
             with lock:
                 lat.append(seconds)
                 done += 1
@@ -475,7 +504,7 @@ def text_token_counts(variant: str) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global SIZE, OVERRIDES
+    global SIZE, OVERRIDES, IMAGES_DIR
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenario", action="append", required=True, type=Scenario.parse)
     parser.add_argument("--steps", type=int, default=50)
@@ -486,8 +515,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--synthetic-overrides", type=Path, default=None, help="JSON file (CPU smoke tests only)"
     )
+    parser.add_argument("--images-dir", type=Path, default=None, help="save first outputs here")
     args = parser.parse_args(argv)
     SIZE = args.size
+    IMAGES_DIR = args.images_dir
     if args.synthetic_overrides:
         OVERRIDES = json.loads(args.synthetic_overrides.read_text())
     deadline = time.monotonic() + args.time_limit_s
