@@ -10,6 +10,10 @@ import os
 
 import pytest
 
+# The multi-GPU tests are written for two GPUs (placements, memory caps, Ray's GPU count): on a
+# bigger host they use the first two unless CUDA_VISIBLE_DEVICES says otherwise. Set before torch
+# or Ray look at the GPUs; Ray's workers inherit it.
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0,1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 

@@ -287,7 +287,7 @@ def test_ray_serve_two_1gpu_replicas_then_one_2gpu_replica() -> None:
         print(f"\n/ready (2 x 1 GPU): {ready}")
         with ThreadPoolExecutor(2) as pool:
             answers = list(pool.map(lambda i: edit_http(url, png, steps=2, seed=i), range(2)))
-        print(f"2 concurrent HTTP edits: {[round(s, 2) for _, s in answers]} s")
+        print(f"2 concurrent HTTP edits: {[round(a.seconds, 2) for a in answers]} s")
         handle = serve.get_deployment_handle("QwenImageEditModel", app_name=APP)
         seen: dict[str, dict[str, str]] = {}
         for _ in range(60):
@@ -312,7 +312,7 @@ def test_ray_serve_two_1gpu_replicas_then_one_2gpu_replica() -> None:
         print(f"replica: {device_map}")
         assert sorted(device_map["cuda_visible_devices"].split(",")) == ["0", "1"]
         assert {device_map[TRANSFORMER], device_map[TEXT_ENCODER]} == {"cuda:0", "cuda:1"}
-        _, seconds = edit_http(url, png, steps=2)
+        seconds = edit_http(url, png, steps=2).seconds
         print(f"HTTP edit on the 2-GPU replica: {seconds:.2f} s")
         print(f"peak GiB per GPU (nvidia-smi): {sampler.peaks_gib()}")
     finally:
