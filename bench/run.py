@@ -25,10 +25,10 @@ short warm-up edit per replica, then times:
 - optionally throughput: `clients` concurrent clients, `rounds` requests each (img/min).
 
 Each scenario writes `<out-dir>/<name>.json`. Scenario keys: name, gpus (per replica), replicas,
-compile (0/1), dynamic (compile_dynamic 0/1), cfg (cfg_parallel 0/1), fp8 (quantization fp8
-0/1), backend (attention backend), variant (2509/2511), clients, rounds, steps, runs, ref (an
-earlier scenario's name: the first timed output, same seed and synthetic weights, is compared
-with that scenario's, relative L2 error of the pixels, e.g. fp8 against bf16).
+compile (0/1), dynamic (compile_dynamic 0/1), cpp (compile_cpp_wrapper 0/1), cfg (cfg_parallel
+0/1), fp8 (quantization fp8 0/1), backend (attention backend), variant (2509/2511), clients,
+rounds, steps, runs, ref (an earlier scenario's name: the first timed output, same seed and
+synthetic weights, is compared with that scenario's, relative L2 error of the pixels).
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ class Scenario:
     dynamic: bool | None = None  # compile_dynamic
     cfg: bool = False
     fp8: bool = False
+    cpp: bool = False  # compile_cpp_wrapper
     backend: str | None = None
     variant: str = "2511"
     clients: int = 0
@@ -88,7 +89,7 @@ class Scenario:
             key = key.strip()
             if key in ("gpus", "replicas", "clients", "rounds", "steps", "runs"):
                 fields[key] = int(value)
-            elif key in ("compile", "cfg", "dynamic", "fp8"):
+            elif key in ("compile", "cfg", "dynamic", "fp8", "cpp"):
                 fields[key] = value.strip().lower() in ("1", "true", "yes", "on")
             elif key in ("name", "backend", "variant", "ref"):
                 fields[key] = value.strip() or None
@@ -104,6 +105,8 @@ class Scenario:
         parts.append(
             ("compile-dynamic" if self.dynamic else "compile") if self.compile else "eager"
         )
+        if self.cpp:
+            parts.append("cpp_wrapper")
         parts.append(f"attn={self.backend or 'default'}")
         return "+".join(parts)
 
@@ -202,6 +205,7 @@ def app_config(sc: Scenario, *, steps: int) -> dict[str, Any]:
         "compile": sc.compile,
         "cfg_parallel": sc.cfg,
         "quantization": "fp8" if sc.fp8 else "none",
+        "compile_cpp_wrapper": sc.cpp,
         "warmup": True,
     }
     if sc.dynamic is not None:

@@ -517,6 +517,11 @@ def apply_speed_switches(transformers: list[Any], model: ModelConfig) -> list[st
         else:
             if install_real_rope():
                 notes.append("rotary embedding: real arithmetic (fused by compile)")
+            if model.compile_cpp_wrapper:
+                import torch._inductor.config
+
+                torch._inductor.config.cpp_wrapper = True  # process-wide: one pipeline per replica
+                notes.append("compile: inductor C++ wrapper (kernel launches from C++)")
             for transformer in transformers:
                 transformer.compile_repeated_blocks(fullgraph=True, dynamic=model.compile_dynamic)
             notes.append(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -386,13 +387,45 @@ class FakeTransformer:
         self.compiled = kwargs
 
 
-def test_speed_switches_apply_to_every_copy() -> None:
+@pytest.fixture
+def restore_compile_globals() -> Iterator[None]:
+    """apply_speed_switches patches process-wide state (diffusers' RoPE, inductor's config)."""
+    import torch._inductor.config
+
+    from serve_app.pipeline.rope import uninstall_real_rope
+
+    cpp_wrapper = torch._inductor.config.cpp_wrapper
+    yield
+    uninstall_real_rope()
+    torch._inductor.config.cpp_wrapper = cpp_wrapper
+
+
+def test_speed_switches_apply_to_every_copy(restore_compile_globals: None) -> None:
+    import torch._inductor.config
+
     copies = [FakeTransformer(["cuda:0"]), FakeTransformer(["cuda:1"])]
     cfg = model(compile=True, compile_dynamic=True, attention_backend="_native_cudnn")
     notes = apply_speed_switches(copies, cfg)  # type: ignore[arg-type]
     assert all(c.backend == "_native_cudnn" for c in copies)
     assert all(c.compiled == {"fullgraph": True, "dynamic": True} for c in copies)
     assert any("compile" in n for n in notes)
+    assert "rotary embedding: real arithmetic (fused by compile)" in notes
+    assert not torch._inductor.config.cpp_wrapper
+
+
+def test_cpp_wrapper_switch_sets_inductor_before_compiling(restore_compile_globals: None) -> None:
+    import torch._inductor.config
+
+    seen: list[bool] = []
+
+    class Recording(FakeTransformer):
+        def compile_repeated_blocks(self, **kwargs: Any) -> None:
+            seen.append(torch._inductor.config.cpp_wrapper)
+
+    cfg = model(compile=True, compile_cpp_wrapper=True)
+    notes = apply_speed_switches([Recording(["cuda:0"])], cfg)  # type: ignore[list-item]
+    assert seen == [True]
+    assert "compile: inductor C++ wrapper (kernel launches from C++)" in notes
 
 
 def test_compile_is_skipped_for_a_split_transformer() -> None:
