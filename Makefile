@@ -7,6 +7,9 @@ STAMP := $(VENV)/.installed
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 export HF_HUB_OFFLINE ?= 1
+# torchao ships C++ kernels built for one torch (0.17: 2.11); the CPU environment's torch is newer
+# and never runs FP8 (refused without a GPU), so don't load them here.
+export TORCHAO_FORCE_SKIP_LOADING_SO_FILES ?= 1
 
 .PHONY: install run test lint typecheck clean
 
