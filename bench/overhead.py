@@ -164,13 +164,6 @@ def start(size: int, steps: int) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def replica_log_timings(rid: str, *, wait_s: float = 10.0) -> dict[str, float]:
-    """Seconds from the runner's `edit <rid> timings {...}` line (servers before Server-Timing)."""
-    from bench.run import replica_timings
-
-    return replica_timings(rid, wait_s=wait_s) or {}
-
-
 def edit_once(client: Any, url: str, png: bytes, *, size: int, seed: int) -> dict[str, float]:
     """One edit; seconds per stage, `http` being the client's view (send to last byte)."""
     rid = f"ovh-{uuid.uuid4().hex[:12]}"
@@ -193,7 +186,9 @@ def edit_once(client: Any, url: str, png: bytes, *, size: int, seed: int) -> dic
     if header:
         stages = {k: v / 1000 for k, v in parse_server_timing(header).items()}
     else:
-        stages = replica_log_timings(rid)
+        from bench.run import replica_timings  # servers from before the Server-Timing header
+
+        stages = replica_timings(rid) or {}
     return {
         **stages,
         "http": http,

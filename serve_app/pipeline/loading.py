@@ -278,6 +278,15 @@ def strip_inner_hooks(module: nn.Module) -> bool:
     return True
 
 
+def enable_cpu_offload(pipe: Any, placement: Placement) -> None:
+    """diffusers' model (or sequential) CPU offload onto the plan's offload GPU."""
+    gpu = placement.offload_gpu or 0
+    if placement.sequential_offload:
+        pipe.enable_sequential_cpu_offload(gpu_id=gpu)
+    else:
+        pipe.enable_model_cpu_offload(gpu_id=gpu)
+
+
 def load_local_pipeline(
     path: str | Path,
     class_name: str,
@@ -300,11 +309,7 @@ def load_local_pipeline(
     pipeline_cls = getattr(diffusers, class_name)
     if placement.strategy == "cpu_offload":
         pipe = pipeline_cls.from_pretrained(str(path), dtype=dtype)
-        gpu = placement.offload_gpu or 0
-        if placement.sequential_offload:
-            pipe.enable_sequential_cpu_offload(gpu_id=gpu)
-        else:
-            pipe.enable_model_cpu_offload(gpu_id=gpu)
+        enable_cpu_offload(pipe, placement)
         return pipe
     several_devices = len({r.device for r in placement.rows}) > 1
     modules: dict[str, Any] = {}

@@ -10,9 +10,11 @@ neighbouring kernels. Results match diffusers' to float32 rounding (tests/pipeli
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-_ORIGINAL = "_serve_app_original"
+# diffusers' own function, kept by `install_real_rope` for the real-valued branch and for undoing.
+_original: Callable[..., Any] | None = None
 
 
 def apply_rotary_emb_real(
@@ -22,9 +24,8 @@ def apply_rotary_emb_real(
     import torch
 
     if use_real or not torch.is_complex(freqs_cis):
-        return getattr(apply_rotary_emb_real, _ORIGINAL)(
-            x, freqs_cis, use_real, use_real_unbind_dim
-        )
+        assert _original is not None, "install_real_rope() first"
+        return _original(x, freqs_cis, use_real, use_real_unbind_dim)
     freqs = torch.view_as_real(freqs_cis).unsqueeze(1)  # [S, 1, D/2, 2]
     cos, sin = freqs[..., 0], freqs[..., 1]
     a, b = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)  # [B, S, H, D/2]
@@ -35,13 +36,14 @@ def apply_rotary_emb_real(
 def install_real_rope() -> bool:
     """Point diffusers' Qwen-Image attention at `apply_rotary_emb_real` (process-wide, once).
     Returns False where this diffusers has no such function (nothing changed)."""
+    global _original
     from diffusers.models.transformers import transformer_qwenimage as qwen
 
     current = getattr(qwen, "apply_rotary_emb_qwen", None)
     if current is None:
         return False
     if current is not apply_rotary_emb_real:
-        setattr(apply_rotary_emb_real, _ORIGINAL, current)
+        _original = current
         qwen.apply_rotary_emb_qwen = apply_rotary_emb_real  # type: ignore[assignment]
     return True
 
@@ -50,9 +52,8 @@ def uninstall_real_rope() -> None:
     """Undo `install_real_rope` (benchmarks compare both forms in one process)."""
     from diffusers.models.transformers import transformer_qwenimage as qwen
 
-    original = getattr(apply_rotary_emb_real, _ORIGINAL, None)
-    if original is not None and qwen.apply_rotary_emb_qwen is apply_rotary_emb_real:
-        qwen.apply_rotary_emb_qwen = original
+    if _original is not None and qwen.apply_rotary_emb_qwen is apply_rotary_emb_real:
+        qwen.apply_rotary_emb_qwen = _original
 
 
 __all__ = ["apply_rotary_emb_real", "install_real_rope", "uninstall_real_rope"]

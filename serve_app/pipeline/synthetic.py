@@ -124,11 +124,9 @@ def build_synthetic_pipeline(
         scheduler=scheduler, tokenizer=tokenizer, processor=processor, **modules
     )
     if placement.strategy == "cpu_offload":
-        gpu = placement.offload_gpu or 0
-        if placement.sequential_offload:
-            pipe.enable_sequential_cpu_offload(gpu_id=gpu)
-        else:
-            pipe.enable_model_cpu_offload(gpu_id=gpu)
+        from serve_app.pipeline.loading import enable_cpu_offload
+
+        enable_cpu_offload(pipe, placement)
     return pipe
 
 
