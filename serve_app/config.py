@@ -66,8 +66,8 @@ class ModelConfig(_Strict):
     # Inductor's C++ wrapper for the compiled blocks (torch._inductor.config.cpp_wrapper, as
     # TORCHINDUCTOR_CPP_WRAPPER=1): kernels are launched from C++ instead of Python. It matters
     # where host time limits a step: cfg_parallel's two passes share one Python interpreter
-    # (docs/gpu.md: 13.25 s vs 14.46 s per edit on 2 x H100). Compiling takes longer (ready in
-    # ~130 s instead of ~50 s).
+    # (docs/gpu.md: 13.31 s vs 14.46 s per edit on 2 x H100). Compiling takes longer (ready in
+    # ~120 s instead of ~50 s).
     compile_cpp_wrapper: bool = False
     # diffusers attention dispatcher backend, e.g. "native", "_native_cudnn", "_native_flash",
     # "_native_efficient", "flash" (needs flash-attn), "_flash_3" (FA3). None: diffusers' default.
