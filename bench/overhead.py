@@ -31,13 +31,13 @@ import socket
 import statistics
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bench.run import post_edit
 from serve_app.timing import parse_server_timing
 
 APP = "qwen-image-edit"
@@ -166,29 +166,14 @@ def start(size: int, steps: int) -> str:
 
 def edit_once(client: Any, url: str, png: bytes, *, size: int, seed: int) -> dict[str, float]:
     """One edit; seconds per stage, `http` being the client's view (send to last byte)."""
-    rid = f"ovh-{uuid.uuid4().hex[:12]}"
     data = {"model": "qwen-image-edit", "prompt": "make the sky purple", "size": f"{size}x{size}"}
     data["seed"] = str(seed)
-    t0 = time.perf_counter()
-    resp = client.post(
-        f"{url}/v1/images/edits",
-        data=data,
-        files=[("image", ("input.png", png, "image/png"))],
-        headers={"x-request-id": rid},
-    )
-    http = time.perf_counter() - t0
-    if resp.status_code != 200:
-        raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:500]}")
+    resp, _, http = post_edit(client, url, png, data, tag="ovh")
     t1 = time.perf_counter()
     image = base64.b64decode(resp.json()["data"][0]["b64_json"])
     client_parse = time.perf_counter() - t1
-    header = resp.headers.get("server-timing")
-    if header:
-        stages = {k: v / 1000 for k, v in parse_server_timing(header).items()}
-    else:
-        from bench.run import replica_timings  # servers from before the Server-Timing header
-
-        stages = replica_timings(rid) or {}
+    # The app started above always answers with Server-Timing.
+    stages = {k: v / 1000 for k, v in parse_server_timing(resp.headers["server-timing"]).items()}
     return {
         **stages,
         "http": http,

@@ -274,11 +274,30 @@ class Edit:
     server_timing_ms: dict[str, float]  # the Server-Timing header's stages
 
 
+def post_edit(
+    client: Any, url: str, png: bytes, data: dict[str, str], *, tag: str
+) -> tuple[Any, str, float]:
+    """POST one multipart edit with `png` as the image; (response, request id, client seconds).
+    `client` is httpx or an httpx.Client. Raises unless the answer is 200."""
+    rid = f"{tag}-{uuid.uuid4().hex[:12]}"
+    t0 = time.perf_counter()
+    resp = client.post(
+        f"{url}/v1/images/edits",
+        data=data,
+        files=[("image", ("input.png", png, "image/png"))],
+        headers={"x-request-id": rid},
+        timeout=1800,
+    )
+    seconds = time.perf_counter() - t0
+    if resp.status_code != 200:
+        raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:500]}")
+    return resp, rid, seconds
+
+
 def edit_http(url: str, png: bytes, *, steps: int, seed: int = 0) -> Edit:
     """One edit over HTTP."""
     import httpx
 
-    rid = f"bench-{uuid.uuid4().hex[:12]}"
     data = {
         "model": "qwen-image-edit",
         "prompt": PROMPT,
@@ -288,17 +307,7 @@ def edit_http(url: str, png: bytes, *, steps: int, seed: int = 0) -> Edit:
         "num_inference_steps": str(steps),
         "seed": str(seed),
     }
-    t0 = time.perf_counter()
-    resp = httpx.post(
-        f"{url}/v1/images/edits",
-        data=data,
-        files=[("image", ("input.png", png, "image/png"))],
-        headers={"x-request-id": rid},
-        timeout=1800,
-    )
-    elapsed = time.perf_counter() - t0
-    if resp.status_code != 200:
-        raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:500]}")
+    resp, rid, elapsed = post_edit(httpx, url, png, data, tag="bench")
     body = resp.json()
     image = base64.b64decode(body["data"][0]["b64_json"])
     if body["size"] != f"{SIZE}x{SIZE}" or len(image) < 1000:
