@@ -28,7 +28,7 @@ from pydantic import BaseModel
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app.config import ENV_MODEL_DIR, load_config
+from serve_app.common.config import ENV_MODEL_DIR, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT.parent / "shared/kuberay/ray.io_rayservices.yaml"

@@ -12,34 +12,35 @@ import pytest
 import torch
 from PIL import Image
 
-from serve_app.config import GenerationConfig, ModelConfig
-from serve_app.jobs import EditJob
+from serve_app.common.config import GenerationConfig, ModelConfig
+from serve_app.common.jobs import EditJob
 from serve_app.pipeline import tiny
 from serve_app.pipeline.cfg_parallel import CfgParallelTransformer, move_to, replicate_module
-from serve_app.pipeline.loading import (
-    DEFAULT_HEADROOM_PIXELS,
-    VAE_HEADROOM_MARGIN,
-    LoadPlan,
-    device_labels,
-    headroom_for,
-    load_local_pipeline,
-    max_memory_for,
-    plan_cfg_parallel,
-    plan_load,
-    probe_gpus,
-)
+from serve_app.pipeline.dispatch import load_local_pipeline
+from serve_app.pipeline.loader import load_runner
+from serve_app.pipeline.measure import component_sizes_from_configs, probe_gpus
 from serve_app.pipeline.placement import (
     ComponentSize,
     GiB,
     GpuMemory,
     PlacementError,
-    component_sizes_from_configs,
     estimate_activation_headroom,
     estimate_vae_headroom,
     plan_placement,
 )
+from serve_app.pipeline.planning import (
+    DEFAULT_HEADROOM_PIXELS,
+    VAE_HEADROOM_MARGIN,
+    LoadPlan,
+    device_labels,
+    headroom_for,
+    max_memory_for,
+    plan_cfg_parallel,
+    plan_load,
+)
 from serve_app.pipeline.profiling import StageTimer
-from serve_app.pipeline.runner import apply_speed_switches, load_runner
+from serve_app.pipeline.speed import apply_speed_switches
+from tests.fixtures import TRUE_CFG, make_job, random_image
 
 from .test_synthetic import SHRUNK
 
@@ -66,19 +67,10 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 
 def edit_job(side: int = 64, steps: int = 2, seed: int = 0) -> EditJob:
-    image = np.random.default_rng(seed).integers(0, 256, (48, 64, 3), dtype=np.uint8)
-    return EditJob(
-        request_id="t",
-        model="qwen-image-edit",
-        images=[image],
-        prompt="make it red",
-        negative_prompt=" ",
-        true_cfg_scale=4.0,
-        num_inference_steps=steps,
-        width=side,
-        height=side,
-        seeds=[seed],
-    )
+    return make_job(
+        images=[random_image(64, 48, seed)], prompt="make it red", num_inference_steps=steps,
+        width=side, height=side, seeds=[seed], **TRUE_CFG,
+    )  # fmt: skip
 
 
 # --- planning ---------------------------------------------------------------------------------
@@ -259,7 +251,7 @@ def test_synthetic_source_loads_through_the_planner_on_cpu(tiny_dir: pathlib.Pat
 def test_strip_inner_hooks_keeps_only_the_top_level_hook() -> None:
     from accelerate.hooks import AlignDevicesHook, add_hook_to_module, attach_execution_device_hook
 
-    from serve_app.pipeline.loading import strip_inner_hooks
+    from serve_app.pipeline.dispatch import strip_inner_hooks
 
     module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Sequential(torch.nn.Linear(4, 2)))
     x = torch.randn(3, 4)
