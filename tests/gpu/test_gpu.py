@@ -21,7 +21,7 @@ import pytest
 from serve_app.common.config import AppConfig, GenerationConfig, ModelConfig
 from serve_app.common.errors import InternalError
 from serve_app.common.jobs import EditJob, EditOutput
-from tests.fixtures import TRUE_CFG, make_job, random_image
+from tests.fixtures import TRUE_CFG, free_port, make_job, random_image
 
 pytestmark = pytest.mark.gpu
 
@@ -264,11 +264,11 @@ def test_ray_serve_two_1gpu_replicas_then_one_2gpu_replica() -> None:
     import ray
     from ray import serve
 
-    from bench.run import APP, GpuSampler, Scenario, _free_port, deploy, edit_http, reference_png
+    from bench.run import APP, GpuSampler, Scenario, deploy, edit_http, reference_png
 
     free_gpus()
     png = reference_png()
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     sampler = GpuSampler().start()
     ray.init(include_dashboard=False, log_to_driver=False)
