@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -33,7 +34,8 @@ def request_id_of(scope: Scope) -> str:
 
 
 class RequestMetrics:
-    """Counts and times every HTTP answer by route template (not raw path: bounded labels)."""
+    """Counts and times every HTTP answer (a stream until its end) by route template, not raw
+    path, so the labels stay few; a client gone before any answer counts as 499."""
 
     def __init__(self, app: ASGIApp, *, metrics: IngressMetrics, routes: Sequence[BaseRoute]):
         self.app = app
@@ -45,7 +47,7 @@ class RequestMetrics:
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
-        status = 500  # if nothing is sent at all
+        status: int | None = None
 
         async def send_seen(message: Message) -> None:
             nonlocal status
@@ -55,9 +57,12 @@ class RequestMetrics:
 
         try:
             await self.app(scope, receive, send_seen)
+        except asyncio.CancelledError:
+            status = status or 499  # the client went away before an answer (nginx's code)
+            raise
         finally:
             self.metrics.request_done(
-                route=self._route(scope), status=status, seconds=time.perf_counter() - t0
+                route=self._route(scope), status=status or 500, seconds=time.perf_counter() - t0
             )
 
     def _route(self, scope: Scope) -> str:
