@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
+from collections.abc import Coroutine
 from typing import Any
 
 import numpy as np
+import pytest
 
 from serve_app.common.jobs import EditJob
 
@@ -40,6 +43,20 @@ def make_job(**fields: Any) -> EditJob:
         "seeds": [7],
     }
     return EditJob(**{**defaults, **fields})
+
+
+def cancel_after(coro: Coroutine[Any, Any, Any], seconds: float) -> None:
+    """Run `coro` as a task and cancel it after `seconds`, as Serve does when the caller goes
+    away; it must end cancelled."""
+
+    async def main() -> None:
+        task = asyncio.create_task(coro)
+        await asyncio.sleep(seconds)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
 
 
 def free_port() -> int:

@@ -18,7 +18,7 @@ from serve_app.common.metrics import NullMetrics
 from serve_app.engine import EditStopped, EngineBroken, EngineOutOfMemory
 from serve_app.replica.deployment import ImageEditModel
 from tests.fakes import FAKE_INFO
-from tests.fixtures import TRUE_CFG, make_job
+from tests.fixtures import TRUE_CFG, cancel_after, make_job
 
 CONFIG = AppConfig.model_validate({"model": {"source": "tiny"}})
 
@@ -83,14 +83,7 @@ def test_cancellation_stops_the_worker_thread() -> None:
     runner = StepRunner(step_s=0.02)
     model = make(runner)
 
-    async def main() -> None:
-        task = asyncio.create_task(model.edit(job()))
-        await asyncio.sleep(0.1)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-    asyncio.run(main())
+    cancel_after(model.edit(job()), 0.1)
     assert runner.finished.wait(5)
     assert runner.steps_done < 50
 

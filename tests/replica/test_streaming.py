@@ -18,6 +18,7 @@ from serve_app.pipeline.previews import preview_steps
 from serve_app.replica.bridge import iterate_in_thread
 from serve_app.replica.deployment import ImageEditModel
 from tests.fakes import FAKE_INFO, fake_edit
+from tests.fixtures import cancel_after
 from tests.replica.test_deployment import CONFIG, job
 
 # --- thread bridge -----------------------------------------------------------------------
@@ -145,13 +146,6 @@ def test_edit_stream_cancelled_task_stops_the_pipeline() -> None:
         async for _ in model.edit_stream(job(num_inference_steps=200, partial_images=1)):
             pass
 
-    async def main() -> None:
-        task = asyncio.create_task(consume())
-        await asyncio.sleep(0.1)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-    asyncio.run(main())
+    cancel_after(consume(), 0.1)
     assert runner.finished.wait(5)
     assert runner.steps_done < 200
