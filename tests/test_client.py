@@ -362,3 +362,15 @@ def test_client_imports_neither_torch_nor_ray() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_edit_reports_the_seed_the_server_picked(image: Path, tmp_path: Path) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        response = _images_response([b"only"])
+        body = response.json()
+        body["data"][0]["seed"] = 1234
+        return httpx.Response(200, json=body)
+
+    argv = ["edit", "--image", str(image), "--prompt", "p", "-o", str(tmp_path / "o.png")]
+    code, _, err = _run(argv, handler)
+    assert code == 0 and "1 image(s), 256x256 png, seed 1234, in " in err

@@ -118,7 +118,8 @@ class EditStream:
 async def _next(stream: Any) -> StreamEvent | None:
     # None at the end: StopAsyncIteration must not leak into `call`'s error mapping.
     try:
-        return await anext(stream)  # type: ignore[no-any-return]
+        event: StreamEvent = await anext(stream)
+        return event
     except StopAsyncIteration:
         return None
 
