@@ -342,6 +342,12 @@ def load_runner(
             f"quantization {model.quantization} needs GPUs; this replica sees none"
             " (give it ray_actor_options.num_gpus, or set model.quantization: none)"
         )
+    if model.source == "local" and model.path is not None:
+        # A Hugging Face id becomes its snapshot folder (downloaded if missing) from here on.
+        from serve_app.pipeline.hub import resolve_model_path
+
+        resolved = resolve_model_path(model.path, revision=model.revision)
+        model = model.model_copy(update={"path": str(resolved)})
     if model.source == "synthetic":
         return _load_planned(model, generation, gpus, device_map, dtype, t0)
     if model.source == "tiny":
