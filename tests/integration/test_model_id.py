@@ -21,6 +21,7 @@ from PIL import Image
 from serve_app.pipeline.tiny import ensure_tiny_model
 from tests.hub_cache import add_to_hub_cache
 from tests.integration.conftest import APP_NAME, TEST_ARGS, Server, start_server, stop_server
+from tests.unit.fakes import png_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -42,17 +43,11 @@ def hub_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         stop_server()
 
 
-def _png() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 48), (200, 40, 40)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def test_edit_with_a_model_loaded_by_id(hub_server: Server) -> None:
     client = openai.OpenAI(base_url=f"{hub_server.url}/v1", api_key="unused", max_retries=0)
     result = client.images.edit(
         model="qwen-image-edit",
-        image=("in.png", _png(), "image/png"),
+        image=("in.png", png_bytes(64, 48), "image/png"),
         prompt="make it blue",
         size="64x64",
         extra_body={"seed": 1, "num_inference_steps": 2},
