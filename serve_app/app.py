@@ -15,6 +15,7 @@ from ray.serve import Application
 from ray.serve.deployment import Deployment
 
 from serve_app.common.config import AppConfig, GenerationConfig, ModelConfig, load_config
+from serve_app.common.extras import check_extras
 from serve_app.engine import Engine
 from serve_app.ingress.deployment import Ingress
 from serve_app.replica.deployment import ImageEditModel
@@ -49,6 +50,7 @@ def build_engine(model: ModelConfig, generation: GenerationConfig) -> Engine:
 
 def build_app(args: Mapping[str, Any] | None = None) -> Application:
     config: AppConfig = load_config(args)
+    check_extras(config)  # fp8, LoRA, s3/gcs: their extra installed, or a clear error now
     model: Deployment = serve.deployment(name=MODEL_NAME, **MODEL_DEPLOYMENT_DEFAULTS)(
         ImageEditModel
     )

@@ -2,8 +2,9 @@
 on the replica's devices. Each returns a `LoadedPipeline`; `loader.load_runner` does the rest.
 
 - `tiny`: the embedded random-weight model (built on first use), loaded as a folder;
-- `local`: a diffusers model folder; with 2+ GPUs and device_map auto/balanced through the
-  placement planner (per-component loading, cfg_parallel), else diffusers' own `device_map`;
+- `local`: a diffusers model folder, or a Hugging Face model id (`hub`: its snapshot in the HF
+  cache); with 2+ GPUs and device_map auto/balanced through the placement planner
+  (per-component loading, cfg_parallel), else diffusers' own `device_map`;
 - `synthetic`: the full-size architecture with random weights made on the planned devices.
 """
 
@@ -20,6 +21,7 @@ from typing import Any
 from serve_app.common.config import ModelConfig
 from serve_app.pipeline.cfg_parallel import CfgParallelTransformer, replicate_module
 from serve_app.pipeline.dispatch import load_local_pipeline
+from serve_app.pipeline.hub import resolve_model_path
 from serve_app.pipeline.measure import component_sizes_from_configs
 from serve_app.pipeline.placement import ComponentSize, GpuMemory, Placement, PlacementError
 from serve_app.pipeline.planning import device_labels, plan_load
@@ -60,7 +62,8 @@ def load_tiny(model: ModelConfig, target: Target) -> LoadedPipeline:
 
 def load_local(model: ModelConfig, target: Target) -> LoadedPipeline:
     assert model.path is not None
-    path = Path(model.path)
+    # A Hugging Face id becomes its snapshot folder (downloaded if missing).
+    path = resolve_model_path(model.path, revision=model.revision)
     if len(target.gpus) < 2 or target.device_map != "balanced":
         return _from_folder(path, target)
     class_name = pipeline_class_name(path)

@@ -4,6 +4,9 @@ then regional compile (which must see the quantized layers). docs/gpu.md has the
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from serve_app.common.config import ModelConfig
@@ -13,9 +16,29 @@ from serve_app.pipeline.rope import install_real_rope
 logger = logging.getLogger("ray.serve")
 
 
-def apply_speed_switches(transformers: list[Any], model: ModelConfig) -> list[str]:
+def find_cxx_compiler(
+    *,
+    environ: Mapping[str, str] | None = None,
+    which: Callable[[str], str | None] = shutil.which,
+) -> str | None:
+    """The C++ compiler inductor's C++ wrapper would build with, or None.
+
+    Inductor (torch._inductor.config.cpp.cxx on Linux) takes $CXX, else g++; it looks for no
+    other name, so neither do we.
+    """
+    env = os.environ if environ is None else environ
+    return which(env.get("CXX") or "g++")
+
+
+def apply_speed_switches(
+    transformers: list[Any],
+    model: ModelConfig,
+    *,
+    find_cxx: Callable[[], str | None] = find_cxx_compiler,
+) -> list[str]:
     """Quantization, attention backend, then regional compile (which must see the quantized
-    layers), on every transformer copy; returns log notes."""
+    layers), on every transformer copy; returns log notes. `find_cxx` finds the C++ compiler
+    (tests inject one)."""
     notes = []
     reports = [quantize_transformer(t, model.quantization) for t in transformers]
     if reports and reports[0] is not None:
@@ -33,7 +56,14 @@ def apply_speed_switches(transformers: list[Any], model: ModelConfig) -> list[st
         else:
             if install_real_rope():
                 notes.append("rotary embedding: real arithmetic (fused by compile)")
-            if model.compile_cpp_wrapper:
+            if model.compile_cpp_wrapper and find_cxx() is None:
+                # A speed switch only (docs/gpu.md): serve without it rather than fail mid-compile.
+                notes.append(
+                    "warning: compile_cpp_wrapper is OFF: no C++ compiler (inductor looks for $CXX,"
+                    " else g++). Install g++ (deploy/Dockerfile does) or set CXX to enable it;"
+                    " outputs are the same, edits a little slower"
+                )
+            elif model.compile_cpp_wrapper:
                 import torch._inductor.config
 
                 torch._inductor.config.cpp_wrapper = True  # process-wide: one pipeline per replica
@@ -45,7 +75,7 @@ def apply_speed_switches(transformers: list[Any], model: ModelConfig) -> list[st
                 " compiled by the warm-up edit"
             )
     for note in notes:
-        logger.info("%s", note)
+        logger.log(logging.WARNING if note.startswith("warning") else logging.INFO, "%s", note)
     return notes
 
 
