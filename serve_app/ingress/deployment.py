@@ -1,7 +1,7 @@
 """The ingress's Ray Serve deployment: builds the Starlette app at replica start.
 
 CPU only: nothing under `serve_app.ingress` imports torch, so the ingress never initialises CUDA
-on a GPU node (tests/unit/test_architecture.py keeps it so).
+on a GPU node (tests/test_architecture.py keeps it so).
 """
 
 from __future__ import annotations
