@@ -4,20 +4,20 @@
                              [--skip-micro] [--json out.json]
 
 It starts the real app (`serve_app.app:build_app`, Ray Serve's HTTP proxy) with the embedded tiny
-model on CPU (random weights: a 1024x1024 edit takes about a second, and its output is noise),
+model on CPU (random weights: a 1024x1024 edit takes seconds, and its output is noise),
 then sends `runs` sequential 1024x1024 edits (n=1, png, b64_json) of one `size`x`size` reference
 PNG: `smooth` is examples/input.png scaled up (as bench/run.py's reference, ~30 KB), `photo`
 adds photo-like texture and grain (~2 MB, as a real photo upload).
 
-Per edit it reads the `Server-Timing` header (falling back to the replica log line
-`edit <id> timings {...}` for servers without it) and splits HTTP - pipeline into:
+Per edit it reads the `Server-Timing` header of the answer and splits HTTP - pipeline into:
 outside the ingress (client, network, Serve's proxy), multipart parse, PNG decode, the handle round
 trip beyond the replica (Ray transfer both ways), queue, the replica outside the pipeline, encode
 (PNG), body (base64 + JSON) and the rest of the ingress. Medians over the runs.
 
 Unless --skip-micro, it first times the image codecs in this process on 1 MP images: encode of a
 noise image (what the tiny model returns), of a photo-like one and of a smooth one (real outputs
-lie between the last two), base64, and decode of the upload.
+lie between the last two), base64, and decode of the upload. `--json` writes everything, e.g.
+bench/results/cpu-tiny-overhead.json (the example header in docs/api.md).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import base64
 import io
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -37,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.run import post_edit
-from serve_app.timing import parse_server_timing
+from bench.run import free_port, post_edit
+from serve_app.common.timing import parse_server_timing
 
 APP = "qwen-image-edit"
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "input.png"
@@ -112,7 +111,7 @@ def _median_ms(fn: Callable[[], Any], repeat: int) -> float:
 
 
 def micro(size: int, repeat: int = 7) -> dict[str, Any]:
-    from serve_app.imaging import decode_image, encode_image
+    from serve_app.ingress.imaging import decode_image, encode_image
 
     out: dict[str, Any] = {}
     for kind, make in (("noise", noise_image), ("photo", photo_image), ("smooth", smooth_image)):
@@ -137,12 +136,6 @@ def micro(size: int, repeat: int = 7) -> dict[str, Any]:
 # The app over HTTP
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def app_args(size: int, steps: int) -> dict[str, Any]:
     return {
         "model": {"source": "tiny", "device_map": "cpu", "dtype": "float32"},
@@ -157,7 +150,7 @@ def start(size: int, steps: int) -> str:
 
     from serve_app.app import build_app
 
-    port = _free_port()
+    port = free_port()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(app_args(size, steps)), name=APP, route_prefix="/")

@@ -311,7 +311,10 @@ def run_edit(args: argparse.Namespace, client: httpx.Client, *, out: TextIO, err
             raise ClientError(f"cannot write {path}: {exc.strerror or exc}") from None
         print(path, file=out)
     size, fmt = body.get("size", "?"), body.get("output_format", args.format)
-    print(f"{len(paths)} image(s), {size} {fmt}, in {progress.elapsed_s:.1f} s", file=err)
+    # The server returns the seed it picked when none was sent: --seed S makes the same images.
+    seed = body["data"][0].get("seed")
+    picked = f", seed {seed}" if isinstance(seed, int) else ""
+    print(f"{len(paths)} image(s), {size} {fmt}{picked}, in {progress.elapsed_s:.1f} s", file=err)
     return 0
 
 

@@ -12,7 +12,7 @@ import openai
 import pytest
 from PIL import Image
 
-from serve_app.timing import parse_server_timing
+from serve_app.common.timing import parse_server_timing
 from tests.integration.conftest import Server
 
 pytestmark = pytest.mark.integration
@@ -134,6 +134,19 @@ def test_seed_reproducibility(server: Server) -> None:
     c = edit(server, files, size="32x32", seed=999).json()["data"][0]["b64_json"]
     assert a == b
     assert a != c
+
+
+def test_openai_client_gets_the_seeds_it_did_not_send(client: openai.OpenAI) -> None:
+    image = ("in.png", png(), "image/png")
+    first = client.images.edit(image=image, prompt="add a hat", size="32x32", n=2)
+    seeds = [(d.model_extra or {})["seed"] for d in first.data]
+    assert seeds[1] == seeds[0] + 1  # image i uses seed + i
+    # Sending the first seed back reproduces the batch, byte for byte, and nothing is echoed.
+    again = client.images.edit(
+        image=image, prompt="add a hat", size="32x32", n=2, extra_body={"seed": seeds[0]}
+    )
+    assert [d.b64_json for d in again.data] == [d.b64_json for d in first.data]
+    assert all("seed" not in (d.model_extra or {}) for d in again.data)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,245 @@
+"""Application configuration: the `args:` of serve_config.yaml, validated once in the builder."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Environment overrides, for operators who keep one serve_config.yaml for many machines.
+ENV_MODEL_DIR = "QWEN_MODEL_DIR"
+ENV_DEVICE_MAP = "DEVICE_MAP"
+
+DEFAULT_MODEL_NAME = "qwen-image-edit"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraConfig(_Strict):
+    """One LoRA served as its own model id, e.g. a Lightning 8-step LoRA."""
+
+    # The model id clients send as `model`; listed in /v1/models.
+    name: str = Field(min_length=1)
+    # A local .safetensors file, or a folder holding `weight_name`.
+    path: str
+    weight_name: str | None = None
+    scale: float = 1.0
+    # Distilled LoRAs want fewer steps and no CFG; None keeps the generation defaults.
+    default_steps: int | None = Field(default=None, ge=1)
+    default_true_cfg_scale: float | None = Field(default=None, ge=0.0)
+
+
+class ModelConfig(_Strict):
+    """Which pipeline to load and where to put it."""
+
+    # local: a diffusers-format folder (Qwen-Image-Edit, -2509, -2511).
+    # tiny: the embedded random-weight model, built on first use (CPU demo and tests).
+    # synthetic: real architecture, random weights made on the GPUs (benchmarks, GPU tests).
+    source: Literal["local", "tiny", "synthetic"] = "local"
+    # local: a diffusers folder, or a Hugging Face model id (e.g. Qwen/Qwen-Image-Edit-2511)
+    # that the model replica downloads into the Hugging Face cache (HF_HOME) at start.
+    path: str | None = None
+    # A Hub branch, tag or commit to pin the model id to; None: the default branch.
+    revision: str | None = None
+    served_name: str = DEFAULT_MODEL_NAME
+    aliases: list[str] = Field(default_factory=list)
+    # auto: "balanced" with 2+ GPUs, "cuda" with one, "cpu" with none.
+    device_map: Literal["auto", "balanced", "cuda", "cpu"] = "auto"
+    # auto: bfloat16 on GPU, float32 on CPU.
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    # Upper bound on reference images for the Plus pipelines; the v1 Edit pipeline takes one.
+    max_input_images: int = Field(default=3, ge=1, le=8)
+    synthetic_variant: Literal["2509", "2511"] = "2509"
+    # Per-GPU memory cap in GiB (index -> GiB), passed to placement.
+    max_memory_gib: dict[int, float] | None = None
+    allow_cpu_offload: bool = False
+    # Placement keeps activation headroom for edits up to this many output pixels (None: 2048x2048,
+    # limits.max_output_pixels' default) with this many references (None: max_input_images).
+    headroom_max_pixels: int | None = Field(default=None, ge=64 * 64)
+    headroom_ref_images: int | None = Field(default=None, ge=0, le=8)
+    # Speed switches (docs/gpu.md has the measured effect of each; all off on CPU).
+    # torch.compile the transformer's repeated blocks (fullgraph); compiles at replica start.
+    compile: bool = False
+    # torch.compile's `dynamic`: True compiles once for every size and prompt length; None lets
+    # torch recompile (~12 s, once per device) the first time an input size changes.
+    compile_dynamic: bool | None = None
+    # Inductor's C++ wrapper for the compiled blocks (torch._inductor.config.cpp_wrapper, as
+    # TORCHINDUCTOR_CPP_WRAPPER=1): kernels are launched from C++ instead of Python. It matters
+    # where host time limits a step: cfg_parallel's two passes share one Python interpreter
+    # (docs/gpu.md: 13.31 s vs 14.46 s per edit on 2 x H100). Compiling takes longer (ready in
+    # ~120 s instead of ~50 s).
+    compile_cpp_wrapper: bool = False
+    # diffusers attention dispatcher backend, e.g. "native", "_native_cudnn", "_native_flash",
+    # "_native_efficient", "flash" (needs flash-attn), "_flash_3" (FA3). None: diffusers' default.
+    attention_backend: str | None = None
+    # With 2+ GPUs: a full transformer copy on each of two GPUs, the conditional and unconditional
+    # passes of each true-CFG step run at the same time. Falls back (logged) if two don't fit.
+    cfg_parallel: bool = False
+    # fp8: the transformer blocks' linear layers get float8 weights and per-token float8
+    # activations (torchao; needs compute capability 8.9+: Ada, Hopper, Blackwell). Faster on
+    # FP8 tensor cores and half the transformer's weight memory, at a small output difference
+    # (docs/gpu.md has both measured). none: bf16/fp16 as loaded.
+    quantization: Literal["none", "fp8"] = "none"
+    # Run one small edit at replica start (before reporting ready). None: only when compile is on.
+    warmup: bool | None = None
+    # synthetic source only: config overrides per component (tests shrink the model with it).
+    # (Its tokenizer: `path`/tokenizer if that exists, else the embedded tiny model's.)
+    synthetic_overrides: dict[str, dict[str, Any]] | None = None
+    # Which embedded tiny model `source: tiny` builds (tests and demos of each variant).
+    tiny_variant: Literal["edit", "2509", "2511"] = "2509"
+    # Loaded once at start; each is chosen per request by its name as `model`.
+    loras: list[LoraConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _needs_path(self) -> ModelConfig:
+        if self.source == "local" and not self.path:
+            raise ValueError(f"model.path is required for source 'local' (or set {ENV_MODEL_DIR})")
+        return self
+
+    @model_validator(mode="after")
+    def _lora_names_unique(self) -> ModelConfig:
+        names = [lora.name for lora in self.loras]
+        clashes = {n for n in names if names.count(n) > 1 or n in self.served_names}
+        if clashes:
+            raise ValueError(f"model.loras names must be unique model ids: {sorted(clashes)}")
+        return self
+
+    @model_validator(mode="after")
+    def _quantization_alone(self) -> ModelConfig:
+        if self.quantization != "none" and self.loras:
+            raise ValueError(
+                "model.quantization fp8 does not combine with model.loras yet: choose one"
+            )
+        if self.quantization != "none" and self.device_map == "cpu":
+            raise ValueError("model.quantization fp8 needs GPUs (device_map is cpu)")
+        if self.quantization != "none" and not self.compile:
+            # Unfused, the per-token activation quantization costs more than FP8 matmuls save.
+            raise ValueError(
+                "model.quantization fp8 needs model.compile: true (eager FP8 measured 1.6x"
+                " slower than bf16 on H100)"
+            )
+        return self
+
+    @property
+    def served_names(self) -> list[str]:
+        return [self.served_name, *[a for a in self.aliases if a != self.served_name]]
+
+    @property
+    def model_ids(self) -> list[str]:
+        """Every id a request may name: the base model's names, then the LoRAs."""
+        return [*self.served_names, *(lora.name for lora in self.loras)]
+
+    def lora(self, model_id: str) -> LoraConfig | None:
+        return next((lora for lora in self.loras if lora.name == model_id), None)
+
+
+class GenerationConfig(_Strict):
+    """Defaults for the documented request extensions."""
+
+    default_steps: int = Field(default=50, ge=1)
+    max_steps: int = Field(default=100, ge=1)
+    true_cfg_scale: float = Field(default=4.0, ge=0.0)
+    # " " turns true CFG on, as the model cards use it.
+    negative_prompt: str = " "
+    # size=auto: the first input's aspect ratio at about this many pixels.
+    auto_size_pixels: int = Field(default=1024 * 1024, ge=64 * 64)
+    # Inpainting (`mask`) strength: 1.0 repaints the transparent area from pure noise.
+    mask_strength: float = Field(default=1.0, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _steps_in_range(self) -> GenerationConfig:
+        if self.default_steps > self.max_steps:
+            raise ValueError("generation.default_steps must be <= generation.max_steps")
+        return self
+
+
+class LimitsConfig(_Strict):
+    """Request limits; each rejection names the offending field."""
+
+    max_n: int = Field(default=4, ge=1, le=10)
+    max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
+    max_input_pixels: int = Field(default=4096 * 4096, ge=64 * 64)
+    min_output_side: int = Field(default=256, ge=16)
+    max_output_side: int = Field(default=2048, ge=16)
+    max_output_pixels: int = Field(default=2048 * 2048, ge=16 * 16)
+    max_prompt_chars: int = Field(default=4000, ge=1)
+
+    @model_validator(mode="after")
+    def _sides(self) -> LimitsConfig:
+        if self.min_output_side > self.max_output_side:
+            raise ValueError("limits.min_output_side must be <= limits.max_output_side")
+        return self
+
+
+class StorageConfig(_Strict):
+    """Where `response_format=url` results live: shared by every ingress replica."""
+
+    # A local folder, or any fsspec URL (s3://bucket/prefix, gcs://..., memory:// for tests).
+    url: str = "~/.cache/qwen-image-edit-serve/images"
+    # OpenAI's URLs expire after an hour.
+    ttl_s: float = Field(default=3600.0, gt=0)
+    # The oldest images are evicted to stay under this.
+    max_total_bytes: int = Field(default=1024**3, ge=1024)
+    # Prefix of the returned URLs, e.g. https://images.example.com; default: the request's.
+    public_base_url: str | None = None
+
+
+class AuthConfig(_Strict):
+    """Where API keys come from; the keys themselves never enter the config (or its logs)."""
+
+    # Comma-separated keys in this environment variable of the ingress process.
+    api_keys_env: str = "QWEN_API_KEYS"
+    # A mounted file (e.g. a Kubernetes Secret) with one key per line; '#' starts a comment.
+    api_keys_file: str | None = None
+    # Routes answered without a key (probes).
+    open_paths: list[str] = Field(default_factory=lambda: ["/health", "/ready"])
+
+
+class AppConfig(_Strict):
+    model: ModelConfig
+    generation: GenerationConfig = GenerationConfig()
+    limits: LimitsConfig = LimitsConfig()
+    storage: StorageConfig = StorageConfig()
+    auth: AuthConfig = AuthConfig()
+    # Per-request deadline, queueing included: past it denoising stops and the client gets 504.
+    # Keep it below http_options.request_timeout_s, whose 408 is the proxy's, not ours.
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    # check_health fails when an edit has made no denoising step for this long.
+    wedged_after_s: float = Field(default=600.0, gt=0)
+    # How long /ready waits for the model replica to answer.
+    ready_timeout_s: float = Field(default=5.0, gt=0)
+    # Reported as the `Retry-After` of 429/503 answers.
+    retry_after_s: float = Field(default=5.0, ge=0)
+
+    def defaults_for(self, model_id: str) -> tuple[int, float]:
+        """(num_inference_steps, true_cfg_scale) when the request leaves them out."""
+        gen, lora = self.generation, self.model.lora(model_id)
+        if lora is None:
+            return gen.default_steps, gen.true_cfg_scale
+        steps = lora.default_steps if lora.default_steps is not None else gen.default_steps
+        cfg = (
+            lora.default_true_cfg_scale
+            if lora.default_true_cfg_scale is not None
+            else gen.true_cfg_scale
+        )
+        return min(steps, gen.max_steps), cfg
+
+
+def load_config(
+    args: Mapping[str, Any] | None, *, environ: Mapping[str, str] | None = None
+) -> AppConfig:
+    """Validate builder args, applying QWEN_MODEL_DIR / DEVICE_MAP overrides."""
+    env = os.environ if environ is None else environ
+    data: dict[str, Any] = dict(args or {})
+    model = dict(data.get("model") or {})
+    if env.get(ENV_MODEL_DIR):
+        model["path"] = env[ENV_MODEL_DIR]
+        model["source"] = "local"
+    if env.get(ENV_DEVICE_MAP):
+        model["device_map"] = env[ENV_DEVICE_MAP]
+    data["model"] = model
+    return AppConfig.model_validate(data)
