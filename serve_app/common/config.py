@@ -33,6 +33,30 @@ class LoraConfig(_Strict):
     default_true_cfg_scale: float | None = Field(default=None, ge=0.0)
 
 
+class ParallelConfig(_Strict):
+    """One replica over several GPUs: one process (rank) per GPU, all ranks on every edit.
+
+    The builder turns `gpus` into the model deployment's placement group (one bundle per rank,
+    `placement_strategy`); rank 0 is the Serve replica, the others are Ray actors in the bundles.
+    docs/gpu.md has the shapes and their measured latency."""
+
+    # Ranks (GPUs) per replica. 1: today's single process (with device_map over the GPUs that
+    # `ray_actor_options.num_gpus` gives it, e.g. a transformer split over small cards).
+    gpus: int = Field(default=1, ge=1, le=64)
+    # CFG degree: 2 runs the conditional and unconditional passes on two halves of the ranks.
+    cfg: Literal["auto", 1, 2] = "auto"
+    # Ulysses (sequence) degree inside each CFG half; cfg x ulysses = gpus. auto: gpus / cfg.
+    ulysses: int | Literal["auto"] = "auto"
+    # Where the ranks' bundles go: STRICT_PACK (one node, NVLink), PACK, SPREAD or STRICT_SPREAD
+    # (across nodes: a replica larger than one machine).
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "STRICT_PACK"
+    # CPUs reserved per rank (bundle); rank 0's is also the replica's num_cpus.
+    cpus_per_rank: float = Field(default=4.0, gt=0)
+    # A collective (NCCL/gloo) or a rank that waits longer than this fails the replica, which
+    # Serve then replaces; it bounds how long a dead or wedged rank can hold a request.
+    timeout_s: float = Field(default=300.0, gt=0)
+
+
 class ModelConfig(_Strict):
     """Which pipeline to load and where to put it."""
 
@@ -93,6 +117,8 @@ class ModelConfig(_Strict):
     tiny_variant: Literal["edit", "2509", "2511"] = "2509"
     # Loaded once at start; each is chosen per request by its name as `model`.
     loras: list[LoraConfig] = Field(default_factory=list)
+    # Several GPUs per replica as ranks (CFG x Ulysses sequence parallelism).
+    parallel: ParallelConfig = ParallelConfig()
 
     @model_validator(mode="after")
     def _needs_path(self) -> ModelConfig:
@@ -121,6 +147,15 @@ class ModelConfig(_Strict):
             raise ValueError(
                 "model.quantization fp8 needs model.compile: true (eager FP8 measured 1.6x"
                 " slower than bf16 on H100)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _parallel_shape(self) -> ModelConfig:
+        if self.parallel.gpus > 1 and self.cfg_parallel:
+            raise ValueError(
+                "model.cfg_parallel (one process, two GPUs) and model.parallel.gpus > 1 (one"
+                " process per GPU) are two ways to split CFG: choose model.parallel"
             )
         return self
 

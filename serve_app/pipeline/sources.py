@@ -101,6 +101,20 @@ def load_synthetic(model: ModelConfig, target: Target) -> LoadedPipeline:
     return _planned(model, target, sizes, what=what, build=build)
 
 
+def fetch_model_files(model: ModelConfig) -> None:
+    """Put the model's files on this node (build the tiny model, download a Hub id, the synthetic
+    model's tokenizer) without loading them: a parallel replica's rank 0 does this before the
+    other ranks start, so they find complete folders instead of racing to make them."""
+    if model.source == "tiny":
+        from serve_app.pipeline.tiny import ensure_tiny_model
+
+        ensure_tiny_model(model.path, variant=model.tiny_variant)
+    elif model.source == "synthetic":
+        _synthetic_tokenizer_source(model.path)
+    elif model.path is not None:
+        resolve_model_path(model.path, revision=model.revision)
+
+
 LOADERS: dict[str, Callable[[ModelConfig, Target], LoadedPipeline]] = {
     "tiny": load_tiny,
     "local": load_local,

@@ -28,7 +28,9 @@ from serve_app.pipeline.parallel.plan import (
         (8, 2, "auto", ParallelPlan(2, 4)),
     ],
 )
-def test_auto_puts_cfg_first(gpus: int, cfg: object, ulysses: object, expected: ParallelPlan) -> None:
+def test_auto_puts_cfg_first(
+    gpus: int, cfg: object, ulysses: object, expected: ParallelPlan
+) -> None:
     plan = plan_parallel(gpus, cfg=cfg, ulysses=ulysses)  # type: ignore[arg-type]
     assert plan == expected
     assert plan.world_size == gpus

@@ -84,7 +84,14 @@ def _rank_main(rank: int, plan: ParallelPlan, port: int, results: Any) -> None:
         pipe = Pipe()
         recorder.install(pipe)
         cond, uncond = _step(transformer, _inputs(), pipe.encode_prompt)
-        results.put((rank, cond.numpy().copy(), uncond.numpy().copy(), getattr(transformer, "split_steps", 0)))
+        results.put(
+            (
+                rank,
+                cond.numpy().copy(),
+                uncond.numpy().copy(),
+                getattr(transformer, "split_steps", 0),
+            )
+        )
     finally:
         leave_rank_group()
 

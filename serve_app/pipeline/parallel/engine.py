@@ -18,11 +18,13 @@ A collective that waits longer than `model.parallel.timeout_s` fails the same wa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
 import threading
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -173,9 +175,15 @@ class ParallelEngine:
                 " (serve_app.app) sets placement_group_bundles: do not override them (or"
                 " ray_actor_options.num_gpus) for the model deployment in the Serve config."
             )
+        from serve_app.pipeline.sources import fetch_model_files
+
+        fetch_model_files(model)
         master = (_node_ip(), _free_port())
         worker_cls = ray.remote(RankWorker)
-        self._workers = []
+        # Named (qwen-rank-<group>-<rank>) so operators and tests can find a replica's ranks; not
+        # detached: they die with this replica.
+        group_id = uuid.uuid4().hex[:8]
+        self._workers: list[Any] = []
         for rank in range(1, self.plan.world_size):
             bundle = pg.bundle_specs[rank]
             self._workers.append(
@@ -183,6 +191,7 @@ class ParallelEngine:
                     num_cpus=bundle.get("CPU", 0),
                     num_gpus=bundle.get("GPU", 0),
                     max_concurrency=2,
+                    name=f"qwen-rank-{group_id}-{rank}",
                     scheduling_strategy=PlacementGroupSchedulingStrategy(
                         placement_group=pg, placement_group_bundle_index=rank
                     ),
@@ -195,7 +204,15 @@ class ParallelEngine:
         self._rank0 = _Rank(model, generation, plan=self.plan, rank=0, master=master)
         self.ranks = self._start([w.start.remote() for w in self._workers])
         self._runner = self._rank0.runner
-        self.info = self._runner.info.with_parallel(self.plan, self.ranks)
+        self.info = dataclasses.replace(
+            self._runner.info,
+            parallel={
+                "gpus": self.plan.world_size,
+                "cfg": self.plan.cfg,
+                "ulysses": self.plan.ulysses,
+                "ranks": self.ranks,
+            },
+        )
         self._broken: str | None = None
         self._memory: list[MemoryRow] = []
         self._lock = threading.Lock()

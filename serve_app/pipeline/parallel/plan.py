@@ -90,7 +90,13 @@ def ulysses_work_size(
         return width, height
     candidates = [
         # closest aspect ratio, then closest area, then the smallest change
-        (abs(math.log(c * rows / (r * cols))), abs(c * r - cols * rows), abs(c - cols) + abs(r - rows), c, r)
+        (
+            abs(math.log(c * rows / (r * cols))),
+            abs(c * r - cols * rows),
+            abs(c - cols) + abs(r - rows),
+            c,
+            r,
+        )
         for c in range(max(1, cols - search), cols + search + 1)
         for r in range(max(1, rows - search), rows + search + 1)
         if (c * r + extra_tokens) % degree == 0

@@ -1,5 +1,5 @@
-"""What one rank adds to an edit: the parallel transformer, the padded prompts, the Ulysses work size
-and the per-step stop signal. The runner calls these hooks; with one rank there are none."""
+"""What one rank adds to an edit: the parallel transformer, the padded prompts, the Ulysses work
+size and the per-step stop signal. The runner calls these hooks; with one rank there are none."""
 
 from __future__ import annotations
 

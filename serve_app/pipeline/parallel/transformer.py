@@ -34,7 +34,7 @@ logger = logging.getLogger("ray.serve")
 _BRANCH_KEYS = ("encoder_hidden_states", "encoder_hidden_states_mask")
 
 
-def enable_ulysses(transformer: nn.Module, group: RankGroup) -> None:
+def enable_ulysses(transformer: Any, group: RankGroup) -> None:
     """diffusers' Ulysses context parallelism over `group`'s ("ring", "ulysses") mesh."""
     if group.plan.ulysses <= 1:
         return
@@ -52,10 +52,12 @@ class PromptRecorder:
     def __init__(self, *, multiple: int) -> None:
         self.multiple = multiple
         self.calls: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self._pipes: list[Any] = []  # installed on (the main pipeline, the inpaint one)
 
     def install(self, pipe: Any) -> None:
-        if getattr(pipe.encode_prompt, "_prompt_recorder", None) is self:
+        if any(p is pipe for p in self._pipes):
             return
+        self._pipes.append(pipe)
         original: Callable[..., Any] = pipe.encode_prompt
 
         def encode_prompt(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -64,7 +66,6 @@ class PromptRecorder:
             self.calls.append((embeds, mask))
             return embeds, mask
 
-        encode_prompt._prompt_recorder = self  # type: ignore[attr-defined]
         pipe.encode_prompt = encode_prompt
 
     def reset(self) -> None:
@@ -97,7 +98,7 @@ class CfgSplitTransformer(nn.Module):
     """`pipe.transformer` with the two CFG branches on two rank groups (see the module docstring).
     Edits without true CFG (one call per step) run the conditional pass on every group."""
 
-    def __init__(self, inner: nn.Module, *, group: RankGroup, recorder: PromptRecorder) -> None:
+    def __init__(self, inner: Any, *, group: RankGroup, recorder: PromptRecorder) -> None:
         super().__init__()
         if group.plan.cfg != 2:
             raise ValueError(f"the CFG split needs a CFG degree of 2, not {group.plan.cfg}")
