@@ -21,9 +21,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
-## Serve the embedded tiny model on CPU at 127.0.0.1:8000.
+## Serve CONFIG (default: the embedded tiny model on CPU at 127.0.0.1:8000), with the settings
+## of ./.env (or ENV_FILE). `make run PORT=8001` picks another port. Ctrl-C or SIGTERM stops
+## Serve and the Ray it started. `exec`: the launcher is make's child, the one it signals.
+CONFIG ?= deploy/local.yaml
 run: $(STAMP)
-	env -u QWEN_MODEL_DIR $(PY) -m serve_app.launch deploy/local.yaml
+	exec $(PY) -m serve_app.launch $(CONFIG) $(if $(PORT),--port $(PORT)) \
+		$(if $(ENV_FILE),--env-file $(ENV_FILE))
 
 ## Lint, type-check, then the CPU test suite (GPU tests skip with a reason).
 test: $(STAMP) lint typecheck
