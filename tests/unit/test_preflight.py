@@ -70,10 +70,14 @@ def test_fractional_gpus_pack_per_gpu() -> None:
 
 def test_every_serve_config_in_the_repository_is_understood() -> None:
     configs = [ROOT / "serve_config.yaml", *sorted((ROOT / "deploy").glob("*.yaml"))]
-    for path in configs:
-        config = yaml.safe_load(path.read_text())
-        if "applications" not in config:
-            continue  # a Kubernetes manifest
+    serve_configs = [
+        (path, doc)
+        for path in configs
+        for doc in yaml.safe_load_all(path.read_text())
+        if isinstance(doc, dict) and "applications" in doc  # not a Kubernetes manifest
+    ]
+    assert len(serve_configs) >= 2
+    for path, config in serve_configs:
         host, port = http_address(config)
         assert port > 0 and host, path
         stated = [
