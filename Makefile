@@ -6,7 +6,6 @@ STAMP := $(VENV)/.installed
 
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
-export HF_HUB_OFFLINE ?= 1
 # torchao (the fp8 extra, not installed by `make install`) ships C++ kernels built for one torch
 # (0.17: 2.11); a CPU environment never runs FP8 (refused without a GPU), so never load them here.
 export TORCHAO_FORCE_SKIP_LOADING_SO_FILES ?= 1
@@ -30,6 +29,9 @@ run: $(STAMP)
 		$(if $(ENV_FILE),--env-file $(ENV_FILE))
 
 ## Lint, type-check, then the CPU test suite (GPU tests skip with a reason).
+# The tests never reach the Hugging Face Hub. (`make run` may: a config can name a model id, and
+# HF_HUB_OFFLINE from the environment or .env applies there.)
+test: export HF_HUB_OFFLINE ?= 1
 test: $(STAMP) lint typecheck
 	$(PY) -m pytest -q -ra
 

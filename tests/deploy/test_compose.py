@@ -22,8 +22,6 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app.config import ENV_MODEL_DIR
-
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
 SCHEMA = Path(__file__).resolve().parent / "compose-spec" / "compose-spec.json"
@@ -114,14 +112,29 @@ def test_launcher_serves_the_mounted_config_on_the_published_port(
     assert float(_flag(command, "stop-timeout")) + 5 <= grace
 
 
-def test_weights_come_from_the_host_folder_in_qwen_model_dir(service: dict[str, Any]) -> None:
+def test_weights_from_the_hub_cache_or_a_host_folder(
+    compose: dict[str, Any], service: dict[str, Any]
+) -> None:
     mounts = {m["target"]: m for m in service["volumes"]}
-    target = service["environment"][ENV_MODEL_DIR]
-    weights = mounts[target]
-    assert weights["read_only"] is True and weights["type"] == "bind"
-    # No default: without QWEN_MODEL_DIR compose refuses to start, naming the variable.
-    assert weights["source"].startswith("${QWEN_MODEL_DIR:?")
+    # A Hugging Face id downloads into HF_HOME, a named volume that outlives the container.
+    hf_home = mounts[service["environment"]["HF_HOME"]]
+    assert hf_home["type"] == "volume" and hf_home["source"] in compose["volumes"]
+    # The image creates HF_HOME as the ray user, so the new volume is writable by it.
+    assert (
+        f"mkdir -p {service['environment']['HF_HOME']}" in (ROOT / "deploy/Dockerfile").read_text()
+    )
+    # A local folder: QWEN_MODEL_DIR=/models/<folder>, MODELS_DIR on the host.
+    models = mounts["/models"]
+    assert models["read_only"] is True and models["type"] == "bind"
+    assert models["source"].startswith("${MODELS_DIR:-")
     assert service["env_file"] == [{"path": ".env", "required": False}]
+    assert "QWEN_MODEL_DIR" not in service["environment"]  # .env's value reaches the launcher
+
+
+def test_env_example_lists_the_compose_variables() -> None:
+    used = set(re.findall(r"\$\{([A-Z_]+)", COMPOSE.read_text()))
+    listed = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", (ROOT / ".env.example").read_text(), re.M))
+    assert used and used <= listed
 
 
 class _Ready(BaseHTTPRequestHandler):

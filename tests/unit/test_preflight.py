@@ -69,7 +69,7 @@ def test_fractional_gpus_pack_per_gpu() -> None:
 
 
 def test_every_serve_config_in_the_repository_is_understood() -> None:
-    configs = [ROOT / "serve_config.yaml", *sorted((ROOT / "deploy").glob("*.yaml"))]
+    configs = [ROOT / "serve_config.yaml", *sorted((ROOT / "deploy").rglob("*.yaml"))]
     serve_configs = [
         (path, doc)
         for path in configs
