@@ -228,6 +228,7 @@ class EditService:
         *,
         fields: Mapping[str, str],
         images: list[bytes],
+        image_field: str = "image",
         mask: bytes | None = None,
         request_id: str,
         base_url: str | None = None,
@@ -237,6 +238,8 @@ class EditService:
 
         `timing` collects the stage durations for the Server-Timing header: the ingress's own
         (decode, model, encode, body) and those the replica reports in `EditOutput.timings_s`.
+        `image_field` is the form field the images came in (image, image[], images, images[]):
+        errors about them name it.
         """
         timing = timing if timing is not None else StageClock()
         params = EditParams.from_form(fields)
@@ -261,11 +264,11 @@ class EditService:
             raise InvalidRequestError(
                 f"{info.pipeline_class} takes at most {info.max_input_images} input image(s);"
                 f" got {len(images)}.",
-                param="image",
+                param=image_field,
                 code="too_many_images",
             )
         with timing.measure("decode"):
-            arrays = await self._decode_all(images)
+            arrays = await self._decode_all(images, param=image_field)
         first_h, first_w = arrays[0].shape[:2]
         width, height = resolve_size(
             requested_size,
@@ -322,9 +325,8 @@ class EditService:
             ) from None
         return output
 
-    async def _decode_all(self, images: list[bytes]) -> list[Any]:
+    async def _decode_all(self, images: list[bytes], *, param: str) -> list[Any]:
         max_pixels = self._config.limits.max_input_pixels
-        param = "image" if len(images) == 1 else "image[]"
         # Pillow drops the GIL while it decodes: several images decode on several cores.
         decoded = await asyncio.gather(
             *(
@@ -476,7 +478,10 @@ def _openai_errors(endpoint: Endpoint, *, route: str, metrics: IngressMetrics) -
     return wrapper
 
 
-async def _read_form(request: Request) -> tuple[dict[str, str], list[bytes], bytes | None]:
+async def _read_form(
+    request: Request,
+) -> tuple[dict[str, str], list[bytes], str, bytes | None]:
+    """Scalar fields, the image files, the field they came in (the first one's), the mask."""
     content_type = request.headers.get("content-type", "")
     # A form without files arrives urlencoded; it then fails as "missing image", naming it.
     if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
@@ -493,20 +498,23 @@ async def _read_form(request: Request) -> tuple[dict[str, str], list[bytes], byt
     try:
         fields: dict[str, str] = {}
         images: list[bytes] = []
+        image_field = IMAGE_FIELDS[0]
         mask: bytes | None = None
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
                 if key in IMAGE_FIELDS:
+                    if not images:
+                        image_field = key
                     images.append(await value.read())
                 elif key == MASK_FIELD and mask is None:
                     mask = await value.read()
                 continue
             if key in IMAGE_FIELDS:
                 raise InvalidRequestError(
-                    f"'{key}' must be a file upload, not a text field.", param="image"
+                    f"'{key}' must be a file upload, not a text field.", param=key
                 )
             fields.setdefault(key, value)
-        return fields, images, mask
+        return fields, images, image_field, mask
     finally:
         await form.close()
 
@@ -521,10 +529,11 @@ def create_app(service: EditService) -> Starlette:
     async def images_edits(request: Request) -> Response:
         timing = StageClock()
         with timing.measure("parse"):
-            fields, images, mask = await _read_form(request)
+            fields, images, image_field, mask = await _read_form(request)
         result = await service.edit(
             fields=fields,
             images=images,
+            image_field=image_field,
             mask=mask,
             request_id=request.state.request_id,
             base_url=str(request.base_url),

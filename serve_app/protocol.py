@@ -16,8 +16,9 @@ from serve_app.errors import InvalidRequestError
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 
-# Form fields that carry files, not scalars.
-IMAGE_FIELDS = ("image", "image[]")
+# Form fields that carry files, not scalars. `images` / `images[]` are the seed server's
+# spelling (docs/migrating.md), accepted as the same field; errors name the one a client sent.
+IMAGE_FIELDS = ("image", "image[]", "images", "images[]")
 MASK_FIELD = "mask"
 
 
@@ -131,6 +132,11 @@ class Usage(BaseModel):
     input_tokens_details: InputTokensDetails
     output_tokens: int
     total_tokens: int
+    # Extensions the seed server's clients read (docs/migrating.md); OpenAI's clients keep
+    # unknown keys. Left out when unknown.
+    processing_time_seconds: float | None = None
+    input_images: int | None = None
+    generated_images: int | None = None
 
 
 class ImagesResponse(BaseModel):

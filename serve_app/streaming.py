@@ -122,6 +122,9 @@ def usage_of(output: EditOutput) -> Usage:
         ),
         output_tokens=output.output_image_tokens,
         total_tokens=input_tokens + output.output_image_tokens,
+        processing_time_seconds=output.timings_s.get("pipeline"),
+        input_images=output.input_images,
+        generated_images=len(output.images),
     )
 
 
@@ -146,7 +149,7 @@ def render_event(event: StreamEvent, *, params: EditParams, size: str, created_a
         "type": COMPLETED_EVENT,
         "b64_json": _b64(event.images[0], params),
         **common,
-        "usage": usage_of(event).model_dump(),
+        "usage": usage_of(event).model_dump(exclude_none=True),
     }
     return sse_frame(COMPLETED_EVENT, data)
 
