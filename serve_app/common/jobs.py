@@ -49,6 +49,7 @@ class EditOutput:
     input_image_tokens: int = 0
     output_image_tokens: int = 0
     timings_s: dict[str, float] = field(default_factory=dict)
+    input_images: int | None = None  # how many images the edit was given
 
 
 @dataclass(frozen=True)

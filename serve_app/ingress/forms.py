@@ -19,6 +19,9 @@ class EditForm:
     fields: dict[str, str]  # the first value of each scalar field
     images: list[bytes]  # in the order sent
     mask: bytes | None = None
+    # The field the images came in (the first one's: image, image[], images, images[]); errors
+    # about them name it.
+    image_field: str = IMAGE_FIELDS[0]
 
 
 async def read_edit_form(request: Request) -> EditForm:
@@ -38,19 +41,22 @@ async def read_edit_form(request: Request) -> EditForm:
     try:
         fields: dict[str, str] = {}
         images: list[bytes] = []
+        image_field = IMAGE_FIELDS[0]
         mask: bytes | None = None
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
                 if key in IMAGE_FIELDS:
+                    if not images:
+                        image_field = key
                     images.append(await value.read())
                 elif key == MASK_FIELD and mask is None:
                     mask = await value.read()
                 continue
             if key in IMAGE_FIELDS:
                 raise InvalidRequestError(
-                    f"'{key}' must be a file upload, not a text field.", param="image"
+                    f"'{key}' must be a file upload, not a text field.", param=key
                 )
             fields.setdefault(key, value)
-        return EditForm(fields, images, mask)
+        return EditForm(fields, images, mask, image_field)
     finally:
         await form.close()

@@ -18,8 +18,9 @@ from serve_app.ingress.sizing import Size, parse_size
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 
-# Form fields that carry files, not scalars.
-IMAGE_FIELDS = ("image", "image[]")
+# Form fields that carry files, not scalars. `images` / `images[]` are the seed server's
+# spelling (docs/migrating.md), accepted as the same field; errors name the one a client sent.
+IMAGE_FIELDS = ("image", "image[]", "images", "images[]")
 MASK_FIELD = "mask"
 
 
@@ -116,6 +117,11 @@ class Usage(BaseModel):
     input_tokens_details: InputTokensDetails
     output_tokens: int
     total_tokens: int
+    # Extensions the seed server's clients read (docs/migrating.md); OpenAI's clients keep
+    # unknown keys. Left out when unknown.
+    processing_time_seconds: float | None = None
+    input_images: int | None = None
+    generated_images: int | None = None
 
     @classmethod
     def of(cls, output: EditOutput) -> Usage:
@@ -127,6 +133,9 @@ class Usage(BaseModel):
             ),
             output_tokens=output.output_image_tokens,
             total_tokens=input_tokens + output.output_image_tokens,
+            processing_time_seconds=output.timings_s.get("pipeline"),
+            input_images=output.input_images,
+            generated_images=len(output.images),
         )
 
 

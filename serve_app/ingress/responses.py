@@ -122,7 +122,7 @@ def event_frame(
         "type": COMPLETED_EVENT,
         "b64_json": _b64(_encode(event.images[0], params)),
         **common,
-        "usage": Usage.of(event).model_dump(),
+        "usage": Usage.of(event).model_dump(exclude_none=True),
     }
     if seed is not None:
         data["seed"] = seed

@@ -192,8 +192,9 @@ class EditService:
     ) -> EditJob:
         """Decode the images (and mask), settle the output size, fill in the defaults."""
         params, limits = request.params, self._config.limits
+        form = request.form
         with timing.measure("decode"):
-            arrays = await self._decode_all(request.images)
+            arrays = await self._decode_all(form.images, param=form.image_field)
         first_h, first_w = arrays[0].shape[:2]
         width, height = resolve_size(
             params.size,
@@ -203,11 +204,11 @@ class EditService:
             limits=limits,
         )
         mask = None
-        if request.mask is not None:
+        if form.mask is not None:
             with timing.measure("decode"):
                 mask = await asyncio.to_thread(
                     decode_mask,
-                    request.mask,
+                    form.mask,
                     image_size=(first_w, first_h),
                     max_pixels=limits.max_input_pixels,
                 )
@@ -239,9 +240,8 @@ class EditService:
             submitted_at=self._clock(),
         )
 
-    async def _decode_all(self, images: list[bytes]) -> list[np.ndarray]:
+    async def _decode_all(self, images: list[bytes], *, param: str) -> list[np.ndarray]:
         max_pixels = self._config.limits.max_input_pixels
-        param = "image" if len(images) == 1 else "image[]"
         # Pillow drops the GIL while it decodes: several images decode on several cores.
         decoded = await asyncio.gather(
             *(

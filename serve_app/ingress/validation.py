@@ -18,8 +18,7 @@ from serve_app.ingress.protocol import EditParams
 class EditRequest:
     params: EditParams  # typed fields; `params.size` is a Size, or None for auto
     model: str  # the model id to use (a served name or a LoRA)
-    images: list[bytes]
-    mask: bytes | None
+    form: EditForm  # the files: images (and the field they came in), mask
     info: ModelInfo  # the loaded model the request was checked against
 
 
@@ -38,10 +37,10 @@ async def validate_edit(
         raise InvalidRequestError(
             f"{info.pipeline_class} takes at most {info.max_input_images} input image(s);"
             f" got {len(form.images)}.",
-            param="image",
+            param=form.image_field,
             code="too_many_images",
         )
-    return EditRequest(params=params, model=model, images=form.images, mask=form.mask, info=info)
+    return EditRequest(params=params, model=model, form=form, info=info)
 
 
 def _check_limits(params: EditParams, config: AppConfig) -> None:

@@ -245,6 +245,7 @@ class EditRunner:
             * (job.width // self._multiple)
             * (job.height // self._multiple),
             timings_s=timings,
+            input_images=len(job.images),
         )
 
     def _pipeline_for(

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import base64
 import logging
 from pathlib import Path
 
@@ -23,6 +24,33 @@ def test_keys_from_env_and_file(tmp_path: Path) -> None:
     keys = load_api_keys(cfg, environ={"MY_KEYS": " env-a , env-b,"})
     assert keys == ["env-a", "env-b", "file-key-1", "file-key-2"]
     assert load_api_keys(AuthConfig(), environ={}) == []
+
+
+def test_seed_api_key_is_the_key_only_when_ours_is_unset(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    assert load_api_keys(AuthConfig(), environ={"API_KEY": " seed-key "}) == ["seed-key"]
+    assert "API_KEY" in caplog.text and "seed-key" not in caplog.text
+    both = {"API_KEY": "seed-key", "QWEN_API_KEYS": "ours"}
+    assert load_api_keys(AuthConfig(), environ=both) == ["ours"]
+    key_file = tmp_path / "keys"
+    key_file.write_text("from-file\n")
+    cfg = AuthConfig(api_keys_file=str(key_file))
+    assert load_api_keys(cfg, environ={"API_KEY": "seed-key"}) == ["from-file"]
+
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def test_basic_auth_carries_the_key_as_password() -> None:
+    checker = ApiKeyChecker([KEY])
+    checker.check(_basic("user", KEY))
+    checker.check(_basic("", KEY))
+    for header in (_basic(KEY, "wrong"), _basic("user", ""), "Basic !!!", "Basic " + KEY):
+        with pytest.raises(AuthenticationError):
+            checker.check(header)
 
 
 def test_missing_key_file_fails_at_startup(tmp_path: Path) -> None:
@@ -70,6 +98,8 @@ def test_routes_need_a_key_but_probes_do_not(caplog: pytest.LogCaptureFixture) -
         files=[("image", ("a.png", png_bytes(), "image/png"))],
     )
     assert ok.status_code == 200
+    seed_style = client.get("/v1/models", headers={"Authorization": _basic("user", KEY)})
+    assert seed_style.status_code == 200
     assert KEY not in caplog.text
 
 

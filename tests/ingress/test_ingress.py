@@ -205,7 +205,32 @@ def test_several_images_keep_their_order() -> None:
 def test_too_many_images_for_the_pipeline() -> None:
     client, _ = make_client()
     files = [("image[]", (f"{i}.png", png_bytes(), "image/png")) for i in range(4)]
-    assert assert_error(post_edit(client, files=files), 400, "image")["code"] == "too_many_images"
+    err = assert_error(post_edit(client, files=files), 400, "image[]")
+    assert err["code"] == "too_many_images"
+
+
+@pytest.mark.parametrize("field", ["images", "images[]"])
+def test_seed_spelling_images_is_the_image_field(field: str) -> None:
+    client, handle = make_client()
+    one = [(field, ("a.png", png_bytes(30, 20), "image/png"))]
+    resp = post_edit(client, files=one, size="64x64")
+    assert resp.status_code == 200, resp.text
+    two = [(field, (f"{i}.png", png_bytes(), "image/png")) for i in range(2)]
+    assert post_edit(client, files=two, size="64x64").status_code == 200
+    assert [len(j.images) for j in handle.jobs] == [1, 2]
+    assert handle.jobs[0].images[0].shape == (20, 30, 3)
+
+
+@pytest.mark.parametrize("field", ["image", "image[]", "images", "images[]"])
+def test_errors_name_the_image_field_the_client_sent(field: str) -> None:
+    client, handle = make_client()
+    junk = [(field, ("a.png", b"hello world", "image/png"))]
+    assert assert_error(post_edit(client, files=junk), 400, field)["code"] == "invalid_image_format"
+    four = [(field, (f"{i}.png", png_bytes(), "image/png")) for i in range(4)]
+    assert assert_error(post_edit(client, files=four), 400, field)["code"] == "too_many_images"
+    as_text = client.post("/v1/images/edits", data={"prompt": "x", field: "not a file"})
+    assert_error(as_text, 400, field)
+    assert handle.jobs == []
 
 
 def test_upload_too_large_is_413() -> None:
