@@ -1,7 +1,7 @@
 """End-to-end benchmark of the serve app on the GPUs of this machine.
 
     python -m bench.run --scenario "name=1gpu,gpus=1,replicas=2,compile=1,clients=2,rounds=2" \\
-                        --scenario "name=cfg2,gpus=2,replicas=1,compile=1,cfg=1" \\
+                        --scenario "name=cfg2,ranks=2,compile=1" \\
                         [--steps 50] [--runs 3] [--out-dir bench/results]
 
 For each scenario it starts the real app (`serve_app.app:build_app`, model source `synthetic`:
@@ -24,12 +24,12 @@ short warm-up edit per replica, then times:
 - optionally throughput: `clients` concurrent clients, `rounds` requests each (img/min).
 
 Each scenario writes `<out-dir>/<name>.json`. Scenario keys: name, gpus (per replica), replicas,
-compile (0/1), dynamic (compile_dynamic 0/1), cpp (compile_cpp_wrapper 0/1), cfg (cfg_parallel
-0/1), fp8 (quantization fp8 0/1), backend (attention backend), variant (2509/2511), clients,
+compile (0/1), dynamic (compile_dynamic 0/1), cpp (compile_cpp_wrapper 0/1),
+fp8 (quantization fp8 0/1), backend (attention backend), variant (2509/2511), clients,
 rounds, steps, runs, ref (an earlier scenario's name: the first timed output, same seed and
 synthetic weights, is compared with that scenario's, relative L2 error of the pixels); for one
 replica over several GPUs (one process per GPU, `model.parallel`): ranks (GPUs per replica; with
-gpus=1, or gpus=0 for CPU ranks), pcfg and ulysses (degrees, default auto), base (a 1-GPU
+gpus=1, or gpus=0 for CPU ranks), cfg and ulysses (degrees, default auto), base (a 1-GPU
 scenario's name: speedup and scaling efficiency against it), restart (1: redeploy after timing and
 time the warm start, the compile cache already on the node).
 """
@@ -70,16 +70,15 @@ class Scenario:
     replicas: int = 1
     compile: bool = False
     dynamic: bool | None = None  # compile_dynamic
-    cfg: bool = False
     fp8: bool = False
     cpp: bool = False  # compile_cpp_wrapper
     backend: str | None = None
     variant: str = "2511"
     clients: int = 0
     rounds: int = 0
-    # Ranks (one process per GPU) of one replica, model.parallel: gpus; pcfg/ulysses: degrees.
+    # Ranks (one process per GPU) of one replica, model.parallel: gpus; cfg/ulysses: degrees.
     ranks: int = 1
-    pcfg: str = "auto"
+    cfg: str = "auto"
     ulysses: str = "auto"
     # 1: after timing, redeploy and time the start again (the compile cache is warm then).
     restart: bool = False
@@ -99,9 +98,9 @@ class Scenario:
             key = key.strip()
             if key in ("gpus", "replicas", "clients", "rounds", "steps", "runs", "ranks"):
                 fields[key] = int(value)
-            elif key in ("compile", "cfg", "dynamic", "fp8", "cpp", "restart"):
+            elif key in ("compile", "dynamic", "fp8", "cpp", "restart"):
                 fields[key] = value.strip().lower() in ("1", "true", "yes", "on")
-            elif key in ("name", "backend", "variant", "ref", "pcfg", "ulysses", "base"):
+            elif key in ("name", "backend", "variant", "ref", "cfg", "ulysses", "base"):
                 fields[key] = value.strip() or None
             else:
                 raise ValueError(f"unknown scenario key {key!r} in {spec!r}")
@@ -109,9 +108,9 @@ class Scenario:
 
     @property
     def mode(self) -> str:
-        parts = ["cfg_parallel"] if self.cfg else []
+        parts = []
         if self.ranks > 1:
-            parts.append(f"ranks={self.ranks}(cfg={self.pcfg},ulysses={self.ulysses})")
+            parts.append(f"ranks={self.ranks}(cfg={self.cfg},ulysses={self.ulysses})")
         if self.fp8:
             parts.append("fp8")
         parts.append(
@@ -217,7 +216,6 @@ def app_config(sc: Scenario, *, steps: int) -> dict[str, Any]:
         "synthetic_variant": sc.variant,
         "device_map": "auto",
         "compile": sc.compile,
-        "cfg_parallel": sc.cfg,
         "quantization": "fp8" if sc.fp8 else "none",
         "compile_cpp_wrapper": sc.cpp,
         "warmup": True,
@@ -239,7 +237,7 @@ def app_config(sc: Scenario, *, steps: int) -> dict[str, Any]:
         # One bundle per rank from the builder (model.parallel); the replica takes bundle 0.
         model["parallel"] = {
             "gpus": sc.ranks,
-            "cfg": sc.pcfg if sc.pcfg == "auto" else int(sc.pcfg),
+            "cfg": sc.cfg if sc.cfg == "auto" else int(sc.cfg),
             "ulysses": sc.ulysses if sc.ulysses == "auto" else int(sc.ulysses),
             "cpus_per_rank": 4 if sc.gpus else 0.5,
         }
@@ -396,7 +394,6 @@ def run_scenario(
         "ranks_per_replica": sc.ranks,
         "mode": sc.mode,
         "compile": sc.compile,
-        "cfg_parallel": sc.cfg,
         "quantization": "fp8" if sc.fp8 else "none",
         "attention_backend": sc.backend,
         "weights": "synthetic-shrunk" if OVERRIDES else "synthetic-full",
@@ -476,7 +473,7 @@ def run_scenario(
             result["ms_per_cfg_step"] = round(1000 * per_step, 1)
             result["ms_per_forward"] = round(1000 * per_step / 2, 1)
             result["tflops"] = round(2 * flops_per_forward / per_step / 1e12, 1)
-            if sc.cfg or sc.ranks > 1:
+            if sc.ranks > 1:
                 result["tflops_note"] = "several GPUs: aggregate; ms_per_forward is effective"
         result["peak_gib_per_gpu"] = sampler.peaks_gib()
         result["peak_memory_source"] = "nvidia-smi memory.used (weights+activations+cache+context)"

@@ -92,16 +92,15 @@ class ModelConfig(_Strict):
     # torch recompile (~12 s, once per device) the first time an input size changes.
     compile_dynamic: bool | None = None
     # Inductor's C++ wrapper for the compiled blocks (torch._inductor.config.cpp_wrapper, as
-    # TORCHINDUCTOR_CPP_WRAPPER=1): kernels are launched from C++ instead of Python. It matters
-    # where host time limits a step: cfg_parallel's two passes share one Python interpreter
-    # (docs/gpu.md: 13.31 s vs 14.46 s per edit on 2 x H100). Compiling takes longer (ready in
-    # ~120 s instead of ~50 s).
+    # TORCHINDUCTOR_CPP_WRAPPER=1): kernels are launched from C++ instead of Python, which
+    # matters only where host time limits a step (measured -0.9 % on one H100, docs/gpu.md).
+    # Needs a C++ compiler; compiling takes longer (ready in ~90 s instead of ~45 s).
     compile_cpp_wrapper: bool = False
     # diffusers attention dispatcher backend, e.g. "native", "_native_cudnn", "_native_flash",
     # "_native_efficient", "flash" (needs flash-attn), "_flash_3" (FA3). None: diffusers' default.
     attention_backend: str | None = None
-    # With 2+ GPUs: a full transformer copy on each of two GPUs, the conditional and unconditional
-    # passes of each true-CFG step run at the same time. Falls back (logged) if two don't fit.
+    # Removed: CFG on two GPUs is `parallel: {gpus: 2}` (one process per GPU). Kept so that an
+    # old config that sets it gets that message instead of "extra field".
     cfg_parallel: bool = False
     # fp8: the transformer blocks' linear layers get float8 weights and per-token float8
     # activations (torchao; needs compute capability 8.9+: Ada, Hopper, Blackwell). Faster on
@@ -152,10 +151,11 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _parallel_shape(self) -> ModelConfig:
-        if self.parallel.gpus > 1 and self.cfg_parallel:
+        if self.cfg_parallel:
             raise ValueError(
-                "model.cfg_parallel (one process, two GPUs) and model.parallel.gpus > 1 (one"
-                " process per GPU) are two ways to split CFG: choose model.parallel"
+                "model.cfg_parallel was removed: for CFG on two GPUs set model.parallel:"
+                " {gpus: 2} (one process per GPU, faster and no C++ compiler needed;"
+                " docs/gpu.md)"
             )
         return self
 

@@ -196,10 +196,6 @@ class EditRunner:
 
         if self._stage_timer is not None:
             self._stage_timer.reset()
-        from serve_app.pipeline.cfg_parallel import CfgParallelTransformer
-
-        if isinstance(self._pipe.transformer, CfgParallelTransformer):
-            self._pipe.transformer.reset()
         if self._rank is not None:
             self._rank.begin_edit(pipe)
         with torch.inference_mode():

@@ -24,6 +24,7 @@ from tests.integration.conftest import TEST_ARGS, Server, start_server, stop_ser
 pytestmark = pytest.mark.integration
 
 SEED, SIDE = 5, 64
+LORA_ID = "qwen-image-edit-lora"
 # Four heads, so Ulysses 2 gives each rank whole heads (the tiny model has one).
 SHRUNK_4_HEADS: dict[str, Any] = {
     "transformer": {"num_layers": 2, "attention_head_dim": 16, "num_attention_heads": 4,
@@ -53,7 +54,9 @@ def _png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _single_process_image(args: dict[str, Any], reference: np.ndarray, prompt: str) -> np.ndarray:
+def _single_process_image(
+    args: dict[str, Any], reference: np.ndarray, prompt: str, *, model: str = "qwen-image-edit"
+) -> np.ndarray:
     """The same edit on one process (no Ray): what every parallel shape must reproduce."""
     from serve_app.common.jobs import EditJob
     from serve_app.pipeline.loader import load_runner
@@ -61,17 +64,20 @@ def _single_process_image(args: dict[str, Any], reference: np.ndarray, prompt: s
     config = AppConfig.model_validate({**args, "model": {**args["model"], "parallel": {}}})
     runner = load_runner(config.model, config.generation)
     job = EditJob(
-        request_id="ref", model="qwen-image-edit", images=[reference], prompt=prompt,
+        request_id="ref", model=model, images=[reference], prompt=prompt,
         negative_prompt=" ", true_cfg_scale=4.0, num_inference_steps=2, width=SIDE,
         height=SIDE, seeds=[SEED],
     )  # fmt: skip
     return runner.run(job).images[0]
 
 
-def _edit(server: Server, reference: np.ndarray, prompt: str) -> np.ndarray:
+def _edit(
+    server: Server, reference: np.ndarray, prompt: str, *, model: str = "qwen-image-edit"
+) -> np.ndarray:
     client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     result = client.images.edit(
         image=("in.png", _png(reference), "image/png"), prompt=prompt, size=f"{SIDE}x{SIDE}",
+        model=model,
         extra_body={"seed": SEED, "num_inference_steps": 2},
     )  # fmt: skip
     assert result.data is not None and result.data[0].b64_json
@@ -80,8 +86,16 @@ def _edit(server: Server, reference: np.ndarray, prompt: str) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def cfg2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, dict[str, Any]]]:
-    """The tiny model over 2 ranks, CFG split; health checked every second (the kill test)."""
-    args = _args(tmp_path_factory.mktemp("cfg2"), parallel={"gpus": 2})
+    """The tiny model over 2 ranks, CFG split, with a LoRA; health checked every second (the
+    kill test)."""
+    from serve_app.pipeline.tiny import build_tiny_lora, ensure_tiny_model
+
+    lora = build_tiny_lora(ensure_tiny_model(), tmp_path_factory.mktemp("lora"))
+    args = _args(
+        tmp_path_factory.mktemp("cfg2"),
+        parallel={"gpus": 2},
+        model={"loras": [{"name": LORA_ID, "path": str(lora)}]},
+    )
     srv = start_server(
         args=args, deployments=[{"name": "QwenImageEditModel", "health_check_period_s": 1}]
     )
@@ -100,6 +114,19 @@ def test_cfg_split_over_two_ranks_gives_the_single_process_pixels(
     want = _single_process_image(args, reference, "make the sky purple")
     assert got.shape == want.shape == (SIDE, SIDE, 3)
     assert int(np.abs(got.astype(int) - want.astype(int)).max()) <= 1
+
+
+def test_a_lora_over_two_ranks_gives_the_single_process_pixels(
+    cfg2: tuple[Server, dict[str, Any]],
+) -> None:
+    """Every rank loads the adapters and switches to the job's model id (CFG split included)."""
+    server, args = cfg2
+    reference = random_image(40, 48, seed=4)
+    got = _edit(server, reference, "make it snow", model=LORA_ID)
+    want = _single_process_image(args, reference, "make it snow", model=LORA_ID)
+    base = _single_process_image(args, reference, "make it snow")
+    assert int(np.abs(got.astype(int) - want.astype(int)).max()) <= 1
+    assert not np.array_equal(want, base)  # the adapter changed the edit
 
 
 def test_ready_shows_the_ranks(cfg2: tuple[Server, dict[str, Any]]) -> None:
