@@ -13,7 +13,10 @@ each step, so a cancelled or late edit stops on all ranks at the same step.
 
 A rank that dies makes the replica broken (`EngineBroken`: 503 for the request, failed health
 checks, and Serve replaces the replica with its whole placement group; the actors die with it).
-A collective that waits longer than `model.parallel.timeout_s` fails the same way.
+So does a rank that ends an edit early (out of memory, an error) while rank 0 is still in it:
+rank 0 would wait in a collective that cannot complete, so the request is answered at once
+(`watch_rank0`) instead of after `model.parallel.timeout_s`. A collective that waits longer than
+`timeout_s` fails the same way.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from typing import Any
 
 from serve_app.common.config import GenerationConfig, ModelConfig
@@ -41,6 +46,41 @@ from serve_app.engine import (
 from serve_app.pipeline.parallel.plan import ParallelPlan, plan_parallel
 
 logger = logging.getLogger("ray.serve")
+
+# How long rank 0 may take to follow another rank that ended an edit early. Ranks that fail on
+# the same tensors (an out-of-memory error of the same step) end within milliseconds of each
+# other; that is rank 0's own error, answered as such. Past this, rank 0 is stuck.
+EARLY_END_GRACE_S = 5.0
+
+
+def watch_rank0(
+    local: Future[Any],
+    followers: Sequence[Any],
+    *,
+    wait: Callable[[list[Any], float], tuple[list[Any], list[Any]]],
+    outcome: Callable[[Any], str],
+    grace_s: float = EARLY_END_GRACE_S,
+    poll_s: float = 0.2,
+) -> str | None:
+    """Wait for rank 0's run (`local`) while watching the other ranks' runs (`followers`,
+    through `wait` and `outcome`: "ok", "stopped", "oom: ...", "error: ...", "dead: ...").
+
+    Returns None once rank 0 has finished, or why it never will: a rank that ended the edit
+    other than "ok" while rank 0 did not follow within `grace_s`."""
+    pending = list(followers)
+    while not local.done():
+        if not pending:
+            wait_futures([local])
+            break
+        done, pending = wait(pending, poll_s)
+        for ref in done:
+            ended = outcome(ref)
+            if ended == "ok":
+                continue
+            wait_futures([local], timeout=grace_s)
+            if not local.done():
+                return f"a rank ended the edit ({ended[:300]}) while rank 0 was still in it"
+    return None
 
 
 def _free_port() -> int:
@@ -81,6 +121,25 @@ def _device_name() -> str:
     import torch
 
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+def _ray_wait(refs: list[Any], timeout_s: float) -> tuple[list[Any], list[Any]]:
+    import ray
+
+    done, pending = ray.wait(refs, num_returns=1, timeout=timeout_s)
+    return list(done), list(pending)
+
+
+def _ray_outcome(ref: Any) -> str:
+    """A rank's run as `watch_rank0` reads it."""
+    import ray
+    from ray.exceptions import RayError
+
+    try:
+        outcome, error, _ = ray.get(ref)
+    except RayError as exc:
+        return f"dead: {type(exc).__name__}"
+    return outcome if outcome in ("ok", "stopped") else f"{outcome}: {error}"
 
 
 class _Rank:
@@ -216,6 +275,8 @@ class ParallelEngine:
         self._broken: str | None = None
         self._memory: list[MemoryRow] = []
         self._lock = threading.Lock()
+        # Rank 0 runs each edit here, so that the calling thread can watch the other ranks.
+        self._rank0_thread = ThreadPoolExecutor(1, thread_name_prefix="rank0")
 
     def _start(self, refs: list[Any]) -> list[dict[str, Any]]:
         """Rank 0 loads on a thread while the others' starts are watched: a rank that fails to
@@ -252,8 +313,15 @@ class ParallelEngine:
         with self._lock:
             job_ref = ray.put(job)
             refs = [w.run.remote(job_ref) for w in self._workers]
+            local = self._rank0_thread.submit(
+                self._runner.run, job, step_hook=step_hook, on_partial=on_partial
+            )
+            stuck = watch_rank0(local, refs, wait=_ray_wait, outcome=_ray_outcome)
+            if stuck is not None:
+                # Rank 0's thread stays blocked until Serve replaces this replica.
+                self._break(stuck, None)
             try:
-                output = self._runner.run(job, step_hook=step_hook, on_partial=on_partial)
+                output = local.result()
             except BaseException as exc:
                 self._collect(refs, failed=exc)
                 raise
