@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve_app import openapi, playground
 from serve_app.auth import ApiKeyChecker, RequireApiKey, load_api_keys
 from serve_app.config import AppConfig
 from serve_app.errors import (
@@ -598,6 +599,8 @@ def create_app(service: EditService) -> Starlette:
             Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
             Route("/ready", ready, methods=["GET"]),
+            *playground.routes(service.config, auth_enabled=service.api_keys.enabled),
+            *openapi.routes(service.config, auth_enabled=service.api_keys.enabled),
         ],
         exception_handlers={HTTPException: http_error, APIError: api_error},
     )
@@ -605,7 +608,14 @@ def create_app(service: EditService) -> Starlette:
     asgi: ASGIApp = BodySizeLimit(app, max_bytes=limit)
     if service.api_keys.enabled:
         asgi = RequireApiKey(
-            asgi, checker=service.api_keys, open_paths=service.config.auth.open_paths
+            asgi,
+            checker=service.api_keys,
+            # The page and the API description are public; the API they describe is not.
+            open_paths=[
+                *service.config.auth.open_paths,
+                *playground.PUBLIC_PATHS,
+                *openapi.PUBLIC_PATHS,
+            ],
         )
     return asgi  # type: ignore[return-value]
 
