@@ -431,6 +431,7 @@ function resetOutput() {
   $("previews").replaceChildren();
   $("live").hidden = true;
   showTimings([]);
+  $("timings-hint").hidden = true;
 }
 
 // ---- submit -------------------------------------------------------------------------------
@@ -499,6 +500,7 @@ async function runStreamed({ n, seed, mask, t0, signal }) {
   }
   rows.push(["total (browser)", formatMs(performance.now() - t0)]);
   showTimings(rows);
+  $("timings-hint").hidden = false;
 }
 
 async function runBatch({ n, seed, mask, t0, signal }) {
