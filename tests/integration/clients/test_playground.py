@@ -283,6 +283,22 @@ def test_a_bad_size_shows_the_servers_400_message(tab: Tab, pictures: list[Path]
     assert tab.page.is_enabled("#submit")  # ready for the next try
 
 
+def test_stop_cancels_the_edit_and_the_next_one_works(tab: Tab, pictures: list[Path]) -> None:
+    tab.open()
+    tab.enter_key()
+    tab.page.set_input_files("#file-input", [str(pictures[0])])
+    tab.set_fields(prompt="slowly", size="64x64", steps="8", partials="3")
+    tab.page.click("#submit")
+    tab.page.wait_for_selector("#previews img", timeout=EDIT_TIMEOUT_MS)
+    tab.page.click("#stop")
+    tab.page.wait_for_selector("#output[data-state=stopped]")
+    assert tab.result_sizes() == [] and tab.page.is_hidden("#error")
+    # The server let go of the stopped edit: the next one is answered.
+    tab.set_fields(steps="2", partials="1")
+    tab.submit_and_wait()
+    assert tab.result_sizes() == [(64, 64, "64x64")]
+
+
 def test_phone_width(browser: Any, keyed_server: Server, shots: Path, pictures: list[Path]) -> None:
     phone = {"viewport": {"width": 390, "height": 844}, "device_scale_factor": 2}
     with open_tab(browser, keyed_server.url, shots, is_mobile=True, has_touch=True, **phone) as tab:
