@@ -7,8 +7,8 @@ STAMP := $(VENV)/.installed
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 export HF_HUB_OFFLINE ?= 1
-# torchao ships C++ kernels built for one torch (0.17: 2.11); the CPU environment's torch is newer
-# and never runs FP8 (refused without a GPU), so don't load them here.
+# torchao (the fp8 extra, not installed by `make install`) ships C++ kernels built for one torch
+# (0.17: 2.11); a CPU environment never runs FP8 (refused without a GPU), so never load them here.
 export TORCHAO_FORCE_SKIP_LOADING_SO_FILES ?= 1
 
 .PHONY: install run test lint typecheck clean
@@ -18,7 +18,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[serve,lora,test]'
 	touch $(STAMP)
 
 ## Serve the embedded tiny model on CPU at 127.0.0.1:8000.

@@ -4,20 +4,20 @@
                              [--skip-micro] [--json out.json]
 
 It starts the real app (`serve_app.app:build_app`, Ray Serve's HTTP proxy) with the embedded tiny
-model on CPU (random weights: a 1024x1024 edit takes about a second, and its output is noise),
+model on CPU (random weights: a 1024x1024 edit takes seconds, and its output is noise),
 then sends `runs` sequential 1024x1024 edits (n=1, png, b64_json) of one `size`x`size` reference
 PNG: `smooth` is examples/input.png scaled up (as bench/run.py's reference, ~30 KB), `photo`
 adds photo-like texture and grain (~2 MB, as a real photo upload).
 
-Per edit it reads the `Server-Timing` header (falling back to the replica log line
-`edit <id> timings {...}` for servers without it) and splits HTTP - pipeline into:
+Per edit it reads the `Server-Timing` header of the answer and splits HTTP - pipeline into:
 outside the ingress (client, network, Serve's proxy), multipart parse, PNG decode, the handle round
 trip beyond the replica (Ray transfer both ways), queue, the replica outside the pipeline, encode
 (PNG), body (base64 + JSON) and the rest of the ingress. Medians over the runs.
 
 Unless --skip-micro, it first times the image codecs in this process on 1 MP images: encode of a
 noise image (what the tiny model returns), of a photo-like one and of a smooth one (real outputs
-lie between the last two), base64, and decode of the upload.
+lie between the last two), base64, and decode of the upload. `--json` writes everything, e.g.
+bench/results/cpu-tiny-overhead.json (the example header in docs/api.md).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from ray.serve import Application
 from ray.serve.deployment import Deployment
 
 from serve_app.config import AppConfig, load_config
+from serve_app.extras import check_extras
 from serve_app.ingress import Ingress
 from serve_app.model import ImageEditModel
 
@@ -39,6 +40,7 @@ INGRESS_DEPLOYMENT_DEFAULTS: dict[str, Any] = {
 
 def build_app(args: Mapping[str, Any] | None = None) -> Application:
     config: AppConfig = load_config(args)
+    check_extras(config)  # fp8, LoRA, s3/gcs: their extra installed, or a clear error now
     model: Deployment = serve.deployment(name=MODEL_NAME, **MODEL_DEPLOYMENT_DEFAULTS)(
         ImageEditModel
     )

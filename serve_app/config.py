@@ -40,7 +40,11 @@ class ModelConfig(_Strict):
     # tiny: the embedded random-weight model, built on first use (CPU demo and tests).
     # synthetic: real architecture, random weights made on the GPUs (benchmarks, GPU tests).
     source: Literal["local", "tiny", "synthetic"] = "local"
+    # local: a diffusers folder, or a Hugging Face model id (e.g. Qwen/Qwen-Image-Edit-2511)
+    # that the model replica downloads into the Hugging Face cache (HF_HOME) at start.
     path: str | None = None
+    # A Hub branch, tag or commit to pin the model id to; None: the default branch.
+    revision: str | None = None
     served_name: str = DEFAULT_MODEL_NAME
     aliases: list[str] = Field(default_factory=list)
     # auto: "balanced" with 2+ GPUs, "cuda" with one, "cpu" with none.

@@ -131,8 +131,12 @@ def _torchao_fp8(module: Any, filter_fn: Callable[[Any, str], bool]) -> None:
             PerRow,
             quantize_,
         )
-    except ImportError as exc:  # pragma: no cover - torchao is a dependency
-        raise QuantizationError(f"quantization fp8 needs torchao: {exc}") from exc
+    except ImportError as exc:  # pragma: no cover - build_app checks the extra first
+        from serve_app.extras import install_hint
+
+        raise QuantizationError(
+            f"quantization fp8 needs torchao ({exc}): {install_hint('fp8')}"
+        ) from exc
     # set_inductor_config=False: torchao would switch on inductor's coordinate-descent tuning
     # for the whole process, which lengthens the replica's compile at start.
     config = Float8DynamicActivationFloat8WeightConfig(

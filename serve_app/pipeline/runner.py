@@ -10,10 +10,12 @@ import gc
 import json
 import logging
 import math
+import os
+import shutil
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -342,6 +344,12 @@ def load_runner(
             f"quantization {model.quantization} needs GPUs; this replica sees none"
             " (give it ray_actor_options.num_gpus, or set model.quantization: none)"
         )
+    if model.source == "local" and model.path is not None:
+        # A Hugging Face id becomes its snapshot folder (downloaded if missing) from here on.
+        from serve_app.pipeline.hub import resolve_model_path
+
+        resolved = resolve_model_path(model.path, revision=model.revision)
+        model = model.model_copy(update={"path": str(resolved)})
     if model.source == "synthetic":
         return _load_planned(model, generation, gpus, device_map, dtype, t0)
     if model.source == "tiny":
@@ -494,9 +502,29 @@ def _finish(
     return runner
 
 
-def apply_speed_switches(transformers: list[Any], model: ModelConfig) -> list[str]:
+def find_cxx_compiler(
+    *,
+    environ: Mapping[str, str] | None = None,
+    which: Callable[[str], str | None] = shutil.which,
+) -> str | None:
+    """The C++ compiler inductor's C++ wrapper would build with, or None.
+
+    Inductor (torch._inductor.config.cpp.cxx on Linux) takes $CXX, else g++; it looks for no
+    other name, so neither do we.
+    """
+    env = os.environ if environ is None else environ
+    return which(env.get("CXX") or "g++")
+
+
+def apply_speed_switches(
+    transformers: list[Any],
+    model: ModelConfig,
+    *,
+    find_cxx: Callable[[], str | None] = find_cxx_compiler,
+) -> list[str]:
     """Quantization, attention backend, then regional compile (which must see the quantized
-    layers), on every transformer copy; returns log notes."""
+    layers), on every transformer copy; returns log notes. `find_cxx` finds the C++ compiler
+    (tests inject one)."""
     from serve_app.pipeline.quantization import quantize_transformer
     from serve_app.pipeline.rope import install_real_rope
 
@@ -517,7 +545,14 @@ def apply_speed_switches(transformers: list[Any], model: ModelConfig) -> list[st
         else:
             if install_real_rope():
                 notes.append("rotary embedding: real arithmetic (fused by compile)")
-            if model.compile_cpp_wrapper:
+            if model.compile_cpp_wrapper and find_cxx() is None:
+                # A speed switch only (docs/gpu.md): serve without it rather than fail mid-compile.
+                notes.append(
+                    "warning: compile_cpp_wrapper is OFF: no C++ compiler (inductor looks for $CXX,"
+                    " else g++). Install g++ (deploy/Dockerfile does) or set CXX to enable it;"
+                    " outputs are the same, edits a little slower"
+                )
+            elif model.compile_cpp_wrapper:
                 import torch._inductor.config
 
                 torch._inductor.config.cpp_wrapper = True  # process-wide: one pipeline per replica
@@ -529,7 +564,7 @@ def apply_speed_switches(transformers: list[Any], model: ModelConfig) -> list[st
                 " compiled by the warm-up edit"
             )
     for note in notes:
-        logger.info("%s", note)
+        logger.log(logging.WARNING if note.startswith("warning") else logging.INFO, "%s", note)
     return notes
 
 

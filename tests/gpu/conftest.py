@@ -1,7 +1,7 @@
 """GPU tests: skipped (with a reason) where torch sees no CUDA GPU, 2-GPU tests where it sees one.
 
-Run them on a GPU machine: `python -m pytest tests/gpu -v -s` (docs/gpu.md: through the device
-tool, with the devkit for ray/diffusers).
+Run them on a GPU machine with the project installed: `python -m pytest tests/gpu -v -s -rA`
+(docs/gpu.md, "GPU tests").
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _gpu_count() -> int:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     count = _gpu_count()
-    no_gpu = pytest.mark.skip(reason="needs CUDA GPUs (run via the device tool)")
+    no_gpu = pytest.mark.skip(reason="needs CUDA GPUs (docs/gpu.md: on a GPU machine)")
     for item in items:
         if "tests/gpu/" not in item.nodeid.replace("\\", "/"):
             continue

@@ -39,7 +39,7 @@ from serve_app.pipeline.placement import (
     plan_placement,
 )
 from serve_app.pipeline.profiling import StageTimer
-from serve_app.pipeline.runner import apply_speed_switches, load_runner
+from serve_app.pipeline.runner import apply_speed_switches, find_cxx_compiler, load_runner
 
 from .test_synthetic import SHRUNK
 
@@ -423,9 +423,58 @@ def test_cpp_wrapper_switch_sets_inductor_before_compiling(restore_compile_globa
             seen.append(torch._inductor.config.cpp_wrapper)
 
     cfg = model(compile=True, compile_cpp_wrapper=True)
-    notes = apply_speed_switches([Recording(["cuda:0"])], cfg)  # type: ignore[list-item]
+    notes = apply_speed_switches(
+        [Recording(["cuda:0"])],  # type: ignore[list-item]
+        cfg,
+        find_cxx=lambda: "/usr/bin/g++",
+    )
     assert seen == [True]
     assert "compile: inductor C++ wrapper (kernel launches from C++)" in notes
+
+
+def test_cpp_wrapper_stays_off_without_a_compiler(
+    restore_compile_globals: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    import torch._inductor.config
+
+    seen: list[bool] = []
+
+    class Recording(FakeTransformer):
+        def compile_repeated_blocks(self, **kwargs: Any) -> None:
+            seen.append(torch._inductor.config.cpp_wrapper)
+
+    cfg = model(compile=True, compile_cpp_wrapper=True)
+    with caplog.at_level("WARNING", logger="ray.serve"):
+        notes = apply_speed_switches(
+            [Recording(["cuda:0"])],  # type: ignore[list-item]
+            cfg,
+            find_cxx=lambda: None,
+        )
+    # Still compiled, without the wrapper, and the replica log says why and how to fix it.
+    assert seen == [False]
+    (warning,) = [n for n in notes if "compile_cpp_wrapper" in n]
+    assert "no C++ compiler" in warning and "CXX" in warning and "g++" in warning
+    assert any(r.levelname == "WARNING" and "no C++ compiler" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("environ", "found", "expected"),
+    [
+        ({}, {"g++": "/usr/bin/g++"}, "/usr/bin/g++"),
+        (
+            {"CXX": "clang++"},
+            {"clang++": "/opt/llvm/bin/clang++", "g++": "/usr/bin/g++"},
+            "/opt/llvm/bin/clang++",
+        ),
+        # inductor takes $CXX or g++ and nothing else: c++ / clang++ alone are not used.
+        ({}, {"c++": "/usr/bin/c++", "clang++": "/usr/bin/clang++"}, None),
+        ({"CXX": "/missing/g++"}, {"g++": "/usr/bin/g++"}, None),
+    ],
+)
+def test_find_cxx_compiler_looks_where_inductor_does(
+    environ: dict[str, str], found: dict[str, str], expected: str | None
+) -> None:
+    assert find_cxx_compiler(environ=environ, which=found.get) == expected
 
 
 def test_compile_is_skipped_for_a_split_transformer() -> None:

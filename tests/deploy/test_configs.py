@@ -1,0 +1,250 @@
+"""Every Serve config the project ships, checked offline: serve_config.yaml (1 GPU),
+deploy/configs/*.yaml (the other GPU shapes), deploy/local.yaml (make run) and the serveConfigV2
+of the RayService manifests.
+
+Each is validated with Ray's ServeDeploySchema made strict (pydantic ignores unknown keys, so a
+typo would silently fall back to a default) and with our own config loader. The shape files
+must equal serve_config.yaml except in the keys that make the shape, so a change to the common
+part is made everywhere or fails here; and each shape's placement is planned against the cards
+it is meant for, with the same planner the replica runs at start.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import importlib
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, get_args
+
+import pytest
+from pydantic import BaseModel
+from ray.serve.config import AutoscalingConfig
+from ray.serve.schema import ServeDeploySchema
+
+from serve_app.config import load_config
+from serve_app.pipeline.loading import plan_load
+from serve_app.pipeline.placement import GiB, GpuMemory, PlacementError
+from serve_app.pipeline.synthetic import synthetic_component_sizes
+from tests.deploy.files import (
+    AUTOSCALING,
+    LOCAL_CONFIG,
+    MODEL_DEPLOYMENT,
+    RAYSERVICE,
+    README,
+    ROOT,
+    SERVE_CONFIG,
+    SHAPE_CONFIGS,
+    app,
+    deployment,
+    differences,
+    name,
+    serve_config_of,
+)
+
+GPU_CONFIGS = [SERVE_CONFIG, *SHAPE_CONFIGS]
+SERVE_CONFIGS = [*GPU_CONFIGS, LOCAL_CONFIG, RAYSERVICE, AUTOSCALING]
+
+# What a shape file may change in serve_config.yaml (dotted paths, deployments keyed by name).
+_MODEL = "applications.*.args.model"
+_DEP = f"applications.*.deployments.{MODEL_DEPLOYMENT}"
+SHAPE_KEYS = (
+    f"{_DEP}.num_replicas",
+    f"{_DEP}.ray_actor_options.num_gpus",
+    f"{_MODEL}.compile",
+    f"{_MODEL}.compile_dynamic",
+    f"{_MODEL}.compile_cpp_wrapper",
+    f"{_MODEL}.cfg_parallel",
+    f"{_MODEL}.headroom_max_pixels",
+    f"{_MODEL}.headroom_ref_images",
+    f"{_MODEL}.max_memory_gib",
+    f"{_MODEL}.max_memory_gib.*",
+    "applications.*.args.limits.max_output_pixels",
+)
+
+# The cards each GPU config is for (GiB per GPU), and the placement the planner must choose
+# there: (strategy, a second transformer copy for cfg_parallel). README's table says the same.
+CARDS: dict[str, tuple[int, str, bool]] = {
+    "serve_config.yaml": (80, "single", False),
+    "deploy/configs/2gpu-latency.yaml": (80, "components", True),
+    "deploy/configs/2gpu-throughput.yaml": (80, "single", False),
+    "deploy/configs/4gpu.yaml": (80, "components", True),
+    "deploy/configs/8gpu.yaml": (80, "components", True),
+    "deploy/configs/48gb-2gpu.yaml": (48, "components", False),
+    "deploy/configs/40gb-2gpu.yaml": (40, "split", False),
+    "deploy/configs/24gb-4gpu.yaml": (24, "split", False),
+}
+# A card's free memory as a replica sees it: the CUDA context takes about half a GiB.
+CONTEXT_GIB = 0.5
+
+
+def _model_candidates(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models a field's annotation admits (through Optional, Union, List)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _model_candidates(arg)]
+
+
+def _unknown_keys(model: type[BaseModel], data: Any, where: str = "") -> list[str]:
+    """Keys pydantic would silently ignore. `args` stays out: load_config forbids extras."""
+    if not isinstance(data, Mapping):
+        return []
+    fields = model.model_fields
+    known = set(fields) | {f.alias for f in fields.values() if f.alias}
+    unknown = [f"{where}{key}" for key in data if key not in known]
+    for key, value in data.items():
+        if key not in fields:
+            continue
+        candidates = _model_candidates(fields[key].annotation)
+        if len(candidates) != 1:
+            continue
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            suffix = f"[{i}]" if isinstance(value, list) else ""
+            unknown += _unknown_keys(candidates[0], item, f"{where}{key}{suffix}.")
+    return unknown
+
+
+def _gpus(path: Path) -> int:
+    return int(deployment(serve_config_of(path), MODEL_DEPLOYMENT)["ray_actor_options"]["num_gpus"])
+
+
+# --- valid for Ray and for us ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=name)
+def test_serve_config_is_valid_for_ray(path: Path) -> None:
+    config = serve_config_of(path)
+    ServeDeploySchema.model_validate(config)
+    assert _unknown_keys(ServeDeploySchema, config) == []
+    for entry in app(config)["deployments"]:
+        if "autoscaling_config" in entry:
+            # ServeDeploySchema takes autoscaling_config as a plain dict: check it here.
+            AutoscalingConfig.model_validate(entry["autoscaling_config"])
+            assert _unknown_keys(AutoscalingConfig, entry["autoscaling_config"]) == []
+
+
+def test_strict_serve_check_catches_typos() -> None:
+    config = copy.deepcopy(serve_config_of(SERVE_CONFIG))
+    deployment(config, MODEL_DEPLOYMENT)["max_queued_request"] = 8
+    deployment(config, MODEL_DEPLOYMENT)["ray_actor_options"]["num_gpu"] = 1
+    assert _unknown_keys(ServeDeploySchema, config) == [
+        "applications[0].deployments[0].max_queued_request",
+        "applications[0].deployments[0].ray_actor_options.num_gpu",
+    ]
+
+
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=name)
+def test_builder_accepts_the_args(path: Path) -> None:
+    application = app(serve_config_of(path))
+    module_name, _, attr = application["import_path"].partition(":")
+    assert callable(getattr(importlib.import_module(module_name), attr))
+    load_config(application["args"], environ={})
+
+
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=name)
+def test_the_proxy_waits_longer_than_the_app(path: Path) -> None:
+    """Past args.request_timeout_s the app answers 504 OpenAI JSON; the proxy's own timeout
+    (a plain-text 408) must come later, or clients never see the JSON."""
+    config = serve_config_of(path)
+    app_timeout = load_config(app(config)["args"], environ={}).request_timeout_s
+    assert config["http_options"]["request_timeout_s"] > app_timeout
+
+
+# --- the GPU shapes --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", GPU_CONFIGS, ids=name)
+def test_gpu_configs_serve_bf16_by_default(path: Path) -> None:
+    model = load_config(app(serve_config_of(path))["args"], environ={}).model
+    assert (model.quantization, model.dtype, model.source) == ("none", "auto", "local")
+    assert model.path == "Qwen/Qwen-Image-Edit-2511"
+    text = path.read_text()
+    if CARDS[name(path)][0] >= 80:
+        # fp8 (measured on these cards) is one documented line away: the comments say what it
+        # changes.
+        assert "`quantization: fp8`" in text and "relative L2" in text
+        fp8 = copy.deepcopy(app(serve_config_of(path))["args"])
+        fp8["model"]["quantization"] = "fp8"
+        assert load_config(fp8, environ={}).model.quantization == "fp8"
+
+
+@pytest.mark.parametrize("path", SHAPE_CONFIGS, ids=name)
+def test_shape_configs_are_serve_config_yaml_in_another_shape(path: Path) -> None:
+    ours, reference = serve_config_of(path), serve_config_of(SERVE_CONFIG)
+    unexpected = {
+        d
+        for d in differences(ours, reference)
+        if not any(fnmatch.fnmatch(d, p) for p in SHAPE_KEYS)
+    }
+    assert unexpected == set(), f"{name(path)} differs from serve_config.yaml beyond its shape"
+    assert f"serve run {name(path)}" in path.read_text(), "the header says how to run it"
+
+
+def test_shape_check_sees_a_changed_common_key() -> None:
+    reference = serve_config_of(SERVE_CONFIG)
+    changed = copy.deepcopy(reference)
+    app(changed)["args"]["generation"]["default_steps"] = 40
+    deployment(changed, MODEL_DEPLOYMENT)["ray_actor_options"]["num_gpus"] = 2
+    found = differences(changed, reference)
+    assert found == {
+        "applications.qwen-image-edit.args.generation.default_steps",
+        f"applications.qwen-image-edit.deployments.{MODEL_DEPLOYMENT}.ray_actor_options.num_gpus",
+    }
+    assert [d for d in found if not any(fnmatch.fnmatch(d, p) for p in SHAPE_KEYS)] == [
+        "applications.qwen-image-edit.args.generation.default_steps"
+    ]
+
+
+def test_every_gpu_config_has_its_cards() -> None:
+    assert set(CARDS) == {name(p) for p in GPU_CONFIGS}
+
+
+def _plan(path: Path, card_gib: float, **override: Any) -> Any:
+    args = copy.deepcopy(app(serve_config_of(path))["args"])
+    args["model"].update(override)
+    model = load_config(args, environ={}).model
+    gpus = [
+        GpuMemory(i, f"{card_gib} GB", int(card_gib * GiB), int((card_gib - CONTEXT_GIB) * GiB))
+        for i in range(_gpus(path))
+    ]
+    return plan_load(model, synthetic_component_sizes("2511", dtype_bytes=2), gpus)
+
+
+@pytest.mark.parametrize("path", GPU_CONFIGS, ids=name)
+def test_each_shape_places_the_full_model_on_its_cards(path: Path) -> None:
+    """The replica's own planner, on the full-size Qwen-Image-Edit-2511 in bf16 and the free
+    memory of the cards the config is for: it fits, in the documented strategy, with
+    activation headroom for the largest edit the config's limits accept."""
+    card_gib, strategy, cfg_copy = CARDS[name(path)]
+    plan = _plan(path, card_gib)
+    assert plan.placement.strategy == strategy
+    assert (plan.uncond_device is not None) == cfg_copy
+    assert plan.notes == []  # e.g. no "cfg_parallel off: two copies do not fit"
+    assert "cpu" not in plan.placement.device_map.values()
+
+
+def test_24gb_cards_need_the_1mp_limit() -> None:
+    path = ROOT / "deploy/configs/24gb-4gpu.yaml"
+    with pytest.raises(PlacementError):
+        _plan(path, 24, headroom_max_pixels=None)
+
+
+@pytest.mark.parametrize("path", GPU_CONFIGS, ids=name)
+def test_cfg_parallel_only_with_two_gpus_per_replica(path: Path) -> None:
+    model = load_config(app(serve_config_of(path))["args"], environ={}).model
+    if model.cfg_parallel or model.compile_cpp_wrapper:
+        assert _gpus(path) >= 2
+
+
+# --- README's table --------------------------------------------------------------------------
+
+_CONFIG_CELL = re.compile(r"^\|[^|]*\|\s*`(serve_config\.yaml|deploy/configs/[\w.-]+\.yaml)`")
+
+
+def test_readme_table_lists_every_gpu_config() -> None:
+    listed = [m[1] for line in README.read_text().splitlines() if (m := _CONFIG_CELL.match(line))]
+    assert sorted(set(listed)) == sorted(CARDS)
+    assert listed[0] == "serve_config.yaml", "the first row is the one-GPU config"
