@@ -27,7 +27,6 @@ import base64
 import io
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -37,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.run import post_edit
-from serve_app.timing import parse_server_timing
+from bench.run import free_port, post_edit
+from serve_app.common.timing import parse_server_timing
 
 APP = "qwen-image-edit"
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "input.png"
@@ -112,7 +111,7 @@ def _median_ms(fn: Callable[[], Any], repeat: int) -> float:
 
 
 def micro(size: int, repeat: int = 7) -> dict[str, Any]:
-    from serve_app.imaging import decode_image, encode_image
+    from serve_app.ingress.imaging import decode_image, encode_image
 
     out: dict[str, Any] = {}
     for kind, make in (("noise", noise_image), ("photo", photo_image), ("smooth", smooth_image)):
@@ -137,12 +136,6 @@ def micro(size: int, repeat: int = 7) -> dict[str, Any]:
 # The app over HTTP
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def app_args(size: int, steps: int) -> dict[str, Any]:
     return {
         "model": {"source": "tiny", "device_map": "cpu", "dtype": "float32"},
@@ -157,7 +150,7 @@ def start(size: int, steps: int) -> str:
 
     from serve_app.app import build_app
 
-    port = _free_port()
+    port = free_port()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(app_args(size, steps)), name=APP, route_prefix="/")

@@ -12,12 +12,11 @@ short warm-up edit per replica, then times:
 - HTTP end to end (httpx, multipart, as the openai client sends it): a 1024x1024 edit of one
   1024x1024 reference, `steps` steps, true CFG (negative_prompt " ", true_cfg_scale 4), `runs`
   times one after another; median;
-- the bare pipeline call (`EditRunner.run`) of those same requests, from the replica log line
-  `edit <request id> timings {...}`, with its text-encoder / VAE encode / VAE decode / denoising
-  split; serving overhead % = (HTTP - bare) / bare;
-- where the overhead goes: the `Server-Timing` header of each timed edit (ingress parse, decode,
-  model call, replica queue / wall time, pipeline, encode, body; medians in
-  `server_timing_ms_median`);
+- the bare pipeline call (`EditRunner.run`) of those same requests, from the `Server-Timing`
+  header of each (its `pipeline` stage, with the text-encoder / VAE encode / VAE decode / denoising
+  split); serving overhead % = (HTTP - bare) / bare;
+- where the overhead goes: the rest of that header (ingress parse, decode, model call, replica
+  queue / wall time, encode, body; medians in `server_timing_ms_median`);
 - ms per transformer forward = denoising time / (2 x steps) and achieved TFLOP/s from the FLOPs of
   a forward (`bench.flops`, text-token counts from the same tokenizer the replica uses);
 - peak memory per GPU (`nvidia-smi` memory.used, sampled every 0.5 s: weights + activations +
@@ -48,12 +47,11 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from glob import glob
 from pathlib import Path
 from typing import Any
 
 from bench.flops import image_tokens, prompt_tokens, transformer_flops
-from serve_app.timing import parse_server_timing
+from serve_app.common.timing import parse_server_timing
 
 APP = "qwen-image-edit"
 PROMPT = "make the sky purple"
@@ -183,7 +181,7 @@ def reference_png() -> bytes:
     return buf.getvalue()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -327,23 +325,17 @@ def relative_error(image: bytes, reference: bytes) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def replica_timings(rid: str, *, wait_s: float = 10.0) -> dict[str, float] | None:
-    """The runner's `edit <rid> timings {...}` line from the Serve replica logs."""
-    needle = f"edit {rid} timings "
-    deadline = time.monotonic() + wait_s
-    while True:
-        for path in glob("/tmp/ray/session_latest/logs/serve/replica_*"):
-            try:
-                with open(path, errors="replace") as fh:
-                    for line in fh:
-                        if needle in line:
-                            text = line.split(needle, 1)[1].strip()
-                            return dict(json.loads(text[: text.rindex("}") + 1]))
-            except (OSError, ValueError):
-                continue
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(0.5)
+# The pipeline's stages in Server-Timing (the replica's EditOutput.timings_s): the bare pipeline
+# call and its parts.
+PIPELINE_STAGES = ("pipeline", "text_encoder", "vae_encode", "vae_decode", "denoise")
+
+
+def pipeline_timings(server_timing_ms: dict[str, float]) -> dict[str, float] | None:
+    """Seconds per pipeline stage from an edit's Server-Timing stages (ms); None without them."""
+    if "pipeline" not in server_timing_ms:
+        return None
+    ms = server_timing_ms
+    return {k: round(ms[k] / 1000, 4) for k in PIPELINE_STAGES if k in ms}
 
 
 def replica_device_maps(replicas: int, *, tries: int = 40) -> list[dict[str, str]]:
@@ -411,7 +403,7 @@ def run_scenario(
                 result["note"] = f"stopped after {i} timed runs: time limit"
                 break
             edit = edit_http(url, png, steps=steps, seed=100 + i)
-            rid, seconds = edit.rid, edit.seconds
+            seconds = edit.seconds
             server_timings.append(edit.server_timing_ms)
             if i == 0:
                 outputs[sc.name] = edit.image
@@ -421,11 +413,14 @@ def run_scenario(
                 if sc.ref and sc.ref in outputs:
                     result["ref_scenario"] = sc.ref
                     result["rel_err_vs_ref"] = round(relative_error(edit.image, outputs[sc.ref]), 5)
-            timings = replica_timings(rid)
+            timings = pipeline_timings(edit.server_timing_ms)
             latencies.append(seconds)
             if timings:
                 bare.append(timings)
-            print(f"[{sc.name}] run {i}: http {seconds:.2f} s, replica {timings}", flush=True)
+            print(
+                f"[{sc.name}] run {i} ({edit.rid}): http {seconds:.2f} s, pipeline {timings}",
+                flush=True,
+            )
         result["latency_s_all"] = [round(x, 3) for x in latencies]
         # Where the serving overhead goes (ms, medians): the ingress' and replica's stages.
         keys = (
@@ -543,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
 
     png = reference_png()
     sampler = GpuSampler().start()
-    port = _free_port()
+    port = free_port()
     ray.init(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"

@@ -1,7 +1,8 @@
 """The application builder: `serve run serve_app.app:build_app` or serve_config.yaml.
 
-It validates `args` once and wires the two deployments; it is the only module that
-knows both of them. Deployment options here are defaults: serve_config.yaml overrides them.
+It validates `args` once and wires the two deployments, and chooses the engine the model
+deployment runs: it is the only module that knows both deployments and the engine. Deployment
+options here are defaults: serve_config.yaml overrides them.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.deployment import Deployment
 
-from serve_app.config import AppConfig, load_config
-from serve_app.extras import check_extras
-from serve_app.ingress import Ingress
-from serve_app.model import ImageEditModel
+from serve_app.common.config import AppConfig, GenerationConfig, ModelConfig, load_config
+from serve_app.common.extras import check_extras
+from serve_app.engine import Engine
+from serve_app.ingress.deployment import Ingress
+from serve_app.replica.deployment import ImageEditModel
 
 INGRESS_NAME = "OpenAIIngress"
 MODEL_NAME = "QwenImageEditModel"
@@ -38,6 +40,14 @@ INGRESS_DEPLOYMENT_DEFAULTS: dict[str, Any] = {
 }
 
 
+def build_engine(model: ModelConfig, generation: GenerationConfig) -> Engine:
+    """The engine for a config, built in the model replica: one diffusers pipeline in-process
+    (imported here, so that neither the controller nor the ingress ever imports torch)."""
+    from serve_app.pipeline.loader import load_runner
+
+    return load_runner(model, generation)
+
+
 def build_app(args: Mapping[str, Any] | None = None) -> Application:
     config: AppConfig = load_config(args)
     check_extras(config)  # fp8, LoRA, s3/gcs: their extra installed, or a clear error now
@@ -47,4 +57,6 @@ def build_app(args: Mapping[str, Any] | None = None) -> Application:
     ingress: Deployment = serve.deployment(name=INGRESS_NAME, **INGRESS_DEPLOYMENT_DEFAULTS)(
         serve.ingress()(Ingress)
     )
-    return ingress.bind(model.bind(config), config, model_deployment=MODEL_NAME)
+    return ingress.bind(
+        model.bind(config, engine_factory=build_engine), config, model_deployment=MODEL_NAME
+    )

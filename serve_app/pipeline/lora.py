@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from serve_app.config import LoraConfig
+from serve_app.common.config import LoraConfig
 
 logger = logging.getLogger("ray.serve")
 

@@ -2,30 +2,23 @@
 
 A pure planner: plain numbers in (component sizes, per-GPU memory), plain data out (a
 pipeline-level component -> device map, plus an accelerate-style module -> device map when the
-transformer has to be split). Nothing here touches CUDA, so the rules are unit-tested on CPU with
-made-up GPU tables.
+transformer has to be split). No torch, no CUDA, so the rules are unit-tested on CPU with made-up
+GPU tables; the numbers come from `measure` (component sizes, the GPUs' free memory).
 
 Why not diffusers' `device_map="balanced"`: it places whole components round-robin and silently puts
 one that does not fit on the CPU (see field notes). Why not accelerate's `infer_auto_device_map`: it
 needs the module itself, fills GPUs greedily in index order and falls back to CPU; we want explicit
 headroom per GPU, balanced contiguous block ranges and an error instead of a silent CPU fallback.
-`component_sizes_from_configs` does use accelerate (`init_empty_weights`, `compute_module_sizes`) to
-measure the real classes on the meta device.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
-
-if TYPE_CHECKING:
-    from torch import nn
+from typing import Literal
 
 GiB = 1024**3
 
@@ -116,7 +109,7 @@ class PlacementError(Exception):
         self.missing_bytes = missing_bytes
 
 
-def parse_size(value: int | str) -> int:
+def parse_bytes(value: int | str) -> int:
     """Bytes from an int or a string such as "30GiB", "30GB", "512MiB" (accelerate's spelling)."""
     if isinstance(value, int):
         return value
@@ -258,117 +251,6 @@ def format_placement_table(placement: Placement) -> str:
     return "\n".join(out)
 
 
-# --- measuring components on the meta device -------------------------------------------------
-
-_DTYPES_BY_BYTES = {1: "float8_e4m3fn", 2: "bfloat16", 4: "float32"}
-SIZED_COMPONENTS = ("transformer", "text_encoder", "vae")
-
-
-def component_sizes_from_configs(
-    model_dir: str | Path,
-    *,
-    dtype_bytes: int = 2,
-    names: Iterable[str] = SIZED_COMPONENTS,
-    overrides: Mapping[str, Mapping[str, Any]] | None = None,
-    split_components: Iterable[str] = (TRANSFORMER,),
-) -> list[ComponentSize]:
-    """Sizes of the components of a diffusers model folder, measured on the meta device.
-
-    Reads `model_index.json` for each component's class and `<name>/config.json` for its config,
-    builds the real class under accelerate's `init_empty_weights` (no memory is allocated) and
-    counts bytes at `dtype_bytes` per floating-point element with accelerate's
-    `compute_module_sizes`. Works on the bundled configs (`serve_app/pipeline/configs/...`) and on
-    a downloaded model folder alike.
-    `overrides` deep-merges into a component's config (tests shrink models with it).
-    """
-    split = set(split_components)
-    sizes = []
-    for name in names:
-        module = build_empty_component(model_dir, name, overrides=(overrides or {}).get(name))
-        sizes.append(measure_module(name, module, dtype_bytes=dtype_bytes, split=name in split))
-    return sizes
-
-
-def build_empty_component(
-    model_dir: str | Path, name: str, *, overrides: Mapping[str, Any] | None = None
-) -> nn.Module:
-    """The component's real class built from its config with its parameters on the meta device.
-
-    Buffers and plain tensor attributes stay real (CPU): `init_empty_weights` leaves buffers alone,
-    and the transformer's RoPE tables are plain attributes that must not become meta tensors.
-    """
-    from accelerate import init_empty_weights
-
-    cls = component_class(model_dir, name)
-    config = load_component_config(model_dir, name, overrides=overrides)
-    with init_empty_weights():
-        return instantiate(cls, config)
-
-
-def measure_module(name: str, module: nn.Module, *, dtype_bytes: int, split: bool) -> ComponentSize:
-    """Bytes of `module` at `dtype_bytes` per float element, with its placement units if `split`."""
-    import torch
-    from accelerate.utils import compute_module_sizes
-
-    dtype = getattr(torch, _DTYPES_BY_BYTES[dtype_bytes])
-    sizes = compute_module_sizes(module, dtype=dtype)
-    blocks = placement_units(module, sizes) if split else None
-    return ComponentSize(name=name, weight_bytes=int(sizes[""]), blocks=blocks)
-
-
-def placement_units(module: nn.Module, sizes: Mapping[str, int]) -> list[tuple[str, int]]:
-    """The module's top-level children in registration (= forward) order, with every `ModuleList`
-    (the repeated blocks) expanded to its items; root-level parameters become units of their own."""
-    from torch import nn
-
-    units: list[tuple[str, int]] = [
-        (n, int(sizes[n])) for n, _ in module.named_parameters(recurse=False)
-    ]
-    for child_name, child in module.named_children():
-        if isinstance(child, nn.ModuleList):
-            units += [
-                (f"{child_name}.{i}", int(sizes.get(f"{child_name}.{i}", 0)))
-                for i in range(len(child))
-            ]
-        else:
-            units.append((child_name, int(sizes.get(child_name, 0))))
-    return units
-
-
-def component_class(model_dir: str | Path, name: str) -> type:
-    """The class `model_index.json` names for component `name` (e.g. diffusers' VAE class)."""
-    import importlib
-
-    index = json.loads((Path(model_dir) / "model_index.json").read_text())
-    library, class_name = index[name]
-    return getattr(importlib.import_module(library), class_name)
-
-
-def load_component_config(
-    model_dir: str | Path, name: str, *, overrides: Mapping[str, Any] | None = None
-) -> dict[str, Any]:
-    """`<model_dir>/<name>/config.json` as a dict, with `overrides` deep-merged in."""
-    config = json.loads((Path(model_dir) / name / "config.json").read_text())
-    return _deep_merge(config, overrides or {})
-
-
-def instantiate(cls: Any, config: Mapping[str, Any]) -> nn.Module:
-    """Build a diffusers (`from_config`) or transformers (`config_class.from_dict`) model."""
-    if hasattr(cls, "from_config") and hasattr(cls, "load_config"):  # diffusers ModelMixin
-        return cls.from_config(dict(config))
-    return cls(cls.config_class.from_dict(dict(config)))
-
-
-def _deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 # --- planning ---------------------------------------------------------------------------------
 
 
@@ -384,7 +266,7 @@ def _check_components(components: list[ComponentSize], transformer_name: str) ->
 
 
 def _budgets(gpus: list[GpuMemory], max_memory: Mapping[int, int | str] | None) -> dict[int, int]:
-    caps = {int(k): parse_size(v) for k, v in (max_memory or {}).items()}
+    caps = {int(k): parse_bytes(v) for k, v in (max_memory or {}).items()}
     unknown = set(caps) - {g.index for g in gpus}
     if unknown:
         raise ValueError(f"max_memory names GPUs that are not visible: {sorted(unknown)}")

@@ -132,7 +132,7 @@ def _torchao_fp8(module: Any, filter_fn: Callable[[Any, str], bool]) -> None:
             quantize_,
         )
     except ImportError as exc:  # pragma: no cover - build_app checks the extra first
-        from serve_app.extras import install_hint
+        from serve_app.common.extras import install_hint
 
         raise QuantizationError(
             f"quantization fp8 needs torchao ({exc}): {install_hint('fp8')}"

@@ -1,7 +1,8 @@
-"""Loads a Qwen-Image-Edit diffusers pipeline and runs edits on it.
+"""Runs edits on a loaded Qwen-Image-Edit diffusers pipeline: the in-process `Engine`.
 
 This package is the only place that knows diffusers: the model deployment sees `EditRunner`
-(plain `EditJob` in, `EditOutput` out) and nothing else.
+through the engine contract (`serve_app.engine`: plain `EditJob` in, `EditOutput` out) and
+nothing else. `loader.load_runner` builds one from the config.
 """
 
 from __future__ import annotations
@@ -10,22 +11,26 @@ import gc
 import json
 import logging
 import math
-import os
-import shutil
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from serve_app.config import GenerationConfig, ModelConfig
-from serve_app.errors import InvalidRequestError
-from serve_app.jobs import EditJob, EditOutput, ModelInfo
+from serve_app.common.config import GenerationConfig, ModelConfig
+from serve_app.common.errors import InvalidRequestError
+from serve_app.common.jobs import EditJob, EditOutput, ModelInfo, PartialImage
+from serve_app.engine import (
+    EditStopped,
+    EngineBroken,
+    EngineOutOfMemory,
+    MemoryRow,
+    PartialSink,
+    StepHook,
+)
 from serve_app.pipeline.inpaint import inpaint_pipeline, inpaint_size, mask_image
-from serve_app.pipeline.lora import AdapterSwitch, load_adapters
+from serve_app.pipeline.lora import AdapterSwitch
 from serve_app.pipeline.previews import decode_preview, preview_steps
 from serve_app.pipeline.profiling import StageTimer
 from serve_app.pipeline.variants import variant_of
@@ -39,58 +44,6 @@ SUPPORTED_PIPELINES: dict[str, int | None] = {
 }
 # The Plus pipeline encodes each reference at about 1 MP for the VAE.
 _VAE_REFERENCE_PIXELS = 1024 * 1024
-
-
-class EditStopped(Exception):
-    """Raised from the step callback to abandon an edit at once."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class PipelineOutOfMemory(Exception):
-    """The accelerator ran out of memory; the cache was freed and the runner is usable."""
-
-
-class PipelineBroken(Exception):
-    """An unrecoverable device error (e.g. a CUDA fault): the replica must be replaced."""
-
-
-# Called after each denoising step with (steps done, total); returns a reason to stop or None.
-StepHook = Callable[[int, int], str | None]
-PartialSink = Callable[[int, np.ndarray], None]  # (partial_image_index, uint8 RGB preview)
-
-
-def pipeline_class_name(model_dir: str | Path) -> str:
-    index = Path(model_dir) / "model_index.json"
-    if not index.is_file():
-        raise FileNotFoundError(
-            f"{model_dir} is not a diffusers model folder (no model_index.json). Download one"
-            " with `hf download Qwen/Qwen-Image-Edit-2509 --local-dir DIR`."
-        )
-    name = json.loads(index.read_text())["_class_name"]
-    if name not in SUPPORTED_PIPELINES:
-        raise ValueError(
-            f"{model_dir} holds a {name}; supported: {', '.join(SUPPORTED_PIPELINES)}."
-        )
-    return str(name)
-
-
-def resolve_device_map(requested: str, *, gpu_count: int) -> str:
-    if requested != "auto":
-        return requested
-    if gpu_count >= 2:
-        return "balanced"
-    return "cuda" if gpu_count == 1 else "cpu"
-
-
-def _dtype(name: str, *, on_gpu: bool) -> Any:
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if on_gpu else torch.float32
-    return getattr(torch, name)
 
 
 def _vae_reference_tokens(image: np.ndarray, *, multiple: int) -> int:
@@ -119,7 +72,8 @@ def _variant_name(pipe: Any) -> str:
 
 
 class EditRunner:
-    """A loaded pipeline; runs one edit at a time (diffusers pipelines are not thread-safe)."""
+    """A loaded pipeline; runs one edit at a time (diffusers pipelines are not thread-safe).
+    Implements `serve_app.engine.Engine`."""
 
     def __init__(
         self,
@@ -178,15 +132,15 @@ class EditRunner:
                 del exc
                 gc.collect()
                 torch.cuda.empty_cache()
-                raise PipelineOutOfMemory(
+                raise EngineOutOfMemory(
                     f"out of accelerator memory at {job.width}x{job.height}, n={job.n}"
                 ) from None
             except RuntimeError as exc:
                 if "CUDA error" in str(exc) or "device-side assert" in str(exc):
-                    raise PipelineBroken(str(exc)) from exc
+                    raise EngineBroken(str(exc)) from exc
                 raise
 
-    def memory_report(self) -> list[tuple[str, int, int]]:
+    def memory_report(self) -> list[MemoryRow]:
         """(gpu, allocated bytes, peak bytes) for each visible GPU."""
         import torch
 
@@ -220,9 +174,8 @@ class EditRunner:
                     schedule = preview_steps(pipe.num_timesteps, job.partial_images)
                 if step in schedule:
                     preview = decode_preview(pipe, kwargs["latents"], width=work_w, height=work_h)
-                    on_partial(
-                        schedule.index(step), _fit(preview, width=job.width, height=job.height)
-                    )
+                    image = _fit(preview, width=job.width, height=job.height)
+                    on_partial(PartialImage(index=schedule.index(step), image=image))
             return kwargs
 
         if self._stage_timer is not None:
@@ -257,7 +210,6 @@ class EditRunner:
             stages = self._stage_timer.snapshot()
             timings.update(stages)
             timings["denoise"] = max(0.0, elapsed - sum(stages.values()))
-        # One parseable line per edit (bench/run.py reads it from the replica log).
         logger.info(
             "edit %s timings %s",
             job.request_id,
@@ -275,6 +227,7 @@ class EditRunner:
             * (job.width // self._multiple)
             * (job.height // self._multiple),
             timings_s=timings,
+            input_images=len(job.images),
         )
 
     def _pipeline_for(
@@ -306,296 +259,3 @@ class EditRunner:
         if tokenizer is None:
             return 0
         return len(tokenizer(prompt)["input_ids"])
-
-
-def _placement_of(pipe: Any, *, fallback: str) -> dict[str, str]:
-    """Component -> device, from diffusers' hf_device_map (a dict, a device string, or None)."""
-    hf_map = getattr(pipe, "hf_device_map", None)
-    if isinstance(hf_map, dict) and hf_map:
-        return {str(k): str(v) for k, v in hf_map.items()}
-    device = str(hf_map) if hf_map else fallback
-    return {name: device for name in ("transformer", "text_encoder", "vae")}
-
-
-def load_runner(
-    model: ModelConfig,
-    generation: GenerationConfig,
-    *,
-    gpu_probe: Callable[[], list[Any]] | None = None,
-) -> EditRunner:
-    """Load the configured pipeline onto the GPUs this process can see.
-
-    `gpu_probe` returns the visible GPUs' memory (`loading.probe_gpus` by default; tests inject a
-    fake table). With the planner (synthetic source; local source with 2+ GPUs and device_map
-    auto/balanced) the placement table is logged and kept in `ModelInfo.placement_table`.
-    """
-    from serve_app.pipeline.loading import probe_gpus
-
-    t0 = time.perf_counter()
-    probe = gpu_probe or probe_gpus
-    gpus = probe() if model.device_map != "cpu" else []
-    device_map = resolve_device_map(model.device_map, gpu_count=len(gpus))
-    dtype = _dtype(model.dtype, on_gpu=device_map != "cpu")
-    if model.quantization != "none" and device_map == "cpu":
-        # Fail before loading tens of GiB that could not be quantized anyway.
-        from serve_app.pipeline.quantization import QuantizationError
-
-        raise QuantizationError(
-            f"quantization {model.quantization} needs GPUs; this replica sees none"
-            " (give it ray_actor_options.num_gpus, or set model.quantization: none)"
-        )
-    if model.source == "local" and model.path is not None:
-        # A Hugging Face id becomes its snapshot folder (downloaded if missing) from here on.
-        from serve_app.pipeline.hub import resolve_model_path
-
-        resolved = resolve_model_path(model.path, revision=model.revision)
-        model = model.model_copy(update={"path": str(resolved)})
-    if model.source == "synthetic":
-        return _load_planned(model, generation, gpus, device_map, dtype, t0)
-    if model.source == "tiny":
-        from serve_app.pipeline.tiny import ensure_tiny_model
-
-        path = ensure_tiny_model(model.path, variant=model.tiny_variant)
-        logger.warning(
-            "!!! SERVING THE EMBEDDED TINY MODEL WITH RANDOM WEIGHTS (%s): outputs are noise."
-            " Set model.source=local and model.path (or QWEN_MODEL_DIR) for real edits. !!!",
-            path,
-        )
-    else:
-        assert model.path is not None
-        path = Path(model.path)
-        if len(gpus) >= 2 and device_map == "balanced":
-            return _load_planned(model, generation, gpus, device_map, dtype, t0)
-    class_name = pipeline_class_name(path)
-    logger.info(
-        "loading %s from %s: device_map=%s dtype=%s visible GPUs=%d",
-        class_name, path, device_map, dtype, len(gpus),
-    )  # fmt: skip
-    import diffusers
-
-    pipeline_cls = getattr(diffusers, class_name)
-    pipe = pipeline_cls.from_pretrained(str(path), dtype=dtype, device_map=device_map)
-    placement = _placement_of(pipe, fallback=device_map)
-    table = "\n".join(f"  {name:<14} -> {dev}" for name, dev in placement.items())
-    return _finish(pipe, model, generation, placement, table, t0, transformers=None)
-
-
-def _load_planned(
-    model: ModelConfig,
-    generation: GenerationConfig,
-    gpus: list[Any],
-    device_map: str,
-    dtype: Any,
-    t0: float,
-) -> EditRunner:
-    """Synthetic or local weights through the placement planner (see `loading`)."""
-    from serve_app.pipeline.cfg_parallel import CfgParallelTransformer, replicate_module
-    from serve_app.pipeline.loading import device_labels, load_local_pipeline, plan_load
-    from serve_app.pipeline.placement import PlacementError, component_sizes_from_configs
-
-    if device_map == "cpu":
-        gpus = []
-    elif device_map == "cuda":
-        gpus = gpus[:1]
-    dtype_bytes = dtype.itemsize
-    if model.source == "synthetic":
-        from serve_app.pipeline.synthetic import synthetic_component_sizes
-
-        sizes = synthetic_component_sizes(
-            model.synthetic_variant, dtype_bytes=dtype_bytes, overrides=model.synthetic_overrides
-        )
-        what = f"synthetic Qwen-Image-Edit-{model.synthetic_variant} (random weights)"
-    else:
-        assert model.path is not None
-        sizes = component_sizes_from_configs(model.path, dtype_bytes=dtype_bytes)
-        what = str(model.path)
-    try:
-        plan = plan_load(model, sizes, gpus)
-    except PlacementError as exc:
-        logger.error("cannot place %s on this replica's GPUs: %s", what, exc)
-        raise
-    table = plan.table()
-    logger.info("placement of %s (%s, visible GPUs %d):\n%s", what, dtype, len(gpus), table)
-    if model.source == "synthetic":
-        from serve_app.pipeline.synthetic import build_synthetic_pipeline
-
-        logger.warning(
-            "!!! SYNTHETIC MODEL: real architecture, RANDOM WEIGHTS: outputs are noise"
-            " (benchmarks and GPU tests only). !!!"
-        )
-        pipe: Any = build_synthetic_pipeline(
-            model.synthetic_variant,
-            placement=plan.placement,
-            dtype=dtype,
-            tokenizer_source=_synthetic_tokenizer_source(model.path),
-            overrides=model.synthetic_overrides,
-        )
-    else:
-        assert model.path is not None
-        pipe = load_local_pipeline(
-            model.path, pipeline_class_name(model.path), plan.placement, dtype=dtype
-        )
-    copies = [pipe.transformer]
-    if plan.uncond_device is not None and model.loras:
-        # Adapters are switched on one module; a second copy would not follow them.
-        logger.warning("cfg_parallel is off: it does not combine with LoRAs yet")
-    elif plan.uncond_device is not None:
-        t1 = time.perf_counter()
-        copy = replicate_module(pipe.transformer, plan.uncond_device)
-        copies.append(copy)
-        pipe.transformer = CfgParallelTransformer(pipe.transformer, copy)
-        logger.info(
-            "cfg_parallel: transformer copied to cuda:%d in %.1f s",
-            plan.uncond_device, time.perf_counter() - t1,
-        )  # fmt: skip
-    return _finish(pipe, model, generation, device_labels(plan), table, t0, transformers=copies)
-
-
-def _synthetic_tokenizer_source(path: str | None) -> Path:
-    """A folder with `tokenizer/` (e.g. a downloaded model's), else the embedded tiny model's
-    (built on first use): its BPE, trained on the pipeline's prompt template, gives about the real
-    Qwen tokenizer's text-token count (~220 for a short prompt and one reference)."""
-    if path is not None and (Path(path) / "tokenizer").is_dir():
-        return Path(path)
-    from serve_app.pipeline.tiny import ensure_tiny_model
-
-    return ensure_tiny_model(path)
-
-
-def _finish(
-    pipe: Any,
-    model: ModelConfig,
-    generation: GenerationConfig,
-    placement: dict[str, str],
-    table: str,
-    t0: float,
-    *,
-    transformers: list[Any] | None,
-) -> EditRunner:
-    """Speed switches, stage timers, optional warm-up edit; then the runner is ready."""
-    from serve_app.pipeline.loading import strip_inner_hooks
-
-    pipe.set_progress_bar_config(disable=True)
-    # LoRAs before compile: the compiled blocks then see the adapter layers from the start.
-    load_adapters(pipe, model.loras)
-    copies = transformers if transformers is not None else [pipe.transformer]
-    # Whole-GPU components need only their top-level accelerate hook (see strip_inner_hooks).
-    for module in [*copies, pipe.text_encoder, pipe.vae]:
-        strip_inner_hooks(module)
-    notes = apply_speed_switches(copies, model)
-    if notes:
-        table = "\n".join([table, *notes])
-    runner = EditRunner(
-        pipe,
-        model=model,
-        generation=generation,
-        device_map=placement,
-        placement_table=table,
-        stage_timer=StageTimer.install(pipe),
-    )
-    logger.info(
-        "loaded %s (%s) in %.1f s; placement:\n%s",
-        runner.info.pipeline_class, _variant_name(pipe), time.perf_counter() - t0, table,
-    )  # fmt: skip
-    if model.warmup if model.warmup is not None else model.compile:
-        warm_up(runner, generation)
-    return runner
-
-
-def find_cxx_compiler(
-    *,
-    environ: Mapping[str, str] | None = None,
-    which: Callable[[str], str | None] = shutil.which,
-) -> str | None:
-    """The C++ compiler inductor's C++ wrapper would build with, or None.
-
-    Inductor (torch._inductor.config.cpp.cxx on Linux) takes $CXX, else g++; it looks for no
-    other name, so neither do we.
-    """
-    env = os.environ if environ is None else environ
-    return which(env.get("CXX") or "g++")
-
-
-def apply_speed_switches(
-    transformers: list[Any],
-    model: ModelConfig,
-    *,
-    find_cxx: Callable[[], str | None] = find_cxx_compiler,
-) -> list[str]:
-    """Quantization, attention backend, then regional compile (which must see the quantized
-    layers), on every transformer copy; returns log notes. `find_cxx` finds the C++ compiler
-    (tests inject one)."""
-    from serve_app.pipeline.quantization import quantize_transformer
-    from serve_app.pipeline.rope import install_real_rope
-
-    notes = []
-    reports = [quantize_transformer(t, model.quantization) for t in transformers]
-    if reports and reports[0] is not None:
-        copies = f", each of {len(reports)} copies" if len(reports) > 1 else ""
-        notes.append(reports[0].note() + copies)
-    if model.attention_backend:
-        for transformer in transformers:
-            transformer.set_attention_backend(model.attention_backend)
-        notes.append(f"attention backend: {model.attention_backend}")
-    if model.compile:
-        if any(hasattr(m, "_hf_hook") and _spans_devices(m) for m in transformers):
-            notes.append("compile skipped: the transformer is split across GPUs")
-            if model.quantization != "none":
-                notes.append(f"warning: {model.quantization} without compile is slower than bf16")
-        else:
-            if install_real_rope():
-                notes.append("rotary embedding: real arithmetic (fused by compile)")
-            if model.compile_cpp_wrapper and find_cxx() is None:
-                # A speed switch only (docs/gpu.md): serve without it rather than fail mid-compile.
-                notes.append(
-                    "warning: compile_cpp_wrapper is OFF: no C++ compiler (inductor looks for $CXX,"
-                    " else g++). Install g++ (deploy/Dockerfile does) or set CXX to enable it;"
-                    " outputs are the same, edits a little slower"
-                )
-            elif model.compile_cpp_wrapper:
-                import torch._inductor.config
-
-                torch._inductor.config.cpp_wrapper = True  # process-wide: one pipeline per replica
-                notes.append("compile: inductor C++ wrapper (kernel launches from C++)")
-            for transformer in transformers:
-                transformer.compile_repeated_blocks(fullgraph=True, dynamic=model.compile_dynamic)
-            notes.append(
-                f"compile: transformer blocks (fullgraph, dynamic={model.compile_dynamic}),"
-                " compiled by the warm-up edit"
-            )
-    for note in notes:
-        logger.log(logging.WARNING if note.startswith("warning") else logging.INFO, "%s", note)
-    return notes
-
-
-def _spans_devices(module: Any) -> bool:
-    return len({p.device for p in module.parameters()}) > 1
-
-
-def warm_up(runner: EditRunner, generation: GenerationConfig) -> float:
-    """One small true-CFG edit (2 steps) at the default size with one reference of that size, so
-    compilation and CUDA/cuDNN autotuning happen before the replica reports ready."""
-    side = max(runner.info.size_multiple, int(math.sqrt(generation.auto_size_pixels)))
-    side -= side % runner.info.size_multiple
-    image = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
-    job = EditJob(
-        request_id="warm-up",
-        model=runner.info.served_names[0],
-        images=[image],
-        prompt="warm-up edit",
-        negative_prompt=" ",
-        true_cfg_scale=4.0,
-        num_inference_steps=2,
-        width=side,
-        height=side,
-        seeds=[0],
-    )
-    t0 = time.perf_counter()
-    try:
-        runner.run(job)
-    except Exception:
-        logger.exception("warm-up edit failed; the replica cannot start")
-        raise
-    elapsed = time.perf_counter() - t0
-    logger.info("warm-up edit (%dx%d, 2 steps, true CFG) took %.1f s", side, side, elapsed)
-    return elapsed

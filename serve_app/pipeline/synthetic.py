@@ -27,14 +27,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from serve_app.pipeline.placement import (
-    ComponentSize,
-    Device,
-    Placement,
+from serve_app.pipeline.dispatch import dispatch_component, enable_cpu_offload
+from serve_app.pipeline.measure import (
     build_empty_component,
     component_sizes_from_configs,
     load_component_config,
 )
+from serve_app.pipeline.placement import ComponentSize, Device, Placement
 from serve_app.pipeline.tiny import QWEN_SPECIAL_TOKENS
 
 if TYPE_CHECKING:
@@ -124,8 +123,6 @@ def build_synthetic_pipeline(
         scheduler=scheduler, tokenizer=tokenizer, processor=processor, **modules
     )
     if placement.strategy == "cpu_offload":
-        from serve_app.pipeline.loading import enable_cpu_offload
-
         enable_cpu_offload(pipe, placement)
     return pipe
 
@@ -271,8 +268,6 @@ def special_token_ids(tokenizer: Any) -> dict[str, int]:
 
 
 def _dispatch(module: nn.Module, device_map: Mapping[str, Device]) -> None:
-    from serve_app.pipeline.loading import dispatch_component
-
     main = next(iter(device_map.values()))
     dispatch_component(module, device_map, main_device=_torch_device(main))
 

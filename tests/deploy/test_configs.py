@@ -24,9 +24,9 @@ from pydantic import BaseModel
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app.config import load_config
-from serve_app.pipeline.loading import plan_load
+from serve_app.common.config import load_config
 from serve_app.pipeline.placement import GiB, GpuMemory, PlacementError
+from serve_app.pipeline.planning import plan_load
 from serve_app.pipeline.synthetic import synthetic_component_sizes
 from tests.deploy.files import (
     AUTOSCALING,

@@ -22,7 +22,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 from ray.serve.config import AutoscalingConfig
 
-from serve_app.config import ENV_MODEL_DIR, load_config
+from serve_app.common.config import ENV_MODEL_DIR, load_config
 from tests.deploy.files import (
     AUTOSCALING,
     CRD_PATH,

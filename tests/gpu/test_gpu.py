@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from serve_app.config import AppConfig, GenerationConfig, ModelConfig
-from serve_app.errors import InternalError
-from serve_app.jobs import EditJob, EditOutput
+from serve_app.common.config import AppConfig, GenerationConfig, ModelConfig
+from serve_app.common.errors import InternalError
+from serve_app.common.jobs import EditJob, EditOutput
+from tests.fixtures import TRUE_CFG, free_port, make_job, random_image
 
 pytestmark = pytest.mark.gpu
 
@@ -41,19 +42,11 @@ def synthetic(**fields: Any) -> ModelConfig:
 
 
 def job(*, side: int = 1024, ref_side: int = 1024, steps: int = 4, seed: int = 0) -> EditJob:
-    image = np.random.default_rng(seed).integers(0, 256, (ref_side, ref_side, 3), dtype=np.uint8)
-    return EditJob(
-        request_id=f"gpu-test-{side}-{steps}-{seed}",
-        model="qwen-image-edit",
-        images=[image],
-        prompt="make the sky purple",
-        negative_prompt=" ",
-        true_cfg_scale=4.0,
-        num_inference_steps=steps,
-        width=side,
-        height=side,
-        seeds=[seed],
-    )
+    return make_job(
+        request_id=f"gpu-test-{side}-{steps}-{seed}", images=[random_image(ref_side, ref_side, seed)],
+        prompt="make the sky purple", num_inference_steps=steps, width=side, height=side,
+        seeds=[seed], **TRUE_CFG,
+    )  # fmt: skip
 
 
 def check_image(out: EditOutput, side: int = 1024) -> None:
@@ -95,7 +88,7 @@ def free_gpus() -> None:
 
 
 def load(model: ModelConfig) -> Any:
-    from serve_app.pipeline.runner import load_runner
+    from serve_app.pipeline.loader import load_runner
 
     free_gpus()
     t0 = time.perf_counter()
@@ -133,12 +126,12 @@ class TestOneGpu:
     def test_oom_answers_gpu_out_of_memory_then_the_replica_serves(self, runner: Any) -> None:
         import torch
 
-        from serve_app.metrics import NullMetrics
-        from serve_app.model import ImageEditModel
+        from serve_app.common.metrics import NullMetrics
+        from serve_app.replica.deployment import ImageEditModel
 
         model = ImageEditModel(
             AppConfig(model=synthetic(device_map="cuda")),
-            runner_factory=lambda m, g: runner,
+            engine_factory=lambda m, g: runner,
             metrics=NullMetrics(),
         )
         free_gpus()
@@ -271,11 +264,11 @@ def test_ray_serve_two_1gpu_replicas_then_one_2gpu_replica() -> None:
     import ray
     from ray import serve
 
-    from bench.run import APP, GpuSampler, Scenario, _free_port, deploy, edit_http, reference_png
+    from bench.run import APP, GpuSampler, Scenario, deploy, edit_http, reference_png
 
     free_gpus()
     png = reference_png()
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     sampler = GpuSampler().start()
     ray.init(include_dashboard=False, log_to_driver=False)

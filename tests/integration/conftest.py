@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -13,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+
+from tests.fixtures import free_port
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -35,12 +36,6 @@ class Server:
     metrics_url: str = ""
     # (status, error code or None) of every /ready answer seen while the app came up.
     ready_history: list[tuple[int, str | None]] = field(default_factory=list)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _get(url: str) -> tuple[int, dict[str, Any] | None]:
@@ -69,7 +64,7 @@ def start_server(
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     ray.init(
         num_cpus=4,
         include_dashboard=False,

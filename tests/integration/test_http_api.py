@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -12,7 +15,7 @@ import openai
 import pytest
 from PIL import Image
 
-from serve_app.timing import parse_server_timing
+from serve_app.common.timing import parse_server_timing
 from tests.integration.conftest import Server
 
 pytestmark = pytest.mark.integration
@@ -94,6 +97,44 @@ def test_raw_multipart_field_names(server: Server, field: str) -> None:
     assert edit(server, repeated, size="32x32").status_code == 200
 
 
+# The seed server's documented request (docs/migrating.md), as its multi-GPU guide writes it.
+SEED_CURL = (
+    'curl -X POST http://localhost:8000/v1/images/edits -F "prompt=test" -F "images=@test.jpg"'
+)
+
+
+def test_seed_servers_curl_verbatim(server: Server, tmp_path: Path) -> None:
+    Image.new("RGB", (64, 48), (10, 120, 200)).save(tmp_path / "test.jpg", format="JPEG")
+    port = server.url.rsplit(":", 1)[1]
+    command = SEED_CURL.replace("localhost:8000", f"localhost:{port}")
+    done = subprocess.run(
+        f'{command} -s -w "\n%{{http_code}}"',
+        shell=True,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    body, status = done.stdout.rsplit("\n", 1)
+    assert status == "200", body
+    result = json.loads(body)
+    assert decode(result["data"][0]["b64_json"]).format == "PNG"
+    # The fields the seed's clients read, beside OpenAI's.
+    usage = result["usage"]
+    assert (usage["input_images"], usage["generated_images"]) == (1, 1)
+    assert usage["processing_time_seconds"] > 0 and usage["output_tokens"] > 0
+
+
+@pytest.mark.parametrize("field", ["images", "images[]"])
+def test_seed_images_field_with_several_files(server: Server, field: str) -> None:
+    files = [(field, (f"{i}.png", png(), "image/png")) for i in range(2)]
+    resp = edit(server, files, size="32x32", n=2)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["usage"]["input_images"] == 2
+    assert resp.json()["usage"]["generated_images"] == 2
+
+
 @pytest.mark.parametrize("fmt,pil", [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")])
 def test_output_formats_decode_at_the_claimed_size(server: Server, fmt: str, pil: str) -> None:
     resp = edit(
@@ -136,6 +177,19 @@ def test_seed_reproducibility(server: Server) -> None:
     assert a != c
 
 
+def test_openai_client_gets_the_seeds_it_did_not_send(client: openai.OpenAI) -> None:
+    image = ("in.png", png(), "image/png")
+    first = client.images.edit(image=image, prompt="add a hat", size="32x32", n=2)
+    seeds = [(d.model_extra or {})["seed"] for d in first.data]
+    assert seeds[1] == seeds[0] + 1  # image i uses seed + i
+    # Sending the first seed back reproduces the batch, byte for byte, and nothing is echoed.
+    again = client.images.edit(
+        image=image, prompt="add a hat", size="32x32", n=2, extra_body={"seed": seeds[0]}
+    )
+    assert [d.b64_json for d in again.data] == [d.b64_json for d in first.data]
+    assert all("seed" not in (d.model_extra or {}) for d in again.data)
+
+
 @pytest.mark.parametrize(
     "files,data,status,param",
     [
@@ -147,7 +201,8 @@ def test_seed_reproducibility(server: Server) -> None:
         ([("image", ("a.png", png(), "image/png"))], {"n": 4}, 400, "n"),
         ([("image", ("a.png", png(), "image/png"))], {"output_format": "bmp"}, 400, "output_format"),
         ([("image", ("a.png", png(), "image/png"))], {"model": "gpt-image-1"}, 400, "model"),
-        ([("image[]", (f"{i}.png", png(), "image/png")) for i in range(4)], {}, 400, "image"),
+        ([("image[]", (f"{i}.png", png(), "image/png")) for i in range(4)], {}, 400, "image[]"),
+        ([("images", ("a.png", b"not an image", "image/png"))], {}, 400, "images"),
         ([("image", ("a.png", png(1200, 1200, color=None) + b"\0" * (3 * 1024 * 1024), "image/png"))], {}, 413, None),
     ],
 )  # fmt: skip

@@ -19,9 +19,9 @@ import pytest
 from PIL import Image
 
 from serve_app.pipeline.tiny import ensure_tiny_model
+from tests.fakes import png_bytes
 from tests.hub_cache import add_to_hub_cache
 from tests.integration.conftest import APP_NAME, TEST_ARGS, Server, start_server, stop_server
-from tests.unit.fakes import png_bytes
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -23,6 +22,7 @@ import pytest
 from openai.types import ImageEditCompletedEvent, ImageEditPartialImageEvent
 from PIL import Image
 
+from tests.fixtures import free_port
 from tests.integration.conftest import Server
 
 pytestmark = pytest.mark.integration
@@ -37,12 +37,6 @@ ARGS: dict[str, Any] = {
     "storage": {"url": "memory://more-api-images", "ttl_s": 600, "max_total_bytes": 10**6},
     "ready_timeout_s": 2,
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +57,7 @@ def more(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-        serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     port = _get_global_client().http_config.port
     serve.run_many(
         [serve.RunTarget(target=build_app(args), name=APP, route_prefix=PREFIX)],

@@ -10,10 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from serve_app.config import GenerationConfig, ModelConfig
-from serve_app.jobs import EditJob
-from serve_app.pipeline.runner import EditRunner, load_runner
+from serve_app.common.config import GenerationConfig, ModelConfig
+from serve_app.pipeline.loader import load_runner
+from serve_app.pipeline.runner import EditRunner
 from serve_app.pipeline.tiny import build_tiny_lora, ensure_tiny_model
+from tests.fixtures import red_left
 
 TinyModels = Callable[[str], Path]
 
@@ -43,29 +44,6 @@ def make_runner(path: Path, **model: Any) -> EditRunner:
         {"source": "local", "path": str(path), "device_map": "cpu", **model}
     )
     return load_runner(config, GenerationConfig())
-
-
-def red_left(width: int = 48, height: int = 40) -> np.ndarray:
-    image = np.zeros((height, width, 3), np.uint8)
-    image[:, : width // 2] = (220, 30, 30)
-    return image
-
-
-def make_job(**kw: Any) -> EditJob:
-    base: dict[str, Any] = dict(
-        request_id="t",
-        model="qwen-image-edit",
-        images=[red_left()],
-        prompt="make it blue",
-        negative_prompt=None,
-        true_cfg_scale=1.0,
-        num_inference_steps=2,
-        width=32,
-        height=32,
-        seeds=[7],
-    )
-    base.update(kw)
-    return EditJob(**base)
 
 
 def final_latents(

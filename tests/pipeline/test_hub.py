@@ -12,11 +12,12 @@ import pytest
 from huggingface_hub import constants
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-from serve_app.config import GenerationConfig, ModelConfig, load_config
+from serve_app.common.config import GenerationConfig, ModelConfig, load_config
 from serve_app.pipeline.hub import ModelSourceError, resolve_model_path
-from serve_app.pipeline.runner import load_runner
+from serve_app.pipeline.loader import load_runner
+from tests.fixtures import make_job
 from tests.hub_cache import COMMIT, add_to_hub_cache
-from tests.pipeline.conftest import TinyModels, make_job
+from tests.pipeline.conftest import TinyModels
 
 REPO = "test-org/tiny-qwen-image-edit"
 

@@ -9,10 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
+from serve_app.engine import EditStopped
 from serve_app.pipeline.inpaint import inpaint_pipeline, inpaint_size
 from serve_app.pipeline.previews import preview_steps
-from serve_app.pipeline.runner import EditRunner, EditStopped
-from tests.pipeline.conftest import TinyModels, make_job, make_runner, red_left
+from serve_app.pipeline.runner import EditRunner
+from tests.fixtures import make_job, red_left
+from tests.pipeline.conftest import TinyModels, make_runner
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +87,29 @@ def test_runner_mask_edit_uses_the_inpaint_pipeline_at_the_requested_size(
 
 
 def test_runner_rejects_a_mask_that_does_not_fit(runner: EditRunner) -> None:
-    from serve_app.errors import InvalidRequestError
+    from serve_app.common.errors import InvalidRequestError
 
     with pytest.raises(InvalidRequestError):
         runner.run(make_job(mask=left_mask(20, 20)))
     with pytest.raises(InvalidRequestError):
         runner.run(make_job(mask=left_mask(), images=[red_left(), red_left()]))
+
+
+@pytest.mark.parametrize(
+    "steps,count,expected",
+    [
+        (10, 3, [1, 4, 7]),
+        (4, 2, [0, 2]),
+        (8, 1, [3]),
+        (2, 3, [0]),  # short runs send fewer previews; never one on the last step
+        (1, 3, []),
+        (50, 0, []),
+    ],
+)
+def test_preview_steps_are_evenly_spaced_and_never_the_last(
+    steps: int, count: int, expected: list[int]
+) -> None:
+    assert preview_steps(steps, count) == expected
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -100,7 +119,7 @@ def test_previews_arrive_at_the_scheduled_steps(runner: EditRunner, masked: bool
         num_inference_steps=4, partial_images=2, width=48, height=32,
         mask=left_mask() if masked else None,
     )  # fmt: skip
-    out = runner.run(job, on_partial=lambda i, image: previews.append((i, image)))
+    out = runner.run(job, on_partial=lambda p: previews.append((p.index, p.image)))
     assert [i for i, _ in previews] == [0, 1] and len(preview_steps(4, 2)) == 2
     for _, image in previews:
         assert image.shape == (32, 48, 3) and image.dtype == np.uint8

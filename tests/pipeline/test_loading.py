@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -12,52 +11,24 @@ import pytest
 import torch
 from PIL import Image
 
-from serve_app.config import GenerationConfig, ModelConfig
-from serve_app.jobs import EditJob
+from serve_app.common.config import GenerationConfig, ModelConfig
+from serve_app.common.jobs import EditJob
 from serve_app.pipeline import tiny
 from serve_app.pipeline.cfg_parallel import CfgParallelTransformer, move_to, replicate_module
-from serve_app.pipeline.loading import (
-    DEFAULT_HEADROOM_PIXELS,
-    VAE_HEADROOM_MARGIN,
-    LoadPlan,
-    device_labels,
-    headroom_for,
-    load_local_pipeline,
-    max_memory_for,
-    plan_cfg_parallel,
-    plan_load,
-    probe_gpus,
-)
+from serve_app.pipeline.dispatch import load_local_pipeline
+from serve_app.pipeline.loader import load_runner
+from serve_app.pipeline.measure import component_sizes_from_configs
 from serve_app.pipeline.placement import (
-    ComponentSize,
     GiB,
     GpuMemory,
     PlacementError,
-    component_sizes_from_configs,
-    estimate_activation_headroom,
-    estimate_vae_headroom,
     plan_placement,
 )
 from serve_app.pipeline.profiling import StageTimer
-from serve_app.pipeline.runner import apply_speed_switches, find_cxx_compiler, load_runner
+from tests.fixtures import TRUE_CFG, make_job, random_image
 
+from .test_planning import gpus
 from .test_synthetic import SHRUNK
-
-# The full-size model's weights (bf16), from the bundled configs.
-BLOCKS = [("img_in", 2**20)] + [(f"transformer_blocks.{i}", int(0.634 * GiB)) for i in range(60)]
-FULL = [
-    ComponentSize("transformer", sum(b for _, b in BLOCKS), BLOCKS),
-    ComponentSize("text_encoder", int(15.45 * GiB)),
-    ComponentSize("vae", int(0.24 * GiB)),
-]
-
-
-def gpus(*free_gib: float) -> list[GpuMemory]:
-    return [GpuMemory(i, "fake", int(80 * GiB), int(f * GiB)) for i, f in enumerate(free_gib)]
-
-
-def model(**fields: Any) -> ModelConfig:
-    return ModelConfig(**{"source": "synthetic", **fields})
 
 
 @pytest.fixture(scope="module")
@@ -66,114 +37,10 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 
 def edit_job(side: int = 64, steps: int = 2, seed: int = 0) -> EditJob:
-    image = np.random.default_rng(seed).integers(0, 256, (48, 64, 3), dtype=np.uint8)
-    return EditJob(
-        request_id="t",
-        model="qwen-image-edit",
-        images=[image],
-        prompt="make it red",
-        negative_prompt=" ",
-        true_cfg_scale=4.0,
-        num_inference_steps=steps,
-        width=side,
-        height=side,
-        seeds=[seed],
-    )
-
-
-# --- planning ---------------------------------------------------------------------------------
-
-
-def test_headroom_defaults_to_the_largest_edit_the_default_limits_accept() -> None:
-    cfg = model(max_input_images=3)
-    assert headroom_for(cfg) == (
-        estimate_activation_headroom(max_pixels=DEFAULT_HEADROOM_PIXELS, num_ref_images=3),
-        estimate_vae_headroom(max_pixels=DEFAULT_HEADROOM_PIXELS) + VAE_HEADROOM_MARGIN,
-    )
-    small = model(headroom_max_pixels=1024 * 1024, headroom_ref_images=1)
-    assert headroom_for(small)[0] < headroom_for(cfg)[0]
-
-
-def test_max_memory_ignores_gpus_the_replica_does_not_see() -> None:
-    cfg = model(max_memory_gib={0: 30, 1: 30.5})
-    assert max_memory_for(cfg, gpus(80)) == {0: 30 * GiB}
-    assert max_memory_for(cfg, gpus(80, 80)) == {0: 30 * GiB, 1: int(30.5 * GiB)}
-    assert max_memory_for(model(), gpus(80)) is None
-
-
-def test_probe_gpus_uses_the_injected_functions() -> None:
-    table = probe_gpus(
-        device_count=lambda: 2,
-        mem_get_info=lambda i: ((10 + i) * GiB, 80 * GiB),
-        name_of=lambda i: f"GPU{i}",
-    )
-    assert table == [
-        GpuMemory(0, "GPU0", 80 * GiB, 10 * GiB),
-        GpuMemory(1, "GPU1", 80 * GiB, 11 * GiB),
-    ]
-
-
-def test_cfg_parallel_puts_a_copy_on_each_of_two_gpus_and_the_primary_with_the_vae() -> None:
-    plan = plan_cfg_parallel(FULL, gpus(78, 78), headroom=2 * GiB, aux_headroom=3 * GiB)
-    assert plan is not None and plan.uncond_device is not None
-    placement = plan.placement
-    primary = placement.device_map["transformer"]
-    assert {primary, plan.uncond_device} == {0, 1}
-    assert placement.device_map["vae"] == primary
-    # Balanced: the text encoder goes with the copy, the VAE with the primary.
-    assert placement.device_map["text_encoder"] == plan.uncond_device
-    assert placement.bytes_on(0) + placement.bytes_on(1) == 2 * FULL[0].weight_bytes + sum(
-        c.weight_bytes for c in FULL[1:]
-    )
-    table = plan.table()
-    assert "uncond copy (cfg_parallel)" in table and "unconditional pass on cuda:" in table
-
-
-def test_cfg_parallel_needs_room_for_two_copies() -> None:
-    assert plan_cfg_parallel(FULL, gpus(40, 40), headroom=2 * GiB, aux_headroom=3 * GiB) is None
-    cfg = model(cfg_parallel=True, headroom_max_pixels=1024 * 1024, headroom_ref_images=1)
-    plan = plan_load(cfg, FULL, gpus(45, 45))
-    assert plan.uncond_device is None and plan.placement.strategy == "components"
-    assert any("cfg_parallel off" in n for n in plan.notes)
-    assert "cfg_parallel off" in plan.table()
-    one = plan_load(cfg, FULL, gpus(80))
-    assert one.uncond_device is None and "needs 2 GPUs" in one.notes[0]
-
-
-def test_plan_load_respects_max_memory_and_raises_when_nothing_fits() -> None:
-    cfg = model(
-        max_memory_gib={0: 31, 1: 31}, headroom_max_pixels=1024 * 1024, headroom_ref_images=1
-    )
-    plan = plan_load(cfg, FULL, gpus(78, 78))
-    assert plan.placement.strategy == "split"
-    assert all(plan.placement.bytes_on(i) <= 31 * GiB for i in (0, 1))
-    with pytest.raises(PlacementError, match="must sit on one GPU"):
-        plan_load(model(max_memory_gib={0: 20, 1: 20}), FULL, gpus(78, 78))
-    offload = plan_load(
-        model(max_memory_gib={0: 20, 1: 20}, allow_cpu_offload=True), FULL, gpus(78, 78)
-    )
-    assert offload.placement.strategy == "cpu_offload"
-
-
-def test_device_labels(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
-    cfg = model(headroom_max_pixels=1024 * 1024, headroom_ref_images=1)
-    split = plan_load(
-        model(
-            max_memory_gib={0: 31, 1: 31},
-            **cfg.model_dump(include={"headroom_max_pixels", "headroom_ref_images"}),
-        ),
-        FULL,
-        gpus(78, 78),
-    )
-    labels = device_labels(split)
-    assert labels["transformer"] == "cuda:0,cuda:1" and labels["cuda_visible_devices"] == "2,3"
-    parallel = plan_cfg_parallel(FULL, gpus(78, 78), headroom=GiB, aux_headroom=GiB)
-    assert parallel is not None
-    assert device_labels(parallel)["transformer_uncond"] == f"cuda:{parallel.uncond_device}"
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    cpu = LoadPlan(plan_placement(FULL, [], activation_headroom_bytes=0))
-    assert device_labels(cpu) == {"transformer": "cpu", "text_encoder": "cpu", "vae": "cpu"}
+    return make_job(
+        images=[random_image(64, 48, seed)], prompt="make it red", num_inference_steps=steps,
+        width=side, height=side, seeds=[seed], **TRUE_CFG,
+    )  # fmt: skip
 
 
 # --- loading ----------------------------------------------------------------------------------
@@ -259,7 +126,7 @@ def test_synthetic_source_loads_through_the_planner_on_cpu(tiny_dir: pathlib.Pat
 def test_strip_inner_hooks_keeps_only_the_top_level_hook() -> None:
     from accelerate.hooks import AlignDevicesHook, add_hook_to_module, attach_execution_device_hook
 
-    from serve_app.pipeline.loading import strip_inner_hooks
+    from serve_app.pipeline.dispatch import strip_inner_hooks
 
     module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Sequential(torch.nn.Linear(4, 2)))
     x = torch.randn(3, 4)
@@ -361,127 +228,7 @@ def test_move_to_walks_nested_outputs() -> None:
     assert moved["a"][1][1] == 3 and isinstance(moved["b"], Transformer2DModelOutput)
 
 
-# --- speed switches, stage timer --------------------------------------------------------------
-
-
-class FakeTransformer:
-    def __init__(self, devices: list[str], hooked: bool = False) -> None:
-        self._params = [torch.zeros(1, device="cpu") for _ in devices]
-        self._devices = devices
-        if hooked:
-            self._hf_hook = object()
-        self.backend: str | None = None
-        self.compiled: dict[str, Any] | None = None
-
-    def parameters(self) -> Any:
-        class P:
-            def __init__(self, device: str) -> None:
-                self.device = device
-
-        return [P(d) for d in self._devices]
-
-    def set_attention_backend(self, name: str) -> None:
-        self.backend = name
-
-    def compile_repeated_blocks(self, **kwargs: Any) -> None:
-        self.compiled = kwargs
-
-
-@pytest.fixture
-def restore_compile_globals() -> Iterator[None]:
-    """apply_speed_switches patches process-wide state (diffusers' RoPE, inductor's config)."""
-    import torch._inductor.config
-
-    from serve_app.pipeline.rope import uninstall_real_rope
-
-    cpp_wrapper = torch._inductor.config.cpp_wrapper
-    yield
-    uninstall_real_rope()
-    torch._inductor.config.cpp_wrapper = cpp_wrapper
-
-
-def test_speed_switches_apply_to_every_copy(restore_compile_globals: None) -> None:
-    import torch._inductor.config
-
-    copies = [FakeTransformer(["cuda:0"]), FakeTransformer(["cuda:1"])]
-    cfg = model(compile=True, compile_dynamic=True, attention_backend="_native_cudnn")
-    notes = apply_speed_switches(copies, cfg)  # type: ignore[arg-type]
-    assert all(c.backend == "_native_cudnn" for c in copies)
-    assert all(c.compiled == {"fullgraph": True, "dynamic": True} for c in copies)
-    assert any("compile" in n for n in notes)
-    assert "rotary embedding: real arithmetic (fused by compile)" in notes
-    assert not torch._inductor.config.cpp_wrapper
-
-
-def test_cpp_wrapper_switch_sets_inductor_before_compiling(restore_compile_globals: None) -> None:
-    import torch._inductor.config
-
-    seen: list[bool] = []
-
-    class Recording(FakeTransformer):
-        def compile_repeated_blocks(self, **kwargs: Any) -> None:
-            seen.append(torch._inductor.config.cpp_wrapper)
-
-    cfg = model(compile=True, compile_cpp_wrapper=True)
-    notes = apply_speed_switches(
-        [Recording(["cuda:0"])],  # type: ignore[list-item]
-        cfg,
-        find_cxx=lambda: "/usr/bin/g++",
-    )
-    assert seen == [True]
-    assert "compile: inductor C++ wrapper (kernel launches from C++)" in notes
-
-
-def test_cpp_wrapper_stays_off_without_a_compiler(
-    restore_compile_globals: None, caplog: pytest.LogCaptureFixture
-) -> None:
-    import torch._inductor.config
-
-    seen: list[bool] = []
-
-    class Recording(FakeTransformer):
-        def compile_repeated_blocks(self, **kwargs: Any) -> None:
-            seen.append(torch._inductor.config.cpp_wrapper)
-
-    cfg = model(compile=True, compile_cpp_wrapper=True)
-    with caplog.at_level("WARNING", logger="ray.serve"):
-        notes = apply_speed_switches(
-            [Recording(["cuda:0"])],  # type: ignore[list-item]
-            cfg,
-            find_cxx=lambda: None,
-        )
-    # Still compiled, without the wrapper, and the replica log says why and how to fix it.
-    assert seen == [False]
-    (warning,) = [n for n in notes if "compile_cpp_wrapper" in n]
-    assert "no C++ compiler" in warning and "CXX" in warning and "g++" in warning
-    assert any(r.levelname == "WARNING" and "no C++ compiler" in r.message for r in caplog.records)
-
-
-@pytest.mark.parametrize(
-    ("environ", "found", "expected"),
-    [
-        ({}, {"g++": "/usr/bin/g++"}, "/usr/bin/g++"),
-        (
-            {"CXX": "clang++"},
-            {"clang++": "/opt/llvm/bin/clang++", "g++": "/usr/bin/g++"},
-            "/opt/llvm/bin/clang++",
-        ),
-        # inductor takes $CXX or g++ and nothing else: c++ / clang++ alone are not used.
-        ({}, {"c++": "/usr/bin/c++", "clang++": "/usr/bin/clang++"}, None),
-        ({"CXX": "/missing/g++"}, {"g++": "/usr/bin/g++"}, None),
-    ],
-)
-def test_find_cxx_compiler_looks_where_inductor_does(
-    environ: dict[str, str], found: dict[str, str], expected: str | None
-) -> None:
-    assert find_cxx_compiler(environ=environ, which=found.get) == expected
-
-
-def test_compile_is_skipped_for_a_split_transformer() -> None:
-    split = FakeTransformer(["cuda:0", "cuda:1"], hooked=True)
-    notes = apply_speed_switches([split], model(compile=True))  # type: ignore[list-item]
-    assert split.compiled is None and "compile skipped" in notes[0]
-    assert apply_speed_switches([FakeTransformer(["cpu"])], model()) == []  # type: ignore[list-item]
+# --- stage timer -----------------------------------------------------------------------------
 
 
 def test_stage_timer_wraps_the_pipeline_stages() -> None:

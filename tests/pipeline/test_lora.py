@@ -10,10 +10,11 @@ import pydantic
 import pytest
 import torch
 
-from serve_app.config import AppConfig, LoraConfig
+from serve_app.common.config import AppConfig, LoraConfig
 from serve_app.pipeline.lora import AdapterSwitch
 from serve_app.pipeline.runner import EditRunner
-from tests.pipeline.conftest import TinyModels, final_latents, make_job, make_runner, red_left
+from tests.fixtures import make_job, red_left
+from tests.pipeline.conftest import TinyModels, final_latents, make_runner
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from serve_app.pipeline.placement import (
     estimate_activation_headroom,
     estimate_vae_headroom,
     format_placement_table,
-    parse_size,
+    parse_bytes,
     plan_placement,
 )
 
@@ -286,5 +286,5 @@ def test_vae_headroom_estimate_covers_the_measured_peak() -> None:
         ("1.5GiB", 3 * GiB // 2),
     ],
 )
-def test_parse_size(text: str | int, expected: int) -> None:
-    assert parse_size(text) == expected
+def test_parse_bytes(text: str | int, expected: int) -> None:
+    assert parse_bytes(text) == expected

@@ -9,14 +9,15 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from serve_app.config import GenerationConfig, LoraConfig, ModelConfig
+from serve_app.common.config import GenerationConfig, LoraConfig, ModelConfig
+from serve_app.pipeline.loader import load_runner
 from serve_app.pipeline.quantization import (
     QuantizationError,
     check_fp8_devices,
     is_fp8_target,
     quantize_transformer,
 )
-from serve_app.pipeline.runner import apply_speed_switches, load_runner
+from serve_app.pipeline.speed import apply_speed_switches
 from serve_app.pipeline.synthetic import build_component, variant_dir
 
 from .test_synthetic import SHRUNK

@@ -11,15 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from serve_app.pipeline.placement import (
-    ComponentSize,
-    GiB,
-    GpuMemory,
+from serve_app.pipeline.measure import (
     build_empty_component,
     component_class,
     component_sizes_from_configs,
-    plan_placement,
 )
+from serve_app.pipeline.placement import ComponentSize, GiB, GpuMemory, plan_placement
 from serve_app.pipeline.synthetic import (
     MODEL_COMPONENTS,
     QWEN_SPECIAL_TOKENS,

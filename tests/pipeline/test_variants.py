@@ -17,7 +17,8 @@ from serve_app.pipeline.variants import (
     detect_variant,
     variant_from_config,
 )
-from tests.pipeline.conftest import TinyModels, final_latents, make_job, make_runner, red_left
+from tests.fixtures import make_job, red_left
+from tests.pipeline.conftest import TinyModels, final_latents, make_runner
 
 EXPECTED = {
     "edit": (EDIT, "QwenImageEditPipeline", 1, False),

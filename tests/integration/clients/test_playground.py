@@ -10,6 +10,7 @@ import base64
 import contextlib
 import io
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -262,6 +263,10 @@ def test_two_images_n2_without_previews_show_the_server_timing(
     assert [name for name, _ in parts["image[]"]] == ["picture1.png", "picture2.png"]
     assert _field(parts, "n") == "2" and "stream" not in parts
     assert tab.result_sizes() == [(64, 64, "64x64")] * 2
+    # No seed was sent: each card shows the seed the server reports for it (seed, seed + 1).
+    captions = tab.page.eval_on_selector_all(".result .seed", "es => es.map(e => e.textContent)")
+    seeds = [int(m.group(1)) for c in captions if (m := re.search(r"seed (\d+)", c))]
+    assert len(seeds) == 2 and seeds[1] == seeds[0] + 1, captions
     rows = tab.page.inner_text("#timings")
     for stage in ("server: decode", "server: pipeline", "server: total"):
         assert stage in rows

@@ -1,0 +1,212 @@
+"""Typed API errors: what any failure becomes, and how it is written.
+
+Every failure a client can see is an `APIError`. `to_api_error` is the one translation of a
+foreign exception (Starlette's HTTP statuses, Ray's overload and replica-loss errors, anything
+unexpected) into one; `error_body` / `error_response` are the only places that know the wire
+shape `{"error": {"message", "type", "param", "code"}}`. No torch here: both deployments use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
+
+
+class APIError(Exception):
+    """An error with an HTTP status and an OpenAI error type."""
+
+    status_code: int = 500
+    error_type: str = "server_error"
+    default_code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.retry_after_s = retry_after_s
+
+    # Keyword-only __init__ arguments are lost by the default pickling, and these errors
+    # cross Ray process boundaries.
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild,
+            (type(self), self.message, self.param, self.code, self.retry_after_s),
+        )
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_s is None:
+            return {}
+        return {"Retry-After": str(max(1, round(self.retry_after_s)))}
+
+
+def _rebuild(
+    cls: type[APIError],
+    message: str,
+    param: str | None,
+    code: str | None,
+    retry_after_s: float | None,
+) -> APIError:
+    return cls(message, param=param, code=code, retry_after_s=retry_after_s)
+
+
+class InvalidRequestError(APIError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class AuthenticationError(APIError):
+    status_code = 401
+    error_type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "WWW-Authenticate": "Bearer"}
+
+
+class NotFoundError(APIError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class MethodNotAllowedError(APIError):
+    status_code = 405
+    error_type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+
+class PayloadTooLargeError(APIError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    default_code = "payload_too_large"
+
+
+class RateLimitError(APIError):
+    status_code = 429
+    error_type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+
+class InternalError(APIError):
+    status_code = 500
+    error_type = "server_error"
+    default_code = "internal_error"
+
+
+class ServiceUnavailableError(APIError):
+    status_code = 503
+    error_type = "server_error"
+    default_code = "service_unavailable"
+
+
+class TimeoutError_(APIError):
+    """The edit did not finish within the request deadline."""
+
+    status_code = 504
+    error_type = "server_error"
+    default_code = "timeout"
+
+
+class RequestCancelledError(APIError):
+    """The client went away; nobody reads this answer, but the replica stops work on it."""
+
+    status_code = 499
+    error_type = "server_error"
+    default_code = "cancelled"
+
+
+class HTTPStatusError(APIError):
+    """A bare HTTP status that has no class of its own (e.g. a 418 from Starlette)."""
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.error_type = "invalid_request_error" if status_code < 500 else "server_error"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.status_code, self.message))
+
+
+def error_body(error: APIError) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": error.message,
+            "type": error.error_type,
+            "param": error.param,
+            "code": error.code,
+        }
+    }
+
+
+def error_response(error: APIError, *, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """The HTTP answer for `error`: its status, the JSON body, Retry-After / WWW-Authenticate."""
+    return JSONResponse(
+        error_body(error),
+        status_code=error.status_code,
+        headers={**error.headers(), **(headers or {})},
+    )
+
+
+_STATUS_TO_ERROR: dict[int, type[APIError]] = {
+    400: InvalidRequestError,
+    401: AuthenticationError,
+    404: NotFoundError,
+    405: MethodNotAllowedError,
+    413: PayloadTooLargeError,
+    429: RateLimitError,
+    503: ServiceUnavailableError,
+    504: TimeoutError_,
+}
+
+
+def error_for_status(status_code: int, message: str) -> APIError:
+    """An APIError for a bare HTTP status (Starlette's own HTTPExceptions)."""
+    cls = _STATUS_TO_ERROR.get(status_code)
+    return cls(message) if cls is not None else HTTPStatusError(status_code, message)
+
+
+def to_api_error(exc: BaseException, *, retry_after_s: float | None = None) -> APIError:
+    """The APIError a client sees for `exc`: itself if it is one; Starlette's HTTP statuses by
+    status; Ray's back-pressure and lost-replica errors as 503 with `retry_after_s`; anything
+    else a 500 that reveals nothing of `exc` (log it where it is caught)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, HTTPException):
+        return error_for_status(exc.status_code, str(exc.detail))
+    from_ray = _from_ray(exc, retry_after_s=retry_after_s)
+    if from_ray is not None:
+        return from_ray
+    return InternalError("The server had an error while processing your request.")
+
+
+def _from_ray(exc: BaseException, *, retry_after_s: float | None) -> APIError | None:
+    # Imported here: Ray is only ever present where its errors can occur (unit tests of the
+    # ingress run without a cluster, and this module must stay light).
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    if isinstance(exc, BackPressureError):
+        return ServiceUnavailableError(
+            "The server is at capacity; retry after the delay in Retry-After.",
+            code="server_overloaded",
+            retry_after_s=retry_after_s,
+        )
+    lost = ActorDiedError | ActorUnavailableError | RayActorError | DeploymentUnavailableError
+    if isinstance(exc, lost):
+        return ServiceUnavailableError(
+            "The model replica became unavailable; retry the request.",
+            code="replica_unavailable",
+            retry_after_s=retry_after_s,
+        )
+    return None

@@ -1,0 +1,164 @@
+"""The ingress's ASGI middleware, in the order `routes.create_app` lists them (outermost first):
+
+- `RequestMetrics`: route, status and latency of every answer;
+- `RequestId`: the request id (the caller's `x-request-id`, else a new one that is echoed);
+- `OpenAIErrors`: whatever is raised inside becomes OpenAI error JSON (`errors.to_api_error`);
+- `auth.RequireApiKey`: 401 before any body is read;
+- `BodySizeLimit`: 413 once the declared or streamed body passes the limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve_app.common.errors import PayloadTooLargeError, error_response, to_api_error
+from serve_app.common.metrics import IngressMetrics
+
+logger = logging.getLogger("ray.serve")
+
+REQUEST_ID_HEADER = "x-request-id"
+_UNMATCHED_ROUTE = "unmatched"
+
+
+def request_id_of(scope: Scope) -> str:
+    """The id `RequestId` gave the request ("" outside it)."""
+    return str(scope.get("state", {}).get("request_id", ""))
+
+
+class RequestMetrics:
+    """Counts and times every HTTP answer (a stream until its end) by route template, not raw
+    path, so the labels stay few; a client gone before any answer counts as 499."""
+
+    def __init__(self, app: ASGIApp, *, metrics: IngressMetrics, routes: Sequence[BaseRoute]):
+        self.app = app
+        self.metrics = metrics
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status: int | None = None
+
+        async def send_seen(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_seen)
+        except asyncio.CancelledError:
+            status = status or 499  # the client went away before an answer (nginx's code)
+            raise
+        finally:
+            self.metrics.request_done(
+                route=self._route(scope), status=status or 500, seconds=time.perf_counter() - t0
+            )
+
+    def _route(self, scope: Scope) -> str:
+        for route in self.routes:
+            match, _ = route.matches(scope)
+            if match != Match.NONE:  # PARTIAL: the path matched, the method did not (405)
+                return str(getattr(route, "path_format", _UNMATCHED_ROUTE))
+        return _UNMATCHED_ROUTE
+
+
+class RequestId:
+    """Puts the request id in `request.state.request_id`. A caller's `x-request-id` (Serve's
+    proxy sets one and echoes it itself) is kept; otherwise a new id is made and echoed."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
+        request_id = incoming[:128] or f"req_{uuid.uuid4().hex}"
+        scope.setdefault("state", {})["request_id"] = request_id
+        if incoming:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).append(REQUEST_ID_HEADER, request_id)
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+class OpenAIErrors:
+    """Every exception raised inside becomes an OpenAI error answer, never a traceback. Once
+    an answer has started (a stream) nothing can be sent: the exception goes on, logged."""
+
+    def __init__(self, app: ASGIApp, *, retry_after_s: float) -> None:
+        self.app = app
+        self.retry_after_s = retry_after_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_seen(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_seen)
+        except Exception as exc:
+            request_id = request_id_of(scope)
+            if started:
+                logger.exception("request %s failed after its answer started", request_id)
+                raise
+            err = to_api_error(exc, retry_after_s=self.retry_after_s)
+            if err is not exc:
+                logger.error("request %s failed with an unexpected error", request_id, exc_info=exc)
+            elif err.status_code >= 500:
+                logger.warning("request %s failed: %s", request_id, err.message)
+            await error_response(err)(scope, receive, send)
+
+
+class BodySizeLimit:
+    """Answer 413 as soon as a request body passes `max_bytes`, declared or streamed."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = PayloadTooLargeError(
+            f"The request body exceeds the {self.max_bytes}-byte limit.",
+        )
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            raise too_large
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise too_large
+            return message
+
+        await self.app(scope, limited_receive, send)

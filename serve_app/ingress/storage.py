@@ -1,0 +1,173 @@
+"""`response_format=url`: a bounded, expiring image store that every ingress replica can read.
+
+Images live under one fsspec location (a local folder by default; `s3://...`, `gcs://...` or
+`memory://` by config). All state is in the object names, so replicas share nothing but the
+store itself: an id is `img-<created ms>-<32 random hex>.<ext>`, which gives
+
+- expiry without metadata calls: the creation time is in the name, checked on every read;
+- the content type from the extension;
+- unguessable URLs (128 random bits), as OpenAI's result URLs are bearer links.
+
+Every `put` lists the folder, deletes what has expired, then the oldest images until the new
+one fits under `max_total_bytes`. Blocking (fsspec is synchronous): call from a thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from serve_app.common.config import StorageConfig
+from serve_app.common.errors import InternalError, NotFoundError
+
+logger = logging.getLogger("ray.serve")
+
+# The id's shape, also the route's path convertor (so /v1/images/edits etc. stay other routes).
+ID_PATTERN = r"img-\d{13}-[0-9a-f]{32}\.(?:png|jpeg|webp)"
+_ID_RE = re.compile(r"^img-(\d{13})-([0-9a-f]{32})\.(png|jpeg|webp)$")
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    data: bytes
+    content_type: str
+    expires_in_s: float
+
+
+@dataclass(frozen=True)
+class _Entry:
+    path: str
+    created_ms: int
+    size: int
+
+
+def _not_found(image_id: str) -> NotFoundError:
+    return NotFoundError(
+        f"No image '{image_id[:80]}': it never existed or has expired.",
+        param="image_id",
+        code="image_not_found",
+    )
+
+
+class ImageStore:
+    def __init__(
+        self,
+        *,
+        url: str,
+        ttl_s: float,
+        max_total_bytes: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(_expand(url))
+        self._fs: Any = fs
+        self._root = str(root).rstrip("/")
+        self._ttl_ms = int(ttl_s * 1000)
+        self._max_bytes = max_total_bytes
+        self._clock = clock
+        self._fs.makedirs(self._root, exist_ok=True)
+
+    @classmethod
+    def from_config(
+        cls, config: StorageConfig, *, clock: Callable[[], float] = time.time
+    ) -> ImageStore:
+        return cls(
+            url=config.url, ttl_s=config.ttl_s, max_total_bytes=config.max_total_bytes, clock=clock
+        )
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    def put(self, data: bytes, *, output_format: str) -> str:
+        """Store `data`; returns its id. Evicts expired, then oldest, images to make room."""
+        if len(data) > self._max_bytes:
+            # A configuration problem, not the client's: the cap is below one image.
+            raise InternalError(
+                "The image store is too small for this image; ask the operator to raise"
+                " storage.max_total_bytes.",
+                code="image_store_full",
+            )
+        now = self._now_ms()
+        self._make_room(len(data), now_ms=now)
+        image_id = f"img-{now:013d}-{secrets.token_hex(16)}.{output_format}"
+        self._fs.pipe_file(f"{self._root}/{image_id}", data)
+        return image_id
+
+    def get(self, image_id: str) -> StoredImage:
+        """The image, or NotFoundError (404) if the id is malformed, unknown or expired."""
+        match = _ID_RE.match(image_id)
+        if match is None:
+            raise _not_found(image_id)
+        age_ms = self._now_ms() - int(match.group(1))
+        if age_ms >= self._ttl_ms:
+            self._delete(f"{self._root}/{image_id}")
+            raise _not_found(image_id)
+        try:
+            data = self._fs.cat_file(f"{self._root}/{image_id}")
+        except FileNotFoundError:
+            raise _not_found(image_id) from None
+        return StoredImage(
+            data=bytes(data),
+            content_type=CONTENT_TYPES[match.group(3)],
+            expires_in_s=(self._ttl_ms - age_ms) / 1000,
+        )
+
+    def total_bytes(self) -> int:
+        return sum(entry.size for entry in self._entries())
+
+    def _entries(self) -> list[_Entry]:
+        try:
+            listing = self._fs.ls(self._root, detail=True)
+        except FileNotFoundError:
+            return []
+        entries = []
+        for info in listing:
+            name = str(info["name"]).rstrip("/").rsplit("/", 1)[-1]
+            match = _ID_RE.match(name)
+            if match is not None and info.get("type") != "directory":
+                size = int(info.get("size") or 0)
+                entries.append(_Entry(f"{self._root}/{name}", int(match.group(1)), size))
+        return sorted(entries, key=lambda e: (e.created_ms, e.path))
+
+    def _make_room(self, incoming: int, *, now_ms: int) -> None:
+        kept: list[_Entry] = []
+        for entry in self._entries():
+            if now_ms - entry.created_ms >= self._ttl_ms:
+                self._delete(entry.path)
+            else:
+                kept.append(entry)
+        total = sum(entry.size for entry in kept)
+        for entry in kept:  # oldest first
+            if total + incoming <= self._max_bytes:
+                break
+            self._delete(entry.path)
+            total -= entry.size
+
+    def _delete(self, path: str) -> None:
+        # Another replica may have evicted it already.
+        try:
+            self._fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            logger.warning("could not delete %s from the image store", path, exc_info=True)
+
+
+def _expand(url: str) -> str:
+    # A plain local path may start with "~"; URLs with a scheme are left alone.
+    if "://" in url:
+        return url
+    import os
+
+    return os.path.expanduser(url)
+
+
+def image_url(base_url: str, image_id: str) -> str:
+    return f"{base_url.rstrip('/')}/v1/images/{image_id}"

@@ -1,0 +1,127 @@
+"""From a `ModelConfig` to a ready `EditRunner`: resolve the target (GPUs, device map, dtype),
+load through the source's loader (`sources`), then LoRAs, hooks, speed switches and warm-up."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import numpy as np
+
+from serve_app.common.config import GenerationConfig, ModelConfig
+from serve_app.common.jobs import EditJob
+from serve_app.pipeline.dispatch import strip_inner_hooks
+from serve_app.pipeline.lora import load_adapters
+from serve_app.pipeline.measure import GpuProbe, probe_gpus
+from serve_app.pipeline.profiling import StageTimer
+from serve_app.pipeline.runner import EditRunner
+from serve_app.pipeline.sources import LOADERS, LoadedPipeline, Target
+from serve_app.pipeline.speed import apply_speed_switches
+
+logger = logging.getLogger("ray.serve")
+
+
+def load_runner(
+    model: ModelConfig, generation: GenerationConfig, *, gpu_probe: GpuProbe | None = None
+) -> EditRunner:
+    """Load the configured pipeline onto the GPUs this process can see.
+
+    `gpu_probe` returns the visible GPUs' memory (`measure.probe_gpus` by default; tests inject a
+    fake table). With the planner (synthetic source; local source with 2+ GPUs and device_map
+    auto/balanced) the placement table is logged and kept in `ModelInfo.placement_table`.
+    """
+    t0 = time.perf_counter()
+    target = resolve_target(model, gpu_probe or probe_gpus)
+    loaded = LOADERS[model.source](model, target)
+    runner = _finish(loaded, model, generation)
+    logger.info(
+        "loaded %s (%s) in %.1f s; placement:\n%s",
+        runner.info.pipeline_class, runner.info.variant, time.perf_counter() - t0,
+        runner.info.placement_table,
+    )  # fmt: skip
+    if model.warmup if model.warmup is not None else model.compile:
+        warm_up(runner, generation)
+    return runner
+
+
+def resolve_target(model: ModelConfig, gpu_probe: GpuProbe) -> Target:
+    gpus = gpu_probe() if model.device_map != "cpu" else []
+    device_map = resolve_device_map(model.device_map, gpu_count=len(gpus))
+    if model.quantization != "none" and device_map == "cpu":
+        # Fail before loading tens of GiB that could not be quantized anyway.
+        from serve_app.pipeline.quantization import QuantizationError
+
+        raise QuantizationError(
+            f"quantization {model.quantization} needs GPUs; this replica sees none"
+            " (give it ray_actor_options.num_gpus, or set model.quantization: none)"
+        )
+    return Target(
+        gpus=gpus, device_map=device_map, dtype=_dtype(model.dtype, on_gpu=device_map != "cpu")
+    )
+
+
+def resolve_device_map(requested: str, *, gpu_count: int) -> str:
+    if requested != "auto":
+        return requested
+    if gpu_count >= 2:
+        return "balanced"
+    return "cuda" if gpu_count == 1 else "cpu"
+
+
+def _dtype(name: str, *, on_gpu: bool) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if on_gpu else torch.float32
+    return getattr(torch, name)
+
+
+def _finish(loaded: LoadedPipeline, model: ModelConfig, generation: GenerationConfig) -> EditRunner:
+    """LoRAs, hooks, speed switches, stage timers; then the runner."""
+    pipe = loaded.pipe
+    pipe.set_progress_bar_config(disable=True)
+    # LoRAs before compile: the compiled blocks then see the adapter layers from the start.
+    load_adapters(pipe, model.loras)
+    # Whole-GPU components need only their top-level accelerate hook (see strip_inner_hooks).
+    for module in [*loaded.transformers, pipe.text_encoder, pipe.vae]:
+        strip_inner_hooks(module)
+    notes = apply_speed_switches(loaded.transformers, model)
+    return EditRunner(
+        pipe,
+        model=model,
+        generation=generation,
+        device_map=loaded.device_map,
+        placement_table="\n".join([loaded.table, *notes]),
+        stage_timer=StageTimer.install(pipe),
+    )
+
+
+def warm_up(runner: EditRunner, generation: GenerationConfig) -> float:
+    """One small true-CFG edit (2 steps) at the default size with one reference of that size, so
+    compilation and CUDA/cuDNN autotuning happen before the replica reports ready."""
+    side = max(runner.info.size_multiple, int(math.sqrt(generation.auto_size_pixels)))
+    side -= side % runner.info.size_multiple
+    image = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    job = EditJob(
+        request_id="warm-up",
+        model=runner.info.served_names[0],
+        images=[image],
+        prompt="warm-up edit",
+        negative_prompt=" ",
+        true_cfg_scale=4.0,
+        num_inference_steps=2,
+        width=side,
+        height=side,
+        seeds=[0],
+    )
+    t0 = time.perf_counter()
+    try:
+        runner.run(job)
+    except Exception:
+        logger.exception("warm-up edit failed; the replica cannot start")
+        raise
+    elapsed = time.perf_counter() - t0
+    logger.info("warm-up edit (%dx%d, 2 steps, true CFG) took %.1f s", side, side, elapsed)
+    return elapsed

@@ -1,0 +1,83 @@
+"""Speed switches on the loaded transformer copies: fp8 quantization, the attention backend,
+then regional compile (which must see the quantized layers). docs/gpu.md has their effect."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from serve_app.common.config import ModelConfig
+from serve_app.pipeline.quantization import quantize_transformer
+from serve_app.pipeline.rope import install_real_rope
+
+logger = logging.getLogger("ray.serve")
+
+
+def find_cxx_compiler(
+    *,
+    environ: Mapping[str, str] | None = None,
+    which: Callable[[str], str | None] = shutil.which,
+) -> str | None:
+    """The C++ compiler inductor's C++ wrapper would build with, or None.
+
+    Inductor (torch._inductor.config.cpp.cxx on Linux) takes $CXX, else g++; it looks for no
+    other name, so neither do we.
+    """
+    env = os.environ if environ is None else environ
+    return which(env.get("CXX") or "g++")
+
+
+def apply_speed_switches(
+    transformers: list[Any],
+    model: ModelConfig,
+    *,
+    find_cxx: Callable[[], str | None] = find_cxx_compiler,
+) -> list[str]:
+    """Quantization, attention backend, then regional compile (which must see the quantized
+    layers), on every transformer copy; returns log notes. `find_cxx` finds the C++ compiler
+    (tests inject one)."""
+    notes = []
+    reports = [quantize_transformer(t, model.quantization) for t in transformers]
+    if reports and reports[0] is not None:
+        copies = f", each of {len(reports)} copies" if len(reports) > 1 else ""
+        notes.append(reports[0].note() + copies)
+    if model.attention_backend:
+        for transformer in transformers:
+            transformer.set_attention_backend(model.attention_backend)
+        notes.append(f"attention backend: {model.attention_backend}")
+    if model.compile:
+        if any(hasattr(m, "_hf_hook") and _spans_devices(m) for m in transformers):
+            notes.append("compile skipped: the transformer is split across GPUs")
+            if model.quantization != "none":
+                notes.append(f"warning: {model.quantization} without compile is slower than bf16")
+        else:
+            if install_real_rope():
+                notes.append("rotary embedding: real arithmetic (fused by compile)")
+            if model.compile_cpp_wrapper and find_cxx() is None:
+                # A speed switch only (docs/gpu.md): serve without it rather than fail mid-compile.
+                notes.append(
+                    "warning: compile_cpp_wrapper is OFF: no C++ compiler (inductor looks for $CXX,"
+                    " else g++). Install g++ (deploy/Dockerfile does) or set CXX to enable it;"
+                    " outputs are the same, edits a little slower"
+                )
+            elif model.compile_cpp_wrapper:
+                import torch._inductor.config
+
+                torch._inductor.config.cpp_wrapper = True  # process-wide: one pipeline per replica
+                notes.append("compile: inductor C++ wrapper (kernel launches from C++)")
+            for transformer in transformers:
+                transformer.compile_repeated_blocks(fullgraph=True, dynamic=model.compile_dynamic)
+            notes.append(
+                f"compile: transformer blocks (fullgraph, dynamic={model.compile_dynamic}),"
+                " compiled by the warm-up edit"
+            )
+    for note in notes:
+        logger.log(logging.WARNING if note.startswith("warning") else logging.INFO, "%s", note)
+    return notes
+
+
+def _spans_devices(module: Any) -> bool:
+    return len({p.device for p in module.parameters()}) > 1

@@ -1,0 +1,79 @@
+"""Helpers shared by the test packages: one EditJob factory, test images, a free port, the ingress
+app in process."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Coroutine
+from typing import Any
+
+import numpy as np
+import pytest
+from starlette.testclient import TestClient
+
+from serve_app.common.config import AppConfig
+from serve_app.common.jobs import EditJob
+from serve_app.ingress.routes import create_app
+from serve_app.ingress.service import EditService
+from tests.fakes import FakeModelHandle
+
+# True CFG as the model cards run it: two transformer passes per step.
+TRUE_CFG: dict[str, Any] = {"negative_prompt": " ", "true_cfg_scale": 4.0}
+
+
+def red_left(width: int = 48, height: int = 40) -> np.ndarray:
+    """A two-colour RGB image: the left half red, the right half black."""
+    image = np.zeros((height, width, 3), np.uint8)
+    image[:, : width // 2] = (220, 30, 30)
+    return image
+
+
+def random_image(width: int, height: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def make_job(**fields: Any) -> EditJob:
+    """An EditJob with small defaults (one `red_left()` reference, 32x32, 2 steps, seed 7, no true
+    CFG); any field can be given."""
+    defaults: dict[str, Any] = {
+        "request_id": "t",
+        "model": "qwen-image-edit",
+        "images": [red_left()],
+        "prompt": "make it blue",
+        "negative_prompt": None,
+        "true_cfg_scale": 1.0,
+        "num_inference_steps": 2,
+        "width": 32,
+        "height": 32,
+        "seeds": [7],
+    }
+    return EditJob(**{**defaults, **fields})
+
+
+def cancel_after(coro: Coroutine[Any, Any, Any], seconds: float) -> None:
+    """Run `coro` as a task and cancel it after `seconds`, as Serve does when the caller goes
+    away; it must end cancelled."""
+
+    async def main() -> None:
+        task = asyncio.create_task(coro)
+        await asyncio.sleep(seconds)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (other test runs share the machine: never a fixed one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ingress_client(config: dict[str, Any], *, api_keys: list[str] | None = None) -> TestClient:
+    """The ingress app for `config` (AppConfig's fields) over a `FakeModelHandle`, in process;
+    server errors come back as 500 answers, as a client would see them."""
+    service = EditService(model=FakeModelHandle(), config=AppConfig.model_validate(config))
+    return TestClient(create_app(service, api_keys=api_keys), raise_server_exceptions=False)

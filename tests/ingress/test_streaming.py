@@ -1,0 +1,125 @@
+"""stream=true as the ingress writes it: OpenAI's SSE events over a fake model handle."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+from openai.types import ImageEditCompletedEvent, ImageEditPartialImageEvent
+from PIL import Image
+
+from serve_app.common.errors import ServiceUnavailableError
+from serve_app.common.jobs import EditJob, PartialImage
+from tests.fakes import FakeModelHandle
+from tests.ingress.test_ingress import assert_error, make_client, post_edit
+
+
+def parse_sse(body: str) -> list[tuple[str, dict[str, Any]]]:
+    """(event name, data) per frame, as the openai client's SSE decoder splits them."""
+    events = []
+    for frame in body.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in frame.splitlines())
+        events.append((lines["event"], json.loads(lines["data"])))
+    return events
+
+
+# --- the ingress's SSE ---------------------------------------------------------------------
+
+
+def test_stream_sends_openai_partial_and_completed_events() -> None:
+    client, handle = make_client()
+    resp = post_edit(client, stream="true", partial_images=2, size="64x48", seed=5,
+                     output_format="jpeg")  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["content-type"].startswith("text/event-stream")
+    assert handle.options_seen == [{"stream": True}]
+    assert handle.jobs[0].partial_images == 2
+    events = parse_sse(resp.text)
+    assert [name for name, _ in events] == [
+        "image_edit.partial_image",
+        "image_edit.partial_image",
+        "image_edit.completed",
+    ]
+    for name, data in events:
+        assert data["type"] == name  # the client dispatches on `type`
+    partials = [ImageEditPartialImageEvent.model_validate(d) for _, d in events[:2]]
+    done = ImageEditCompletedEvent.model_validate(events[2][1])
+    assert [p.partial_image_index for p in partials] == [0, 1]
+    assert done.size == "64x48" and done.output_format == "jpeg" and done.usage.input_tokens == 3
+    # Strict field sets: exactly OpenAI's, nothing missing.
+    assert set(events[0][1]) == {"type", "b64_json", "partial_image_index", "created_at", "size",
+                                 "quality", "background", "output_format"}  # fmt: skip
+    assert set(events[2][1]) == {"type", "b64_json", "created_at", "size", "quality",
+                                 "background", "output_format", "usage"}  # fmt: skip
+    final = Image.open(io.BytesIO(base64.b64decode(done.b64_json)))
+    assert final.format == "JPEG" and final.size == (64, 48)
+    preview = Image.open(io.BytesIO(base64.b64decode(partials[1].b64_json)))
+    assert preview.size == (64, 48) and preview.getpixel((0, 0))[0] in range(115, 125)
+
+
+def test_stream_without_partials_sends_only_the_completion() -> None:
+    client, _ = make_client()
+    events = parse_sse(post_edit(client, stream="true", size="32x32").text)
+    assert [name for name, _ in events] == ["image_edit.completed"]
+
+
+def test_partial_images_without_stream_is_a_plain_json_answer() -> None:
+    client, handle = make_client()
+    resp = post_edit(client, partial_images=2, size="32x32")
+    assert resp.status_code == 200 and "data" in resp.json()
+    assert handle.jobs[0].partial_images == 0 and handle.options_seen == []
+
+
+def test_error_before_the_first_event_is_an_http_error() -> None:
+    async def overloaded(job: EditJob) -> AsyncIterator[Any]:
+        raise ServiceUnavailableError("full", retry_after_s=3)
+        yield  # an async generator
+
+    client, _ = make_client(FakeModelHandle(edit_stream=overloaded))
+    resp = post_edit(client, stream="true", size="32x32")
+    assert_error(resp, 503, None)
+    assert resp.headers["Retry-After"] == "3"
+
+
+def test_error_after_the_first_event_is_an_error_event() -> None:
+    async def fails_midway(job: EditJob) -> AsyncIterator[Any]:
+        yield PartialImage(index=0, image=np.zeros((job.height, job.width, 3), np.uint8))
+        raise RuntimeError("secret detail")
+
+    client, _ = make_client(FakeModelHandle(edit_stream=fails_midway))
+    resp = post_edit(client, stream="true", partial_images=1, size="32x32")
+    assert resp.status_code == 200
+    events = parse_sse(resp.text)
+    assert [name for name, _ in events] == ["image_edit.partial_image", "error"]
+    err = events[1][1]["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "server_error" and "secret" not in err["message"]
+
+
+def test_stream_that_ends_without_a_result_is_an_error_event() -> None:
+    async def no_result(job: EditJob) -> AsyncIterator[Any]:
+        yield PartialImage(index=0, image=np.zeros((job.height, job.width, 3), np.uint8))
+
+    client, _ = make_client(FakeModelHandle(edit_stream=no_result))
+    events = parse_sse(post_edit(client, stream="true", partial_images=1, size="32x32").text)
+    assert events[-1][0] == "error"
+
+
+def test_stream_validation_errors_are_400() -> None:
+    client, handle = make_client()
+    assert_error(post_edit(client, stream="true", n=2), 400, "n")
+    assert_error(post_edit(client, stream="true", response_format="url"), 400, "response_format")
+    assert_error(post_edit(client, stream="true", partial_images=4), 400, "partial_images")
+    assert handle.jobs == []
+
+
+def test_completed_event_reports_the_seed_when_none_was_sent() -> None:
+    client, handle = make_client()
+    events = parse_sse(post_edit(client, stream="true", size="32x32").text)
+    assert events[-1][1]["seed"] == handle.jobs[0].seeds[0]
+    events = parse_sse(post_edit(client, stream="true", size="32x32", seed=9).text)
+    assert "seed" not in events[-1][1]

@@ -1,0 +1,132 @@
+"""The speed switches (`pipeline.speed`) on fake transformer copies."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from serve_app.pipeline.speed import apply_speed_switches, find_cxx_compiler
+from tests.pipeline.test_planning import model
+
+
+class FakeTransformer:
+    def __init__(self, devices: list[str], hooked: bool = False) -> None:
+        self._params = [torch.zeros(1, device="cpu") for _ in devices]
+        self._devices = devices
+        if hooked:
+            self._hf_hook = object()
+        self.backend: str | None = None
+        self.compiled: dict[str, Any] | None = None
+
+    def parameters(self) -> Any:
+        class P:
+            def __init__(self, device: str) -> None:
+                self.device = device
+
+        return [P(d) for d in self._devices]
+
+    def set_attention_backend(self, name: str) -> None:
+        self.backend = name
+
+    def compile_repeated_blocks(self, **kwargs: Any) -> None:
+        self.compiled = kwargs
+
+
+@pytest.fixture
+def restore_compile_globals() -> Iterator[None]:
+    """apply_speed_switches patches process-wide state (diffusers' RoPE, inductor's config)."""
+    import torch._inductor.config
+
+    from serve_app.pipeline.rope import uninstall_real_rope
+
+    cpp_wrapper = torch._inductor.config.cpp_wrapper
+    yield
+    uninstall_real_rope()
+    torch._inductor.config.cpp_wrapper = cpp_wrapper
+
+
+def test_speed_switches_apply_to_every_copy(restore_compile_globals: None) -> None:
+    import torch._inductor.config
+
+    copies = [FakeTransformer(["cuda:0"]), FakeTransformer(["cuda:1"])]
+    cfg = model(compile=True, compile_dynamic=True, attention_backend="_native_cudnn")
+    notes = apply_speed_switches(copies, cfg)  # type: ignore[arg-type]
+    assert all(c.backend == "_native_cudnn" for c in copies)
+    assert all(c.compiled == {"fullgraph": True, "dynamic": True} for c in copies)
+    assert any("compile" in n for n in notes)
+    assert "rotary embedding: real arithmetic (fused by compile)" in notes
+    assert not torch._inductor.config.cpp_wrapper
+
+
+def test_cpp_wrapper_switch_sets_inductor_before_compiling(restore_compile_globals: None) -> None:
+    import torch._inductor.config
+
+    seen: list[bool] = []
+
+    class Recording(FakeTransformer):
+        def compile_repeated_blocks(self, **kwargs: Any) -> None:
+            seen.append(torch._inductor.config.cpp_wrapper)
+
+    cfg = model(compile=True, compile_cpp_wrapper=True)
+    notes = apply_speed_switches(
+        [Recording(["cuda:0"])],  # type: ignore[list-item]
+        cfg,
+        find_cxx=lambda: "/usr/bin/g++",
+    )
+    assert seen == [True]
+    assert "compile: inductor C++ wrapper (kernel launches from C++)" in notes
+
+
+def test_cpp_wrapper_stays_off_without_a_compiler(
+    restore_compile_globals: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    import torch._inductor.config
+
+    seen: list[bool] = []
+
+    class Recording(FakeTransformer):
+        def compile_repeated_blocks(self, **kwargs: Any) -> None:
+            seen.append(torch._inductor.config.cpp_wrapper)
+
+    cfg = model(compile=True, compile_cpp_wrapper=True)
+    with caplog.at_level("WARNING", logger="ray.serve"):
+        notes = apply_speed_switches(
+            [Recording(["cuda:0"])],  # type: ignore[list-item]
+            cfg,
+            find_cxx=lambda: None,
+        )
+    # Still compiled, without the wrapper, and the replica log says why and how to fix it.
+    assert seen == [False]
+    (warning,) = [n for n in notes if "compile_cpp_wrapper" in n]
+    assert "no C++ compiler" in warning and "CXX" in warning and "g++" in warning
+    assert any(r.levelname == "WARNING" and "no C++ compiler" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("environ", "found", "expected"),
+    [
+        ({}, {"g++": "/usr/bin/g++"}, "/usr/bin/g++"),
+        (
+            {"CXX": "clang++"},
+            {"clang++": "/opt/llvm/bin/clang++", "g++": "/usr/bin/g++"},
+            "/opt/llvm/bin/clang++",
+        ),
+        # inductor takes $CXX or g++ and nothing else: c++ / clang++ alone are not used.
+        ({}, {"c++": "/usr/bin/c++", "clang++": "/usr/bin/clang++"}, None),
+        ({"CXX": "/missing/g++"}, {"g++": "/usr/bin/g++"}, None),
+    ],
+)
+def test_find_cxx_compiler_looks_where_inductor_does(
+    environ: dict[str, str], found: dict[str, str], expected: str | None
+) -> None:
+    assert find_cxx_compiler(environ=environ, which=found.get) == expected
+
+
+def test_compile_is_skipped_for_a_split_transformer() -> None:
+    split = FakeTransformer(["cuda:0", "cuda:1"], hooked=True)
+    notes = apply_speed_switches([split], model(compile=True))  # type: ignore[list-item]
+    assert split.compiled is None and "compile skipped" in notes[0]
+    assert apply_speed_switches([FakeTransformer(["cpu"])], model()) == []  # type: ignore[list-item]
