@@ -202,24 +202,9 @@ def plot_latency(runs: Sequence[Run], peers: Sequence[Peer], out: Path) -> Path:
                     ha="right" if side == "left" else "left", va="center", fontsize=8,
                     arrowprops={"arrowstyle": "-", "color": color, "lw": 0.5, "alpha": 0.6},
                 )  # fmt: skip
-    ax.scatter(
-        [],
-        [],
-        marker="D",
-        s=36,
-        facecolor="#222222",
-        edgecolor="#222222",
-        label="published, same job",
-    )
-    ax.scatter(
-        [],
-        [],
-        marker="D",
-        s=36,
-        facecolor="white",
-        edgecolor="#222222",
-        label="* published, another job",
-    )
+    # One legend entry per kind of peer marker (the markers above carry no label).
+    for face, label in (("#222222", "published, same job"), ("white", "* published, another job")):
+        ax.scatter([], [], marker="D", s=36, facecolor=face, edgecolor="#222222", label=label)
     ax.set_xscale("log", base=2)
     ax.set_xticks(gpu_counts, [str(g) for g in gpu_counts])
     ax.set_xlim(min(gpu_counts) / 3.2, max(gpu_counts) * 3)
