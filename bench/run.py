@@ -1,7 +1,7 @@
 """End-to-end benchmark of the serve app on the GPUs of this machine.
 
     python -m bench.run --scenario "name=1gpu,gpus=1,replicas=2,compile=1,clients=2,rounds=2" \\
-                        --scenario "name=cfg2,gpus=2,replicas=1,compile=1,cfg=1" \\
+                        --scenario "name=cfg2,ranks=2,compile=1" \\
                         [--steps 50] [--runs 3] [--out-dir bench/results]
 
 For each scenario it starts the real app (`serve_app.app:build_app`, model source `synthetic`:
@@ -24,10 +24,14 @@ short warm-up edit per replica, then times:
 - optionally throughput: `clients` concurrent clients, `rounds` requests each (img/min).
 
 Each scenario writes `<out-dir>/<name>.json`. Scenario keys: name, gpus (per replica), replicas,
-compile (0/1), dynamic (compile_dynamic 0/1), cpp (compile_cpp_wrapper 0/1), cfg (cfg_parallel
-0/1), fp8 (quantization fp8 0/1), backend (attention backend), variant (2509/2511), clients,
+compile (0/1), dynamic (compile_dynamic 0/1), cpp (compile_cpp_wrapper 0/1),
+fp8 (quantization fp8 0/1), backend (attention backend), variant (2509/2511), clients,
 rounds, steps, runs, ref (an earlier scenario's name: the first timed output, same seed and
-synthetic weights, is compared with that scenario's, relative L2 error of the pixels).
+synthetic weights, is compared with that scenario's, relative L2 error of the pixels); for one
+replica over several GPUs (one process per GPU, `model.parallel`): ranks (GPUs per replica; with
+gpus=1, or gpus=0 for CPU ranks), cfg and ulysses (degrees, default auto), base (a 1-GPU
+scenario's name: speedup and scaling efficiency against it), restart (1: redeploy after timing and
+time the warm start, the compile cache already on the node).
 """
 
 from __future__ import annotations
@@ -66,13 +70,20 @@ class Scenario:
     replicas: int = 1
     compile: bool = False
     dynamic: bool | None = None  # compile_dynamic
-    cfg: bool = False
     fp8: bool = False
     cpp: bool = False  # compile_cpp_wrapper
     backend: str | None = None
     variant: str = "2511"
     clients: int = 0
     rounds: int = 0
+    # Ranks (one process per GPU) of one replica, model.parallel: gpus; cfg/ulysses: degrees.
+    ranks: int = 1
+    cfg: str = "auto"
+    ulysses: str = "auto"
+    # 1: after timing, redeploy and time the start again (the compile cache is warm then).
+    restart: bool = False
+    # Another scenario's name (one GPU): scaling efficiency = its latency / (ours x ranks).
+    base: str | None = None
     steps: int | None = None
     runs: int | None = None
     # Another scenario's name: this one's first timed output is compared with that one's (same
@@ -85,11 +96,11 @@ class Scenario:
         for item in spec.split(","):
             key, _, value = item.partition("=")
             key = key.strip()
-            if key in ("gpus", "replicas", "clients", "rounds", "steps", "runs"):
+            if key in ("gpus", "replicas", "clients", "rounds", "steps", "runs", "ranks"):
                 fields[key] = int(value)
-            elif key in ("compile", "cfg", "dynamic", "fp8", "cpp"):
+            elif key in ("compile", "dynamic", "fp8", "cpp", "restart"):
                 fields[key] = value.strip().lower() in ("1", "true", "yes", "on")
-            elif key in ("name", "backend", "variant", "ref"):
+            elif key in ("name", "backend", "variant", "ref", "cfg", "ulysses", "base"):
                 fields[key] = value.strip() or None
             else:
                 raise ValueError(f"unknown scenario key {key!r} in {spec!r}")
@@ -97,7 +108,9 @@ class Scenario:
 
     @property
     def mode(self) -> str:
-        parts = ["cfg_parallel"] if self.cfg else []
+        parts = []
+        if self.ranks > 1:
+            parts.append(f"ranks={self.ranks}(cfg={self.cfg},ulysses={self.ulysses})")
         if self.fp8:
             parts.append("fp8")
         parts.append(
@@ -193,6 +206,8 @@ DEPLOY_TIMEOUT_S = 300.0
 OVERRIDES: dict[str, Any] | None = None
 # --images-dir: where each scenario's first timed output goes (not committed: noise images).
 IMAGES_DIR: Path | None = None
+# Median latency of each finished scenario (for `base=`).
+BASE_LATENCY: dict[str, float] = {}
 
 
 def app_config(sc: Scenario, *, steps: int) -> dict[str, Any]:
@@ -201,7 +216,6 @@ def app_config(sc: Scenario, *, steps: int) -> dict[str, Any]:
         "synthetic_variant": sc.variant,
         "device_map": "auto",
         "compile": sc.compile,
-        "cfg_parallel": sc.cfg,
         "quantization": "fp8" if sc.fp8 else "none",
         "compile_cpp_wrapper": sc.cpp,
         "warmup": True,
@@ -212,6 +226,24 @@ def app_config(sc: Scenario, *, steps: int) -> dict[str, Any]:
         model["attention_backend"] = sc.backend
     if OVERRIDES:
         model["synthetic_overrides"] = OVERRIDES
+    deployment: dict[str, Any] = {
+        "name": "QwenImageEditModel",
+        "num_replicas": sc.replicas,
+        "max_ongoing_requests": 1,
+        "max_queued_requests": 16,
+        "ray_actor_options": {"num_cpus": 4 if sc.gpus else 1, "num_gpus": sc.gpus},
+    }
+    if sc.ranks > 1:
+        # One bundle per rank from the builder (model.parallel); the replica takes bundle 0.
+        model["parallel"] = {
+            "gpus": sc.ranks,
+            "cfg": sc.cfg if sc.cfg == "auto" else int(sc.cfg),
+            "ulysses": sc.ulysses if sc.ulysses == "auto" else int(sc.ulysses),
+            "cpus_per_rank": 4 if sc.gpus else 0.5,
+        }
+        if not sc.gpus:
+            model["device_map"] = "cpu"
+        del deployment["ray_actor_options"]
     return {
         "name": APP,
         "route_prefix": "/",
@@ -220,16 +252,7 @@ def app_config(sc: Scenario, *, steps: int) -> dict[str, Any]:
             "model": model,
             "generation": {"default_steps": steps, "max_steps": max(100, steps)},
         },
-        "deployments": [
-            {
-                "name": "QwenImageEditModel",
-                "num_replicas": sc.replicas,
-                "max_ongoing_requests": 1,
-                "max_queued_requests": 16,
-                "ray_actor_options": {"num_cpus": 4 if sc.gpus else 1, "num_gpus": sc.gpus},
-            },
-            {"name": "OpenAIIngress", "num_replicas": 1},
-        ],
+        "deployments": [deployment, {"name": "OpenAIIngress", "num_replicas": 1}],
     }
 
 
@@ -366,11 +389,11 @@ def run_scenario(
 
     result: dict[str, Any] = {
         "name": sc.name,
-        "gpus_per_replica": sc.gpus,
+        "gpus_per_replica": sc.ranks if sc.ranks > 1 else sc.gpus,
         "replicas": sc.replicas,
+        "ranks_per_replica": sc.ranks,
         "mode": sc.mode,
         "compile": sc.compile,
-        "cfg_parallel": sc.cfg,
         "quantization": "fp8" if sc.fp8 else "none",
         "attention_backend": sc.backend,
         "weights": "synthetic-shrunk" if OVERRIDES else "synthetic-full",
@@ -390,6 +413,8 @@ def run_scenario(
         ready = deploy(sc, url, steps=steps, timeout_s=max(60.0, budget))
         result["startup_s"] = round(time.perf_counter() - t0, 1)
         result["ready"] = ready
+        if ready.get("parallel"):
+            result["parallel"] = {k: ready["parallel"][k] for k in ("gpus", "cfg", "ulysses")}
         print(f"[{sc.name}] ready in {result['startup_s']} s: {ready}", flush=True)
         result["replica_device_maps"] = replica_device_maps(sc.replicas)
         print(f"[{sc.name}] replicas: {result['replica_device_maps']}", flush=True)
@@ -448,13 +473,30 @@ def run_scenario(
             result["ms_per_cfg_step"] = round(1000 * per_step, 1)
             result["ms_per_forward"] = round(1000 * per_step / 2, 1)
             result["tflops"] = round(2 * flops_per_forward / per_step / 1e12, 1)
-            if sc.cfg:
-                result["tflops_note"] = "two GPUs: aggregate; ms_per_forward is effective"
+            if sc.ranks > 1:
+                result["tflops_note"] = "several GPUs: aggregate; ms_per_forward is effective"
         result["peak_gib_per_gpu"] = sampler.peaks_gib()
         result["peak_memory_source"] = "nvidia-smi memory.used (weights+activations+cache+context)"
         if sc.clients and sc.rounds:
             result.update(throughput(sc, url, png, steps=steps, deadline=deadline))
             result["peak_gib_per_gpu"] = sampler.peaks_gib()
+        if sc.base and sc.base in BASE_LATENCY and result["latency_s_median"]:
+            one = BASE_LATENCY[sc.base]
+            result["base_scenario"] = sc.base
+            result["speedup_vs_base"] = round(one / result["latency_s_median"], 3)
+            result["scaling_efficiency"] = round(
+                one / (result["latency_s_median"] * max(sc.ranks, sc.gpus)), 3
+            )
+        if result["latency_s_median"]:
+            BASE_LATENCY[sc.name] = result["latency_s_median"]
+        if sc.restart and time.monotonic() < deadline:
+            # The same app again: a restarted replica finds the compile cache on the node.
+            serve.delete(APP)
+            t1 = time.perf_counter()
+            deploy(sc, url, steps=steps, timeout_s=max(60.0, deadline - time.monotonic()))
+            result["startup_cold_s"] = result["startup_s"]
+            result["startup_warm_s"] = round(time.perf_counter() - t1, 1)
+            print(f"[{sc.name}] ready again (warm) in {result['startup_warm_s']} s", flush=True)
     except Exception as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"[:3000]
         print(f"[{sc.name}] FAILED: {result['error']}", flush=True)

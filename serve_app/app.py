@@ -7,6 +7,7 @@ options here are defaults: serve_config.yaml overrides them.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,17 +42,38 @@ INGRESS_DEPLOYMENT_DEFAULTS: dict[str, Any] = {
 
 
 def build_engine(model: ModelConfig, generation: GenerationConfig) -> Engine:
-    """The engine for a config, built in the model replica: one diffusers pipeline in-process
-    (imported here, so that neither the controller nor the ingress ever imports torch)."""
+    """The engine for a config, built in the model replica: one diffusers pipeline in-process,
+    or with `model.parallel.gpus` > 1 rank 0 of a group of rank processes (imported here, so that
+    neither the controller nor the ingress ever imports torch)."""
+    if model.parallel.gpus > 1:
+        from serve_app.pipeline.parallel.engine import ParallelEngine
+
+        return ParallelEngine(model, generation)
     from serve_app.pipeline.loader import load_runner
 
     return load_runner(model, generation)
 
 
+def model_deployment_options(model: ModelConfig) -> dict[str, Any]:
+    """The model deployment's defaults; with several ranks, one placement-group bundle per rank
+    (rank 0, the replica itself, takes bundle 0; `ParallelEngine` puts the others in the rest)."""
+    options = copy.deepcopy(MODEL_DEPLOYMENT_DEFAULTS)
+    parallel = model.parallel
+    if parallel.gpus > 1:
+        gpus = 0 if model.device_map == "cpu" else 1
+        bundle: dict[str, float] = {"CPU": parallel.cpus_per_rank}
+        if gpus:
+            bundle["GPU"] = gpus
+        options["placement_group_bundles"] = [dict(bundle) for _ in range(parallel.gpus)]
+        options["placement_group_strategy"] = parallel.placement_strategy
+        options["ray_actor_options"] = {"num_cpus": parallel.cpus_per_rank, "num_gpus": gpus}
+    return options
+
+
 def build_app(args: Mapping[str, Any] | None = None) -> Application:
     config: AppConfig = load_config(args)
     check_extras(config)  # fp8, LoRA, s3/gcs: their extra installed, or a clear error now
-    model: Deployment = serve.deployment(name=MODEL_NAME, **MODEL_DEPLOYMENT_DEFAULTS)(
+    model: Deployment = serve.deployment(name=MODEL_NAME, **model_deployment_options(config.model))(
         ImageEditModel
     )
     ingress: Deployment = serve.deployment(name=INGRESS_NAME, **INGRESS_DEPLOYMENT_DEFAULTS)(

@@ -39,6 +39,10 @@ class Engine(Protocol):
 
     def memory_report(self) -> list[MemoryRow]: ...
 
+    def check_health(self) -> None:
+        """Raise if the engine can no longer serve (e.g. a rank of a parallel replica died)."""
+        ...
+
 
 # Builds the engine a config asks for (called once, in the model replica).
 EngineFactory = Callable[[ModelConfig, GenerationConfig], Engine]

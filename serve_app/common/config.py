@@ -33,6 +33,30 @@ class LoraConfig(_Strict):
     default_true_cfg_scale: float | None = Field(default=None, ge=0.0)
 
 
+class ParallelConfig(_Strict):
+    """One replica over several GPUs: one process (rank) per GPU, all ranks on every edit.
+
+    The builder turns `gpus` into the model deployment's placement group (one bundle per rank,
+    `placement_strategy`); rank 0 is the Serve replica, the others are Ray actors in the bundles.
+    docs/gpu.md has the shapes and their measured latency."""
+
+    # Ranks (GPUs) per replica. 1: today's single process (with device_map over the GPUs that
+    # `ray_actor_options.num_gpus` gives it, e.g. a transformer split over small cards).
+    gpus: int = Field(default=1, ge=1, le=64)
+    # CFG degree: 2 runs the conditional and unconditional passes on two halves of the ranks.
+    cfg: Literal["auto", 1, 2] = "auto"
+    # Ulysses (sequence) degree inside each CFG half; cfg x ulysses = gpus. auto: gpus / cfg.
+    ulysses: int | Literal["auto"] = "auto"
+    # Where the ranks' bundles go: STRICT_PACK (one node, NVLink), PACK, SPREAD or STRICT_SPREAD
+    # (across nodes: a replica larger than one machine).
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "STRICT_PACK"
+    # CPUs reserved per rank (bundle); rank 0's is also the replica's num_cpus.
+    cpus_per_rank: float = Field(default=4.0, gt=0)
+    # A collective (NCCL/gloo) or a rank that waits longer than this fails the replica, which
+    # Serve then replaces; it bounds how long a dead or wedged rank can hold a request.
+    timeout_s: float = Field(default=300.0, gt=0)
+
+
 class ModelConfig(_Strict):
     """Which pipeline to load and where to put it."""
 
@@ -68,16 +92,15 @@ class ModelConfig(_Strict):
     # torch recompile (~12 s, once per device) the first time an input size changes.
     compile_dynamic: bool | None = None
     # Inductor's C++ wrapper for the compiled blocks (torch._inductor.config.cpp_wrapper, as
-    # TORCHINDUCTOR_CPP_WRAPPER=1): kernels are launched from C++ instead of Python. It matters
-    # where host time limits a step: cfg_parallel's two passes share one Python interpreter
-    # (docs/gpu.md: 13.31 s vs 14.46 s per edit on 2 x H100). Compiling takes longer (ready in
-    # ~120 s instead of ~50 s).
+    # TORCHINDUCTOR_CPP_WRAPPER=1): kernels are launched from C++ instead of Python, which
+    # matters only where host time limits a step (measured -0.9 % on one H100, docs/gpu.md).
+    # Needs a C++ compiler; compiling takes longer (ready in ~90 s instead of ~45 s).
     compile_cpp_wrapper: bool = False
     # diffusers attention dispatcher backend, e.g. "native", "_native_cudnn", "_native_flash",
     # "_native_efficient", "flash" (needs flash-attn), "_flash_3" (FA3). None: diffusers' default.
     attention_backend: str | None = None
-    # With 2+ GPUs: a full transformer copy on each of two GPUs, the conditional and unconditional
-    # passes of each true-CFG step run at the same time. Falls back (logged) if two don't fit.
+    # Removed: CFG on two GPUs is `parallel: {gpus: 2}` (one process per GPU). Kept so that an
+    # old config that sets it gets that message instead of "extra field".
     cfg_parallel: bool = False
     # fp8: the transformer blocks' linear layers get float8 weights and per-token float8
     # activations (torchao; needs compute capability 8.9+: Ada, Hopper, Blackwell). Faster on
@@ -93,6 +116,8 @@ class ModelConfig(_Strict):
     tiny_variant: Literal["edit", "2509", "2511"] = "2509"
     # Loaded once at start; each is chosen per request by its name as `model`.
     loras: list[LoraConfig] = Field(default_factory=list)
+    # Several GPUs per replica as ranks (CFG x Ulysses sequence parallelism).
+    parallel: ParallelConfig = ParallelConfig()
 
     @model_validator(mode="after")
     def _needs_path(self) -> ModelConfig:
@@ -121,6 +146,16 @@ class ModelConfig(_Strict):
             raise ValueError(
                 "model.quantization fp8 needs model.compile: true (eager FP8 measured 1.6x"
                 " slower than bf16 on H100)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _parallel_shape(self) -> ModelConfig:
+        if self.cfg_parallel:
+            raise ValueError(
+                "model.cfg_parallel was removed: for CFG on two GPUs set model.parallel:"
+                " {gpus: 2} (one process per GPU, faster and no C++ compiler needed;"
+                " docs/gpu.md)"
             )
         return self
 

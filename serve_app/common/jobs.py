@@ -7,6 +7,7 @@ stays free of CUDA and Ray serializes images zero-copy.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -65,6 +66,9 @@ class ModelInfo:
     placement_table: str = ""
     # "Qwen-Image-Edit", "Qwen-Image-Edit-2509" or "Qwen-Image-Edit-2511".
     variant: str = ""
+    # A replica over several ranks: {"gpus", "cfg", "ulysses", "ranks": [{rank, node, gpus,
+    # device, cfg_group, ulysses_rank, ...}]}; {} for one process.
+    parallel: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

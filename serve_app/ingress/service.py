@@ -104,6 +104,8 @@ class EditService:
             "placement": info.placement_table.splitlines(),
             "variant": info.variant,
             "loras": [lora.name for lora in self._config.model.loras],
+            # Several GPUs per replica: degrees and, per rank, node, GPU and CFG/Ulysses place.
+            "parallel": info.parallel,
         }
 
     async def list_models(self) -> ModelList:

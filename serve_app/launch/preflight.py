@@ -90,24 +90,25 @@ def demands(config: Mapping[str, Any]) -> list[Demand]:
     """Replicas x resources each deployment of a Serve config file asks for when it starts.
 
     Only what the file states: a deployment the file does not list, or lists without
-    ray_actor_options, keeps the code's defaults (serve_app/app.py asks for no GPU).
+    ray_actor_options, keeps the code's defaults (serve_app/app.py asks for no GPU). One
+    exception: with `args.model.parallel.gpus` N > 1 the builder makes the GPU deployment's
+    replica a placement group of N bundles (one rank each) unless the file lists its own.
     """
     out = []
     for app in config.get("applications") or []:
+        parallel = ((app.get("args") or {}).get("model") or {}).get("parallel") or {}
+        ranks = int(parallel.get("gpus") or 1)
         for dep in app.get("deployments") or []:
             replicas = _start_replicas(dep)
             actor = dep.get("ray_actor_options") or {}
             bundles = dep.get("placement_group_bundles") or []
-            gpus = (
-                sum(float(b.get("GPU", 0)) for b in bundles)
-                if bundles
-                else float(actor.get("num_gpus") or 0)
-            )
-            cpus = (
-                sum(float(b.get("CPU", 0)) for b in bundles)
-                if bundles
-                else float(actor.get("num_cpus") or 0)
-            )
+            gpus = float(actor.get("num_gpus") or 0)
+            cpus = float(actor.get("num_cpus") or 0)
+            if bundles:
+                gpus = sum(float(b.get("GPU", 0)) for b in bundles)
+                cpus = sum(float(b.get("CPU", 0)) for b in bundles)
+            elif ranks > 1 and gpus:
+                gpus, cpus = ranks * gpus, ranks * float(parallel.get("cpus_per_rank") or cpus)
             if replicas and (gpus or cpus):
                 out.append(Demand(str(dep.get("name")), replicas, cpus, gpus))
     return out

@@ -15,6 +15,7 @@ from serve_app.common.jobs import EditJob
 from serve_app.pipeline.dispatch import strip_inner_hooks
 from serve_app.pipeline.lora import load_adapters
 from serve_app.pipeline.measure import GpuProbe, probe_gpus
+from serve_app.pipeline.parallel.rank import RankHooks
 from serve_app.pipeline.profiling import StageTimer
 from serve_app.pipeline.runner import EditRunner
 from serve_app.pipeline.sources import LOADERS, LoadedPipeline, Target
@@ -24,18 +25,26 @@ logger = logging.getLogger("ray.serve")
 
 
 def load_runner(
-    model: ModelConfig, generation: GenerationConfig, *, gpu_probe: GpuProbe | None = None
+    model: ModelConfig,
+    generation: GenerationConfig,
+    *,
+    gpu_probe: GpuProbe | None = None,
+    rank_hooks: RankHooks | None = None,
 ) -> EditRunner:
     """Load the configured pipeline onto the GPUs this process can see.
 
     `gpu_probe` returns the visible GPUs' memory (`measure.probe_gpus` by default; tests inject a
     fake table). With the planner (synthetic source; local source with 2+ GPUs and device_map
     auto/balanced) the placement table is logged and kept in `ModelInfo.placement_table`.
+    `rank_hooks`: this process is one rank of a parallel replica (`parallel.engine`); every rank
+    loads, compiles and warms up together.
     """
     t0 = time.perf_counter()
     target = resolve_target(model, gpu_probe or probe_gpus)
     loaded = LOADERS[model.source](model, target)
-    runner = _finish(loaded, model, generation)
+    if rank_hooks is not None:
+        rank_hooks.prepare(loaded.pipe)  # context parallelism before quantization and compile
+    runner = _finish(loaded, model, generation, rank_hooks=rank_hooks)
     logger.info(
         "loaded %s (%s) in %.1f s; placement:\n%s",
         runner.info.pipeline_class, runner.info.variant, time.perf_counter() - t0,
@@ -78,7 +87,13 @@ def _dtype(name: str, *, on_gpu: bool) -> Any:
     return getattr(torch, name)
 
 
-def _finish(loaded: LoadedPipeline, model: ModelConfig, generation: GenerationConfig) -> EditRunner:
+def _finish(
+    loaded: LoadedPipeline,
+    model: ModelConfig,
+    generation: GenerationConfig,
+    *,
+    rank_hooks: RankHooks | None = None,
+) -> EditRunner:
     """LoRAs, hooks, speed switches, stage timers; then the runner."""
     pipe = loaded.pipe
     pipe.set_progress_bar_config(disable=True)
@@ -88,6 +103,11 @@ def _finish(loaded: LoadedPipeline, model: ModelConfig, generation: GenerationCo
     for module in [*loaded.transformers, pipe.text_encoder, pipe.vae]:
         strip_inner_hooks(module)
     notes = apply_speed_switches(loaded.transformers, model)
+    if rank_hooks is not None:
+        rank_hooks.wrap(pipe)
+        notes.append(
+            f"parallel: {rank_hooks.group.plan.describe()}, this is rank {rank_hooks.rank}"
+        )
     return EditRunner(
         pipe,
         model=model,
@@ -95,6 +115,7 @@ def _finish(loaded: LoadedPipeline, model: ModelConfig, generation: GenerationCo
         device_map=loaded.device_map,
         placement_table="\n".join([loaded.table, *notes]),
         stage_timer=StageTimer.install(pipe),
+        rank_hooks=rank_hooks,
     )
 
 

@@ -65,11 +65,15 @@ class AdapterSwitch:
         if wanted == self._active:
             return
         self._active = _UNKNOWN
+        # The transformer holds the adapters (the only LoRA-loadable module of these pipelines).
+        # Switched on the model itself: a parallel replica wraps it (`inner`), and the
+        # pipeline-level calls skip anything that is not a diffusers model.
+        transformer = getattr(self._pipe.transformer, "inner", self._pipe.transformer)
         if spec is None:
-            self._pipe.disable_lora()
+            transformer.disable_lora()
         else:
             # disable_lora() leaves the layers off until enable_lora(): set_adapters alone
             # would pick the adapter but keep it disabled.
-            self._pipe.enable_lora()
-            self._pipe.set_adapters([spec.name], [spec.scale])
+            transformer.enable_lora()
+            transformer.set_adapters([spec.name], [spec.scale])
         self._active = wanted

@@ -31,6 +31,7 @@ from serve_app.engine import (
 )
 from serve_app.pipeline.inpaint import inpaint_pipeline, inpaint_size, mask_image
 from serve_app.pipeline.lora import AdapterSwitch
+from serve_app.pipeline.parallel.rank import RankHooks
 from serve_app.pipeline.previews import decode_preview, preview_steps
 from serve_app.pipeline.profiling import StageTimer
 from serve_app.pipeline.variants import variant_of
@@ -84,8 +85,10 @@ class EditRunner:
         device_map: dict[str, str],
         placement_table: str = "",
         stage_timer: StageTimer | None = None,
+        rank_hooks: RankHooks | None = None,
     ) -> None:
         self._pipe = pipe
+        self._rank = rank_hooks
         self._stage_timer = stage_timer
         self._model = model
         self._generation = generation
@@ -140,6 +143,9 @@ class EditRunner:
                     raise EngineBroken(str(exc)) from exc
                 raise
 
+    def check_health(self) -> None:
+        """One process: nothing beyond the replica's own checks."""
+
     def memory_report(self) -> list[MemoryRow]:
         """(gpu, allocated bytes, peak bytes) for each visible GPU."""
         import torch
@@ -167,23 +173,31 @@ class EditRunner:
         def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> Any:
             nonlocal schedule
             reason = step_hook(step + 1, job.num_inference_steps) if step_hook else None
-            if reason is not None:
-                raise EditStopped(reason)
-            if on_partial is not None:
+            failure: Exception | None = None
+            if on_partial is not None and reason is None:
                 if schedule is None:
                     schedule = preview_steps(pipe.num_timesteps, job.partial_images)
                 if step in schedule:
-                    preview = decode_preview(pipe, kwargs["latents"], width=work_w, height=work_h)
-                    image = _fit(preview, width=job.width, height=job.height)
-                    on_partial(PartialImage(index=schedule.index(step), image=image))
+                    try:
+                        preview = decode_preview(
+                            pipe, kwargs["latents"], width=work_w, height=work_h
+                        )
+                        image = _fit(preview, width=job.width, height=job.height)
+                        on_partial(PartialImage(index=schedule.index(step), image=image))
+                    except Exception as exc:  # the other ranks must still hear that we stop
+                        failure, reason = exc, "failed"
+            if self._rank is not None:
+                reason = self._rank.share_stop(reason)
+            if failure is not None:
+                raise failure
+            if reason is not None:
+                raise EditStopped(reason)
             return kwargs
 
         if self._stage_timer is not None:
             self._stage_timer.reset()
-        from serve_app.pipeline.cfg_parallel import CfgParallelTransformer
-
-        if isinstance(self._pipe.transformer, CfgParallelTransformer):
-            self._pipe.transformer.reset()
+        if self._rank is not None:
+            self._rank.begin_edit(pipe)
         with torch.inference_mode():
             result = pipe(
                 **inputs,
@@ -236,11 +250,18 @@ class EditRunner:
         """(pipeline, its image arguments, the (width, height) it denoises at)."""
         if job.mask is None:
             image = pil_images if self._max_images > 1 else pil_images[0]
-            return (
-                self._pipe,
-                {"image": image, "height": job.height, "width": job.width},
-                (job.width, job.height),
-            )
+            width, height = job.width, job.height
+            if self._rank is not None:
+                # Ulysses splits the image tokens evenly: denoise at a size whose count divides
+                # (the result is resized to the requested size, as for masks).
+                width, height = self._rank.work_size(
+                    width,
+                    height,
+                    reference_tokens=sum(
+                        _vae_reference_tokens(a, multiple=self._multiple) for a in job.images
+                    ),
+                )
+            return self._pipe, {"image": image, "height": height, "width": width}, (width, height)
         if len(job.images) != 1 or job.mask.shape != job.images[0].shape[:2]:
             raise InvalidRequestError(
                 "mask needs exactly one image of the same size.", param="mask"

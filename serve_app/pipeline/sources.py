@@ -4,7 +4,7 @@ on the replica's devices. Each returns a `LoadedPipeline`; `loader.load_runner` 
 - `tiny`: the embedded random-weight model (built on first use), loaded as a folder;
 - `local`: a diffusers model folder, or a Hugging Face model id (`hub`: its snapshot in the HF
   cache); with 2+ GPUs and device_map auto/balanced through the placement planner
-  (per-component loading, cfg_parallel), else diffusers' own `device_map`;
+  (per-component loading), else diffusers' own `device_map`;
 - `synthetic`: the full-size architecture with random weights made on the planned devices.
 """
 
@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from serve_app.common.config import ModelConfig
-from serve_app.pipeline.cfg_parallel import CfgParallelTransformer, replicate_module
 from serve_app.pipeline.dispatch import load_local_pipeline
 from serve_app.pipeline.hub import resolve_model_path
 from serve_app.pipeline.measure import component_sizes_from_configs
@@ -101,6 +99,20 @@ def load_synthetic(model: ModelConfig, target: Target) -> LoadedPipeline:
     return _planned(model, target, sizes, what=what, build=build)
 
 
+def fetch_model_files(model: ModelConfig) -> None:
+    """Put the model's files on this node (build the tiny model, download a Hub id, the synthetic
+    model's tokenizer) without loading them: a parallel replica's rank 0 does this before the
+    other ranks start, so they find complete folders instead of racing to make them."""
+    if model.source == "tiny":
+        from serve_app.pipeline.tiny import ensure_tiny_model
+
+        ensure_tiny_model(model.path, variant=model.tiny_variant)
+    elif model.source == "synthetic":
+        _synthetic_tokenizer_source(model.path)
+    elif model.path is not None:
+        resolve_model_path(model.path, revision=model.revision)
+
+
 LOADERS: dict[str, Callable[[ModelConfig, Target], LoadedPipeline]] = {
     "tiny": load_tiny,
     "local": load_local,
@@ -147,8 +159,7 @@ def _planned(
     what: str,
     build: Callable[[Placement], Any],
 ) -> LoadedPipeline:
-    """Plan the placement (`planning.plan_load`), build the pipeline laid out so, and add the
-    transformer copy of cfg_parallel when the plan has one."""
+    """Plan the placement (`planning.plan_load`) and build the pipeline laid out so."""
     gpus = {"cpu": [], "cuda": target.gpus[:1]}.get(target.device_map, target.gpus)
     try:
         plan = plan_load(model, sizes, gpus)
@@ -158,20 +169,7 @@ def _planned(
     table = plan.table()
     logger.info("placement of %s (%s, visible GPUs %d):\n%s", what, target.dtype, len(gpus), table)
     pipe = build(plan.placement)
-    copies = [pipe.transformer]
-    if plan.uncond_device is not None and model.loras:
-        # Adapters are switched on one module; a second copy would not follow them.
-        logger.warning("cfg_parallel is off: it does not combine with LoRAs yet")
-    elif plan.uncond_device is not None:
-        t1 = time.perf_counter()
-        copy = replicate_module(pipe.transformer, plan.uncond_device)
-        copies.append(copy)
-        pipe.transformer = CfgParallelTransformer(pipe.transformer, copy)
-        logger.info(
-            "cfg_parallel: transformer copied to cuda:%d in %.1f s",
-            plan.uncond_device, time.perf_counter() - t1,
-        )  # fmt: skip
-    return LoadedPipeline(pipe, device_labels(plan), table, copies)
+    return LoadedPipeline(pipe, device_labels(plan), table, [pipe.transformer])
 
 
 def _placement_of(pipe: Any, *, fallback: str) -> dict[str, str]:

@@ -203,6 +203,7 @@ class ImageEditModel:
         """Serve calls this periodically; 3 failures in a row replace the replica."""
         if self._broken is not None:
             raise RuntimeError(f"engine broken: {self._broken}")
+        self._engine.check_health()
         now = time.monotonic()
         for request_id, watch in list(self._active.items()):
             stalled = now - watch.last_progress

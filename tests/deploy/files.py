@@ -60,6 +60,13 @@ def deployment(config: Mapping[str, Any], deployment_name: str) -> dict[str, Any
     return next(d for d in app(config)["deployments"] if d["name"] == deployment_name)
 
 
+def gpus_per_replica(config: Mapping[str, Any]) -> int:
+    """The model replica's GPUs: its num_gpus, times its ranks when `model.parallel` has several
+    (the builder makes the replica a placement group of one bundle per rank)."""
+    ranks = (app(config)["args"].get("model", {}).get("parallel") or {}).get("gpus", 1)
+    return int(ranks * deployment(config, MODEL_DEPLOYMENT)["ray_actor_options"]["num_gpus"])
+
+
 def cluster(path: Path) -> dict[str, Any]:
     return manifest(path)["spec"]["rayClusterConfig"]
 

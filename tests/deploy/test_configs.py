@@ -40,6 +40,7 @@ from tests.deploy.files import (
     app,
     deployment,
     differences,
+    gpus_per_replica,
     name,
     serve_config_of,
 )
@@ -56,7 +57,8 @@ SHAPE_KEYS = (
     f"{_MODEL}.compile",
     f"{_MODEL}.compile_dynamic",
     f"{_MODEL}.compile_cpp_wrapper",
-    f"{_MODEL}.cfg_parallel",
+    f"{_MODEL}.parallel",
+    f"{_MODEL}.parallel.*",
     f"{_MODEL}.headroom_max_pixels",
     f"{_MODEL}.headroom_ref_images",
     f"{_MODEL}.max_memory_gib",
@@ -64,17 +66,18 @@ SHAPE_KEYS = (
     "applications.*.args.limits.max_output_pixels",
 )
 
-# The cards each GPU config is for (GiB per GPU), and the placement the planner must choose
-# there: (strategy, a second transformer copy for cfg_parallel). README's table says the same.
-CARDS: dict[str, tuple[int, str, bool]] = {
-    "serve_config.yaml": (80, "single", False),
-    "deploy/configs/2gpu-latency.yaml": (80, "components", True),
-    "deploy/configs/2gpu-throughput.yaml": (80, "single", False),
-    "deploy/configs/4gpu.yaml": (80, "components", True),
-    "deploy/configs/8gpu.yaml": (80, "components", True),
-    "deploy/configs/48gb-2gpu.yaml": (48, "components", False),
-    "deploy/configs/40gb-2gpu.yaml": (40, "split", False),
-    "deploy/configs/24gb-4gpu.yaml": (24, "split", False),
+# The cards each GPU config is for (GiB per GPU), the placement the planner must choose there
+# (for a replica over ranks: each rank's, on its one GPU) and the GPUs of one replica. README's
+# table says the same.
+CARDS: dict[str, tuple[int, str, int]] = {
+    "serve_config.yaml": (80, "single", 1),
+    "deploy/configs/2gpu-latency.yaml": (80, "single", 2),
+    "deploy/configs/2gpu-throughput.yaml": (80, "single", 1),
+    "deploy/configs/4gpu.yaml": (80, "single", 4),
+    "deploy/configs/8gpu.yaml": (80, "single", 8),
+    "deploy/configs/48gb-2gpu.yaml": (48, "components", 2),
+    "deploy/configs/40gb-2gpu.yaml": (40, "split", 2),
+    "deploy/configs/24gb-4gpu.yaml": (24, "split", 4),
 }
 # A card's free memory as a replica sees it: the CUDA context takes about half a GiB.
 CONTEXT_GIB = 0.5
@@ -218,12 +221,11 @@ def test_each_shape_places_the_full_model_on_its_cards(path: Path) -> None:
     """The replica's own planner, on the full-size Qwen-Image-Edit-2511 in bf16 and the free
     memory of the cards the config is for: it fits, in the documented strategy, with
     activation headroom for the largest edit the config's limits accept."""
-    card_gib, strategy, cfg_copy = CARDS[name(path)]
+    card_gib, strategy, gpus = CARDS[name(path)]
     plan = _plan(path, card_gib)
     assert plan.placement.strategy == strategy
-    assert (plan.uncond_device is not None) == cfg_copy
-    assert plan.notes == []  # e.g. no "cfg_parallel off: two copies do not fit"
     assert "cpu" not in plan.placement.device_map.values()
+    assert gpus_per_replica(serve_config_of(path)) == gpus
 
 
 def test_24gb_cards_need_the_1mp_limit() -> None:
@@ -233,10 +235,13 @@ def test_24gb_cards_need_the_1mp_limit() -> None:
 
 
 @pytest.mark.parametrize("path", GPU_CONFIGS, ids=name)
-def test_cfg_parallel_only_with_two_gpus_per_replica(path: Path) -> None:
+def test_replicas_over_ranks_take_one_gpu_per_rank(path: Path) -> None:
+    """With model.parallel the builder gives each rank a one-GPU bundle; a replica that asked
+    for more would not fit in bundle 0, and the planner would see GPUs the rank cannot use."""
     model = load_config(app(serve_config_of(path))["args"], environ={}).model
-    if model.cfg_parallel or model.compile_cpp_wrapper:
-        assert _gpus(path) >= 2
+    if model.parallel.gpus > 1:
+        assert _gpus(path) == 1
+        assert not model.compile_cpp_wrapper  # only for host-bound steps: none here
 
 
 # --- README's table --------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from tests.deploy.files import (
     dockerfile_python,
     env,
     gpu_groups,
+    gpus_per_replica,
     load_yaml,
     manifest,
     name,
@@ -209,8 +210,10 @@ def _quantity(value: Any) -> float:
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=name)
 def test_gpu_workers_fit_the_model_replicas(path: Path) -> None:
-    model = deployment(serve_config_of(path), MODEL_DEPLOYMENT)
-    num_gpus = model["ray_actor_options"]["num_gpus"]
+    config = serve_config_of(path)
+    model = deployment(config, MODEL_DEPLOYMENT)
+    num_gpus = gpus_per_replica(config)
+    ranks = num_gpus // model["ray_actor_options"]["num_gpus"]
     assert num_gpus >= 1
     (group,) = gpu_groups(path)
     (container,) = pod(group)["containers"]
@@ -221,7 +224,7 @@ def test_gpu_workers_fit_the_model_replicas(path: Path) -> None:
     # Whole replicas per pod, no stranded GPUs.
     assert gpus_per_pod % num_gpus == 0, (gpus_per_pod, num_gpus)
     per_pod = gpus_per_pod // num_gpus
-    assert _quantity(limits["cpu"]) >= per_pod * model["ray_actor_options"]["num_cpus"]
+    assert _quantity(limits["cpu"]) >= per_pod * ranks * model["ray_actor_options"]["num_cpus"]
     assert (
         group["minReplicas"] <= group.get("replicas", group["minReplicas"]) <= group["maxReplicas"]
     )

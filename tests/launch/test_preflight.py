@@ -48,6 +48,17 @@ def test_demands_count_replicas_bundles_and_autoscaling() -> None:
     ]
 
 
+def test_demands_of_a_replica_over_ranks_are_its_bundles() -> None:
+    config = _config(
+        {"name": "M", "num_replicas": 2, "ray_actor_options": {"num_cpus": 4, "num_gpus": 1}},
+        {"name": "I", "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0}},
+    )
+    config["applications"][0]["args"] = {"model": {"parallel": {"gpus": 4, "cpus_per_rank": 2}}}
+    assert demands(config) == [Demand("M", 2, 8.0, 4.0), Demand("I", 1, 0.5, 0.0)]
+    problems = shortfalls(demands(config), cpus=64, gpus=4)
+    assert problems and "asks for 8 GPU(s) (M: 2 replica(s) x 4 GPU)" in problems[0]
+
+
 def test_shortfalls_name_the_numbers() -> None:
     wanted = [Demand("QwenImageEditModel", 2, 4.0, 2.0), Demand("OpenAIIngress", 1, 1.0, 0.0)]
     problems = shortfalls(wanted, cpus=16, gpus=0)

@@ -14,7 +14,6 @@ from PIL import Image
 from serve_app.common.config import GenerationConfig, ModelConfig
 from serve_app.common.jobs import EditJob
 from serve_app.pipeline import tiny
-from serve_app.pipeline.cfg_parallel import CfgParallelTransformer, move_to, replicate_module
 from serve_app.pipeline.dispatch import load_local_pipeline
 from serve_app.pipeline.loader import load_runner
 from serve_app.pipeline.measure import component_sizes_from_configs
@@ -141,93 +140,6 @@ def test_strip_inner_hooks_keeps_only_the_top_level_hook() -> None:
     assert not strip_inner_hooks(torch.nn.Linear(2, 2))  # no hooks: nothing to do
 
 
-# --- CFG parallel -----------------------------------------------------------------------------
-
-
-def test_cfg_parallel_proxy_gives_the_same_edit(tiny_dir: pathlib.Path) -> None:
-    from diffusers import QwenImageEditPlusPipeline
-
-    pipe: Any = QwenImageEditPlusPipeline.from_pretrained(tiny_dir, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    expected = _tiny_edit(pipe)
-    primary = pipe.transformer
-    copy = replicate_module(primary, "cpu")
-    assert copy is not primary and all(
-        torch.equal(a, b)
-        for a, b in zip(primary.state_dict().values(), copy.state_dict().values(), strict=True)
-    )
-    proxy = CfgParallelTransformer(primary, copy)
-    pipe.transformer = proxy
-    assert pipe.transformer.config.in_channels == primary.config.in_channels
-    np.testing.assert_array_equal(_tiny_edit(pipe), expected)
-    # Step 1: uncond launched after cond (inputs prefetched); step 2: on the worker thread.
-    assert (proxy.overlapped_calls, proxy.speculative_calls, proxy.serial_calls) == (1, 1, 0)
-    assert set(proxy._negative) == {"encoder_hidden_states", "encoder_hidden_states_mask"}
-    proxy.reset()
-    np.testing.assert_array_equal(_tiny_edit(pipe), expected)
-    assert (proxy.overlapped_calls, proxy.speculative_calls) == (2, 2)
-
-
-def test_cfg_parallel_proxy_routes_by_cache_context() -> None:
-    calls: list[tuple[str, Any]] = []
-
-    class Fake(torch.nn.Module):
-        def __init__(self, name: str) -> None:
-            super().__init__()
-            self.name = name
-            self.weight = torch.nn.Parameter(torch.zeros(1))
-            self.config = {"name": name}
-
-        def cache_context(self, name: str) -> Any:
-            import contextlib
-
-            return contextlib.nullcontext()
-
-        def forward(self, **kwargs: Any) -> Any:
-            calls.append((self.name, kwargs["encoder_hidden_states"]))
-            return (kwargs["hidden_states"] + 1,)
-
-    proxy = CfgParallelTransformer(Fake("a"), Fake("b"))
-    hidden, neg = torch.zeros(2), torch.ones(3)
-    with proxy.cache_context("cond"):
-        proxy(hidden_states=hidden, encoder_hidden_states=torch.zeros(3), img_shapes=[(1, 2, 2)])
-    with proxy.cache_context("uncond"):
-        out = proxy(hidden_states=hidden, encoder_hidden_states=neg, img_shapes=[(1, 2, 2)])
-    assert [c[0] for c in calls] == ["a", "b"] and calls[1][1] is neg  # same device: no copy
-    assert torch.equal(out[0], hidden + 1) and proxy.overlapped_calls == 1
-    # Next step: the cond call starts the uncond pass on the worker (negative embeddings known).
-    step2 = torch.full((2,), 5.0)
-    with proxy.cache_context("cond"):
-        proxy(hidden_states=step2, encoder_hidden_states=torch.zeros(3), img_shapes=[(1, 2, 2)])
-    with proxy.cache_context("uncond"):
-        out = proxy(hidden_states=step2, encoder_hidden_states=neg, img_shapes=[(1, 2, 2)])
-    assert torch.equal(out[0], step2 + 1) and proxy.speculative_calls == 1 and len(calls) == 4
-    assert sorted(c[0] for c in calls[2:]) == ["a", "b"]
-    # A speculation whose arguments differ from the real call is discarded and recomputed.
-    with proxy.cache_context("cond"):
-        proxy(hidden_states=step2, encoder_hidden_states=torch.zeros(3), img_shapes=[(1, 2, 2)])
-    other = torch.full((3,), 7.0)
-    with proxy.cache_context("uncond"):
-        proxy(hidden_states=step2, encoder_hidden_states=other, img_shapes=[(1, 2, 2)])
-    assert proxy.speculative_calls == 1 and calls[-1] == ("b", other)
-    with proxy.cache_context("uncond"):  # no cond call before it: copied at call time
-        proxy(hidden_states=torch.zeros(2), encoder_hidden_states=neg, img_shapes=[])
-    assert proxy.serial_calls == 1
-    proxy.reset()
-    assert proxy._negative == {} and proxy._prefetched is None and proxy._speculative is None
-
-
-def test_move_to_walks_nested_outputs() -> None:
-    from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-    value = {
-        "a": (torch.zeros(1), [torch.ones(1), 3]),
-        "b": Transformer2DModelOutput(sample=torch.zeros(2)),
-    }
-    moved = move_to(value, torch.device("cpu"))
-    assert moved["a"][1][1] == 3 and isinstance(moved["b"], Transformer2DModelOutput)
-
-
 # --- stage timer -----------------------------------------------------------------------------
 
 
@@ -269,8 +181,8 @@ def test_transformer_flops_match_the_field_notes_baseline() -> None:
 def test_bench_scenarios_parse() -> None:
     from bench.run import Scenario
 
-    sc = Scenario.parse("name=cfg2,gpus=2,replicas=1,compile=1,cfg=1,backend=_native_cudnn")
-    assert (sc.name, sc.gpus, sc.replicas, sc.compile, sc.cfg) == ("cfg2", 2, 1, True, True)
-    assert sc.mode == "cfg_parallel+compile+attn=_native_cudnn"
+    sc = Scenario.parse("name=cfg2,ranks=2,cfg=2,compile=1,backend=_native_cudnn")
+    assert (sc.name, sc.ranks, sc.replicas, sc.compile, sc.cfg) == ("cfg2", 2, 1, True, "2")
+    assert sc.mode == "ranks=2(cfg=2,ulysses=auto)+compile+attn=_native_cudnn"
     with pytest.raises(ValueError, match="unknown scenario key"):
         Scenario.parse("name=x,bogus=1")

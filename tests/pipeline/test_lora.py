@@ -79,7 +79,7 @@ def test_lora_applies_to_mask_edits_too(runner: EditRunner) -> None:
 # --- the switch, with a recording fake pipeline ---------------------------------------------
 
 
-class RecordingPipe:
+class RecordingTransformer:
     def __init__(self, fail_on: str | None = None) -> None:
         self.calls: list[tuple[Any, ...]] = []
         self.fail_on = fail_on
@@ -100,18 +100,25 @@ class RecordingPipe:
         self._record("set", names, weights)
 
 
+class Pipe:
+    """A pipeline as AdapterSwitch sees it: the adapters live on its transformer."""
+
+    def __init__(self, transformer: Any) -> None:
+        self.transformer = transformer
+
+
 SPECS = [LoraConfig(name="a", path="/x", scale=0.7), LoraConfig(name="b", path="/y")]
 
 
 def test_switch_enables_before_setting_and_skips_repeats() -> None:
-    pipe = RecordingPipe()
-    switch = AdapterSwitch(pipe, SPECS)
+    model = RecordingTransformer()
+    switch = AdapterSwitch(Pipe(model), SPECS)
     switch.activate("qwen-image-edit")  # base, and nothing active yet: no call
     switch.activate("a")
     switch.activate("a")
     switch.activate("b")
     switch.activate("qwen-image-edit")
-    assert pipe.calls == [
+    assert model.calls == [
         ("enable",), ("set", ["a"], [0.7]),
         ("enable",), ("set", ["b"], [1.0]),
         ("disable",),
@@ -119,18 +126,29 @@ def test_switch_enables_before_setting_and_skips_repeats() -> None:
 
 
 def test_switch_redoes_a_switch_that_failed_half_way() -> None:
-    pipe = RecordingPipe(fail_on="set")
-    switch = AdapterSwitch(pipe, SPECS)
+    model = RecordingTransformer(fail_on="set")
+    switch = AdapterSwitch(Pipe(model), SPECS)
     with pytest.raises(RuntimeError):
         switch.activate("a")  # enabled, then failed: LoRA state unknown
     switch.activate("qwen-image-edit")
-    assert pipe.calls[-1] == ("disable",)
+    assert model.calls[-1] == ("disable",)
+
+
+def test_switch_reaches_the_model_inside_a_parallel_wrapper() -> None:
+    """A replica over ranks wraps the transformer (CfgSplitTransformer.inner)."""
+    model = RecordingTransformer()
+
+    class Wrapper:
+        inner = model
+
+    AdapterSwitch(Pipe(Wrapper()), SPECS).activate("b")
+    assert model.calls == [("enable",), ("set", ["b"], [1.0])]
 
 
 def test_switch_without_loras_never_touches_the_pipeline() -> None:
-    pipe = RecordingPipe()
-    AdapterSwitch(pipe, []).activate("anything")
-    assert pipe.calls == []
+    model = RecordingTransformer()
+    AdapterSwitch(Pipe(model), []).activate("anything")
+    assert model.calls == []
 
 
 # --- config ---------------------------------------------------------------------------------

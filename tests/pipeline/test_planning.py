@@ -24,7 +24,6 @@ from serve_app.pipeline.planning import (
     device_labels,
     headroom_for,
     max_memory_for,
-    plan_cfg_parallel,
     plan_load,
 )
 
@@ -74,31 +73,9 @@ def test_probe_gpus_uses_the_injected_functions() -> None:
     ]
 
 
-def test_cfg_parallel_puts_a_copy_on_each_of_two_gpus_and_the_primary_with_the_vae() -> None:
-    plan = plan_cfg_parallel(FULL, gpus(78, 78), headroom=2 * GiB, aux_headroom=3 * GiB)
-    assert plan is not None and plan.uncond_device is not None
-    placement = plan.placement
-    primary = placement.device_map["transformer"]
-    assert {primary, plan.uncond_device} == {0, 1}
-    assert placement.device_map["vae"] == primary
-    # Balanced: the text encoder goes with the copy, the VAE with the primary.
-    assert placement.device_map["text_encoder"] == plan.uncond_device
-    assert placement.bytes_on(0) + placement.bytes_on(1) == 2 * FULL[0].weight_bytes + sum(
-        c.weight_bytes for c in FULL[1:]
-    )
-    table = plan.table()
-    assert "uncond copy (cfg_parallel)" in table and "unconditional pass on cuda:" in table
-
-
-def test_cfg_parallel_needs_room_for_two_copies() -> None:
-    assert plan_cfg_parallel(FULL, gpus(40, 40), headroom=2 * GiB, aux_headroom=3 * GiB) is None
-    cfg = model(cfg_parallel=True, headroom_max_pixels=1024 * 1024, headroom_ref_images=1)
-    plan = plan_load(cfg, FULL, gpus(45, 45))
-    assert plan.uncond_device is None and plan.placement.strategy == "components"
-    assert any("cfg_parallel off" in n for n in plan.notes)
-    assert "cfg_parallel off" in plan.table()
-    one = plan_load(cfg, FULL, gpus(80))
-    assert one.uncond_device is None and "needs 2 GPUs" in one.notes[0]
+def test_the_removed_cfg_parallel_switch_names_its_replacement() -> None:
+    with pytest.raises(ValueError, match=r"model.parallel: \{gpus: 2\}"):
+        model(cfg_parallel=True)
 
 
 def test_plan_load_respects_max_memory_and_raises_when_nothing_fits() -> None:
@@ -129,9 +106,6 @@ def test_device_labels(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     labels = device_labels(split)
     assert labels["transformer"] == "cuda:0,cuda:1" and labels["cuda_visible_devices"] == "2,3"
-    parallel = plan_cfg_parallel(FULL, gpus(78, 78), headroom=GiB, aux_headroom=GiB)
-    assert parallel is not None
-    assert device_labels(parallel)["transformer_uncond"] == f"cuda:{parallel.uncond_device}"
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     cpu = LoadPlan(plan_placement(FULL, [], activation_headroom_bytes=0))
     assert device_labels(cpu) == {"transformer": "cpu", "text_encoder": "cpu", "vae": "cpu"}

@@ -44,6 +44,10 @@ class StepRunner:
     def memory_report(self) -> list[tuple[str, int, int]]:
         return [("0", 1, 2)]
 
+    def check_health(self) -> None:
+        if self.fail is not None and "health" in str(self.fail):
+            raise RuntimeError("engine unhealthy")
+
     def run(self, job: EditJob, *, step_hook: Any = None, on_partial: Any = None) -> EditOutput:
         try:
             if self.fail:
@@ -116,6 +120,20 @@ def test_device_error_marks_the_replica_unhealthy() -> None:
         model.check_health()
     with pytest.raises(ServiceUnavailableError):  # refuses work until replaced
         asyncio.run(model.edit(job()))
+
+
+def test_check_health_asks_the_engine() -> None:
+    """A parallel engine whose rank died says so through check_health; the replica fails it."""
+    model = ImageEditModel(
+        CONFIG,
+        engine_factory=lambda m, g: StepRunner(fail=RuntimeError("health")),
+        metrics=NullMetrics(),
+    )
+    with pytest.raises(RuntimeError, match="engine unhealthy"):
+        model.check_health()
+    ImageEditModel(
+        CONFIG, engine_factory=lambda m, g: StepRunner(), metrics=NullMetrics()
+    ).check_health()
 
 
 def test_check_health_notices_a_wedged_pipeline() -> None:

@@ -1,0 +1,304 @@
+"""One replica over several GPUs: rank 0 runs in the Serve replica, every other rank in a Ray actor
+of the replica's placement group; all ranks load the same pipeline and run every edit in lockstep.
+
+    Serve replica (rank 0, bundle 0)          RankWorker actors (ranks 1..N-1, bundles 1..N-1)
+    ParallelEngine.run(job) ── job ref ──▶    RankWorker.run(job)
+      EditRunner.run(job)  ◀─ NCCL/gloo ─▶      EditRunner.run(job)   (same steps, collectives)
+      returns the images                        returns "ok" / "stopped" / "oom"
+
+Each rank is a process of its own (no shared Python interpreter): the ranks join one
+torch.distributed group (rank 0's node address, a free port), load in parallel, compile, and
+warm up together. Rank 0's step hook decides whether to go on; `StepSync` tells every rank after
+each step, so a cancelled or late edit stops on all ranks at the same step.
+
+A rank that dies makes the replica broken (`EngineBroken`: 503 for the request, failed health
+checks, and Serve replaces the replica with its whole placement group; the actors die with it).
+A collective that waits longer than `model.parallel.timeout_s` fails the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from serve_app.common.config import GenerationConfig, ModelConfig
+from serve_app.common.jobs import EditJob, EditOutput
+from serve_app.engine import (
+    EditStopped,
+    EngineBroken,
+    EngineOutOfMemory,
+    MemoryRow,
+    PartialSink,
+    StepHook,
+)
+from serve_app.pipeline.parallel.plan import ParallelPlan, plan_parallel
+
+logger = logging.getLogger("ray.serve")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def _describe_rank(rank: int, plan: ParallelPlan) -> dict[str, Any]:
+    import ray
+
+    cfg_index, ulysses_index = plan.coords(rank)
+    try:
+        gpus = [str(g) for g in ray.get_gpu_ids()]
+    except Exception:  # outside Ray (tests of one layer)
+        gpus = []
+    return {
+        "rank": rank,
+        "node": _node_ip(),
+        "gpus": gpus,
+        "device": _device_name(),
+        "cfg_group": cfg_index,
+        "ulysses_rank": ulysses_index,
+        "pid": os.getpid(),
+    }
+
+
+def _node_ip() -> str:
+    import ray
+
+    try:
+        return str(ray.util.get_node_ip_address())
+    except Exception:
+        return "127.0.0.1"
+
+
+def _device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+class _Rank:
+    """One rank's process state: the group, then the loaded runner (shared by worker and engine)."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        generation: GenerationConfig,
+        *,
+        plan: ParallelPlan,
+        rank: int,
+        master: tuple[str, int],
+    ) -> None:
+        self.model, self.generation, self.plan, self.rank = model, generation, plan, rank
+        self.master = master
+        self.runner: Any = None
+
+    def start(self) -> dict[str, Any]:
+        from serve_app.pipeline.loader import load_runner
+        from serve_app.pipeline.parallel.group import init_rank_group
+        from serve_app.pipeline.parallel.rank import RankHooks
+
+        t0 = time.perf_counter()
+        group = init_rank_group(
+            self.plan,
+            rank=self.rank,
+            master_addr=self.master[0],
+            master_port=self.master[1],
+            timeout_s=self.model.parallel.timeout_s,
+        )
+        self.runner = load_runner(self.model, self.generation, rank_hooks=RankHooks(group))
+        description = _describe_rank(self.rank, self.plan)
+        description["ready_s"] = round(time.perf_counter() - t0, 1)
+        return description
+
+
+class RankWorker:
+    """Ranks 1..N-1 (a Ray actor; `max_concurrency=2` so `ping` answers during an edit)."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        generation: GenerationConfig,
+        *,
+        plan: ParallelPlan,
+        rank: int,
+        master: tuple[str, int],
+    ) -> None:
+        logging.basicConfig(level=logging.INFO)
+        self._rank = _Rank(model, generation, plan=plan, rank=rank, master=master)
+
+    def start(self) -> dict[str, Any]:
+        return self._rank.start()
+
+    def run(self, job: EditJob) -> tuple[str, str, list[MemoryRow]]:
+        """The same edit as rank 0, in lockstep; rank 0 owns the answer. Returns (outcome, error
+        text, this rank's memory rows)."""
+        outcome, error = "ok", ""
+        try:
+            self._rank.runner.run(job)
+        except EditStopped:
+            outcome = "stopped"
+        except EngineOutOfMemory as exc:
+            outcome, error = "oom", str(exc)
+        except Exception as exc:  # the same failure as rank 0's, reported there
+            outcome, error = "error", f"{type(exc).__name__}: {exc}"
+        rows = self._rank.runner.memory_report()
+        return outcome, error, [(f"rank{self._rank.rank}:{gpu}", a, p) for gpu, a, p in rows]
+
+    def ping(self) -> bool:
+        return True
+
+
+class ParallelEngine:
+    """The `Engine` of a replica with `model.parallel.gpus` > 1 (rank 0's side)."""
+
+    def __init__(self, model: ModelConfig, generation: GenerationConfig) -> None:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self._timeout_s = model.parallel.timeout_s
+        self.plan = plan_parallel(
+            model.parallel.gpus, cfg=model.parallel.cfg, ulysses=model.parallel.ulysses
+        )
+        pg = ray.util.get_current_placement_group()
+        if pg is None or len(pg.bundle_specs) < self.plan.world_size:
+            have = 0 if pg is None else len(pg.bundle_specs)
+            raise RuntimeError(
+                f"model.parallel.gpus {self.plan.world_size} needs a placement group of"
+                f" {self.plan.world_size} bundles for this replica; it has {have}. The builder"
+                " (serve_app.app) sets placement_group_bundles: do not override them (or"
+                " ray_actor_options.num_gpus) for the model deployment in the Serve config."
+            )
+        from serve_app.pipeline.sources import fetch_model_files
+
+        fetch_model_files(model)
+        master = (_node_ip(), _free_port())
+        worker_cls = ray.remote(RankWorker)
+        # Named (qwen-rank-<group>-<rank>) so operators and tests can find a replica's ranks; not
+        # detached: they die with this replica.
+        group_id = uuid.uuid4().hex[:8]
+        self._workers: list[Any] = []
+        for rank in range(1, self.plan.world_size):
+            bundle = pg.bundle_specs[rank]
+            self._workers.append(
+                worker_cls.options(
+                    num_cpus=bundle.get("CPU", 0),
+                    num_gpus=bundle.get("GPU", 0),
+                    max_concurrency=2,
+                    name=f"qwen-rank-{group_id}-{rank}",
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        placement_group=pg, placement_group_bundle_index=rank
+                    ),
+                ).remote(model, generation, plan=self.plan, rank=rank, master=master)
+            )
+        logger.info(
+            "parallel replica: %s; rank 0 here, %d rank actor(s); group at %s:%d",
+            self.plan.describe(), len(self._workers), *master,
+        )  # fmt: skip
+        self._rank0 = _Rank(model, generation, plan=self.plan, rank=0, master=master)
+        self.ranks = self._start([w.start.remote() for w in self._workers])
+        self._runner = self._rank0.runner
+        self.info = dataclasses.replace(
+            self._runner.info,
+            parallel={
+                "gpus": self.plan.world_size,
+                "cfg": self.plan.cfg,
+                "ulysses": self.plan.ulysses,
+                "ranks": self.ranks,
+            },
+        )
+        self._broken: str | None = None
+        self._memory: list[MemoryRow] = []
+        self._lock = threading.Lock()
+
+    def _start(self, refs: list[Any]) -> list[dict[str, Any]]:
+        """Rank 0 loads on a thread while the others' starts are watched: a rank that fails to
+        start fails this replica at once, with its own error."""
+        import ray
+
+        with ThreadPoolExecutor(1, thread_name_prefix="rank0-start") as pool:
+            local: Future[dict[str, Any]] = pool.submit(self._rank0.start)
+            pending = list(refs)
+            while pending:
+                done, pending = ray.wait(pending, timeout=0.5)
+                for ref in done:
+                    ray.get(ref)  # raises the rank's own error
+                if local.done():
+                    local.result()
+            described = [local.result(), *ray.get(refs)]
+        for row in described:
+            logger.info("rank %(rank)d: node %(node)s, GPUs %(gpus)s (%(device)s), cfg group"
+                        " %(cfg_group)d, ulysses rank %(ulysses_rank)d, ready in %(ready_s)s s",
+                        row)  # fmt: skip
+        return described
+
+    def run(
+        self,
+        job: EditJob,
+        *,
+        step_hook: StepHook | None = None,
+        on_partial: PartialSink | None = None,
+    ) -> EditOutput:
+        import ray
+
+        if self._broken is not None:
+            raise EngineBroken(self._broken)
+        with self._lock:
+            job_ref = ray.put(job)
+            refs = [w.run.remote(job_ref) for w in self._workers]
+            try:
+                output = self._runner.run(job, step_hook=step_hook, on_partial=on_partial)
+            except BaseException as exc:
+                self._collect(refs, failed=exc)
+                raise
+            self._collect(refs)
+            return output
+
+    def _collect(self, refs: list[Any], *, failed: BaseException | None = None) -> None:
+        """The other ranks' ends of this edit. Ranks fail together on the same input (a bad job,
+        an OOM of the same tensors): rank 0's exception then stands and the replica keeps
+        serving. A rank that died, a collective that failed, or ranks that no longer agree break
+        the replica."""
+        import ray
+        import torch.distributed as dist
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        try:
+            results = ray.get(refs, timeout=self._timeout_s)
+        except (RayActorError, GetTimeoutError) as exc:
+            self._break(f"a rank of this replica failed: {type(exc).__name__}: {exc}", exc)
+        self._memory = [row for _, _, rows in results for row in rows]
+        if isinstance(failed, dist.DistError):
+            self._break(f"a collective failed: {failed}", failed)
+        for outcome, error, _ in results:
+            if failed is None and outcome != "ok":
+                # After rank 0's last collective (e.g. its own VAE decode): the answer stands.
+                logger.warning("a rank ended the edit with %s: %s", outcome, error)
+
+    def _break(self, reason: str, cause: BaseException | None) -> None:
+        self._broken = reason[:500]
+        logger.error("replica broken: %s", self._broken)
+        raise EngineBroken(self._broken) from cause
+
+    def memory_report(self) -> list[MemoryRow]:
+        """Rank 0's rows now, the other ranks' as of their last edit."""
+        rows = [(f"rank0:{gpu}", a, p) for gpu, a, p in self._runner.memory_report()]
+        return rows + self._memory
+
+    def check_health(self) -> None:
+        """Every rank answers (a dead actor fails at once; a wedged one within 10 s)."""
+        import ray
+
+        if self._broken is not None:
+            raise RuntimeError(self._broken)
+        ray.get([w.ping.remote() for w in self._workers], timeout=10)
+
+
+def build_parallel_engine(model: ModelConfig, generation: GenerationConfig) -> ParallelEngine:
+    return ParallelEngine(model, generation)

@@ -1,0 +1,163 @@
+"""The pipeline's transformer, parallel over the replica's ranks.
+
+- `enable_ulysses`: diffusers' own context parallelism (`ContextParallelConfig(ulysses_degree=U)`
+  on the ("ring", "ulysses") part of the mesh): every attention exchanges heads for tokens with an
+  all-to-all, so each rank holds 1/U of the tokens. diffusers splits the text and the image streams
+  evenly, so both must divide by U: `PromptRecorder` pads the text stream with masked tokens
+  (the transformer's own `encoder_hidden_states_mask`, so the result is unchanged) and the runner
+  denoises at a size whose image tokens divide (`plan.ulysses_work_size`).
+- `CfgSplitTransformer`: true CFG runs each step as two transformer calls ("cond", then "uncond")
+  with the same latents. With CFG degree 2, CFG group 0 computes the conditional pass and group 1
+  the unconditional one at the same time, during the "cond" call; one all-gather over the "cfg"
+  mesh dimension gives every rank both results, and the "uncond" call returns the second. Group 1
+  knows the negative prompt's embeddings from the start: `PromptRecorder` records what the
+  pipeline's `encode_prompt` returned (the prompt first, then the negative prompt).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from serve_app.pipeline.parallel.group import RankGroup, one_device_per_rank
+from serve_app.pipeline.parallel.plan import padded_length
+
+logger = logging.getLogger("ray.serve")
+
+# The transformer call's arguments that differ between the CFG branches.
+_BRANCH_KEYS = ("encoder_hidden_states", "encoder_hidden_states_mask")
+
+
+def enable_ulysses(transformer: Any, group: RankGroup) -> None:
+    """diffusers' Ulysses context parallelism over `group`'s ("ring", "ulysses") mesh."""
+    if group.plan.ulysses <= 1:
+        return
+    from diffusers import ContextParallelConfig
+
+    config = ContextParallelConfig(ulysses_degree=group.plan.ulysses, mesh=group.ulysses_mesh)
+    with one_device_per_rank():
+        transformer.enable_parallelism(config=config)
+
+
+class PromptRecorder:
+    """Wraps a pipeline's `encode_prompt`: pads what it returns to a multiple of the Ulysses degree
+    (masked tokens) and keeps it, so the CFG split knows both branches' embeddings."""
+
+    def __init__(self, *, multiple: int) -> None:
+        self.multiple = multiple
+        self.calls: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self._pipes: list[Any] = []  # installed on (the main pipeline, the inpaint one)
+
+    def install(self, pipe: Any) -> None:
+        if any(p is pipe for p in self._pipes):
+            return
+        self._pipes.append(pipe)
+        original: Callable[..., Any] = pipe.encode_prompt
+
+        def encode_prompt(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+            embeds, mask = original(*args, **kwargs)
+            embeds, mask = pad_text(embeds, mask, multiple=self.multiple)
+            self.calls.append((embeds, mask))
+            return embeds, mask
+
+        pipe.encode_prompt = encode_prompt
+
+    def reset(self) -> None:
+        self.calls.clear()
+
+    @property
+    def negative(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The negative prompt's (embeddings, mask), once the pipeline has encoded it."""
+        return self.calls[1] if len(self.calls) >= 2 else None
+
+
+def pad_text(
+    embeds: torch.Tensor, mask: torch.Tensor | None, *, multiple: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Text embeddings padded with zero tokens to a multiple of `multiple`, and the mask that
+    hides them (None, as the pipelines pass it, when nothing is padded and nothing masked)."""
+    batch, length = embeds.shape[:2]
+    target = padded_length(length, multiple)
+    if target == length:
+        return embeds, mask
+    pad = target - length
+    embeds = torch.cat([embeds, embeds.new_zeros(batch, pad, *embeds.shape[2:])], dim=1)
+    if mask is None:
+        mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device)
+    mask = torch.cat([mask, mask.new_zeros(batch, pad)], dim=1)
+    return embeds, mask
+
+
+class CfgSplitTransformer(nn.Module):
+    """`pipe.transformer` with the two CFG branches on two rank groups (see the module docstring).
+    Edits without true CFG (one call per step) run the conditional pass on every group."""
+
+    def __init__(self, inner: Any, *, group: RankGroup, recorder: PromptRecorder) -> None:
+        super().__init__()
+        if group.plan.cfg != 2:
+            raise ValueError(f"the CFG split needs a CFG degree of 2, not {group.plan.cfg}")
+        self.inner = inner
+        self._group = group
+        self._recorder = recorder
+        self._context: str | None = None
+        self._uncond: tuple[torch.Tensor, Any] | None = None  # (result, the negative embeddings)
+        self.split_steps = 0  # CFG steps computed split (both branches at once)
+
+    # What the pipelines read off their transformer.
+    @property
+    def config(self) -> Any:
+        return self.inner.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.inner.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.inner.parameters()).dtype
+
+    def reset(self) -> None:
+        """Forget the last edit's state (before each pipeline call)."""
+        self._uncond = None
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str) -> Iterator[None]:
+        previous, self._context = self._context, name
+        try:
+            with self.inner.cache_context(name):
+                yield
+        finally:
+            self._context = previous
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        negative = self._recorder.negative
+        if self._context == "uncond" and self._uncond is not None:
+            result, embeds = self._uncond
+            self._uncond = None
+            if kwargs.get("encoder_hidden_states") is embeds:
+                return (result,) if not kwargs.get("return_dict", True) else _output(result)
+        if self._context != "cond" or negative is None or args:
+            return self.inner(*args, **kwargs)
+        branch = dict(kwargs)
+        if self._group.cfg_index == 1:
+            branch.update(zip(_BRANCH_KEYS, negative, strict=True))
+        branch["return_dict"] = False
+        mine = self.inner(**branch)[0].contiguous()
+        both = [torch.empty_like(mine) for _ in range(self._group.plan.cfg)]
+        dist.all_gather(both, mine, group=self._group.cfg_group)
+        self._uncond = (both[1], negative[0])
+        self.split_steps += 1
+        cond = both[0]
+        return (cond,) if not kwargs.get("return_dict", True) else _output(cond)
+
+
+def _output(sample: torch.Tensor) -> Any:
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    return Transformer2DModelOutput(sample=sample)

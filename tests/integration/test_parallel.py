@@ -1,0 +1,189 @@
+"""One replica over several ranks (processes) on CPU, through the real Ray Serve app: each parallel
+shape gives the single-process pixels; previews stream; a killed rank costs one 503, then Serve
+replaces the whole replica and it serves again."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import io
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from openai import OpenAI
+from PIL import Image
+
+from serve_app.common.config import AppConfig
+from tests.fixtures import random_image
+from tests.integration.conftest import TEST_ARGS, Server, start_server, stop_server
+
+pytestmark = pytest.mark.integration
+
+SEED, SIDE = 5, 64
+LORA_ID = "qwen-image-edit-lora"
+# Four heads, so Ulysses 2 gives each rank whole heads (the tiny model has one).
+SHRUNK_4_HEADS: dict[str, Any] = {
+    "transformer": {"num_layers": 2, "attention_head_dim": 16, "num_attention_heads": 4,
+                    "axes_dims_rope": [4, 6, 6], "joint_attention_dim": 64},
+    "text_encoder": {
+        "text_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                        "num_attention_heads": 4, "num_key_value_heads": 2,
+                        "rope_scaling": {"mrope_section": [2, 3, 3]}},
+        "vision_config": {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                          "out_hidden_size": 64, "fullatt_block_indexes": [1]},
+    },
+    "vae": {"base_dim": 2, "num_res_blocks": 1},
+}  # fmt: skip
+
+
+def _args(tmp: Any, *, parallel: dict[str, Any], model: dict[str, Any] | None = None) -> dict:
+    args = copy.deepcopy(TEST_ARGS)
+    args["model"]["path"] = str(tmp / "model")
+    args["model"].update(model or {})
+    args["model"]["parallel"] = {"cpus_per_rank": 0.5, "timeout_s": 60, **parallel}
+    return args
+
+
+def _png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _single_process_image(
+    args: dict[str, Any], reference: np.ndarray, prompt: str, *, model: str = "qwen-image-edit"
+) -> np.ndarray:
+    """The same edit on one process (no Ray): what every parallel shape must reproduce."""
+    from serve_app.common.jobs import EditJob
+    from serve_app.pipeline.loader import load_runner
+
+    config = AppConfig.model_validate({**args, "model": {**args["model"], "parallel": {}}})
+    runner = load_runner(config.model, config.generation)
+    job = EditJob(
+        request_id="ref", model=model, images=[reference], prompt=prompt,
+        negative_prompt=" ", true_cfg_scale=4.0, num_inference_steps=2, width=SIDE,
+        height=SIDE, seeds=[SEED],
+    )  # fmt: skip
+    return runner.run(job).images[0]
+
+
+def _edit(
+    server: Server, reference: np.ndarray, prompt: str, *, model: str = "qwen-image-edit"
+) -> np.ndarray:
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    result = client.images.edit(
+        image=("in.png", _png(reference), "image/png"), prompt=prompt, size=f"{SIDE}x{SIDE}",
+        model=model,
+        extra_body={"seed": SEED, "num_inference_steps": 2},
+    )  # fmt: skip
+    assert result.data is not None and result.data[0].b64_json
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))))
+
+
+@pytest.fixture(scope="module")
+def cfg2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, dict[str, Any]]]:
+    """The tiny model over 2 ranks, CFG split, with a LoRA; health checked every second (the
+    kill test)."""
+    from serve_app.pipeline.tiny import build_tiny_lora, ensure_tiny_model
+
+    lora = build_tiny_lora(ensure_tiny_model(), tmp_path_factory.mktemp("lora"))
+    args = _args(
+        tmp_path_factory.mktemp("cfg2"),
+        parallel={"gpus": 2},
+        model={"loras": [{"name": LORA_ID, "path": str(lora)}]},
+    )
+    srv = start_server(
+        args=args, deployments=[{"name": "QwenImageEditModel", "health_check_period_s": 1}]
+    )
+    try:
+        yield srv, args
+    finally:
+        stop_server()
+
+
+def test_cfg_split_over_two_ranks_gives_the_single_process_pixels(
+    cfg2: tuple[Server, dict[str, Any]],
+) -> None:
+    server, args = cfg2
+    reference = random_image(48, 40, seed=3)
+    got = _edit(server, reference, "make the sky purple")
+    want = _single_process_image(args, reference, "make the sky purple")
+    assert got.shape == want.shape == (SIDE, SIDE, 3)
+    assert int(np.abs(got.astype(int) - want.astype(int)).max()) <= 1
+
+
+def test_a_lora_over_two_ranks_gives_the_single_process_pixels(
+    cfg2: tuple[Server, dict[str, Any]],
+) -> None:
+    """Every rank loads the adapters and switches to the job's model id (CFG split included)."""
+    server, args = cfg2
+    reference = random_image(40, 48, seed=4)
+    got = _edit(server, reference, "make it snow", model=LORA_ID)
+    want = _single_process_image(args, reference, "make it snow", model=LORA_ID)
+    base = _single_process_image(args, reference, "make it snow")
+    assert int(np.abs(got.astype(int) - want.astype(int)).max()) <= 1
+    assert not np.array_equal(want, base)  # the adapter changed the edit
+
+
+def test_ready_shows_the_ranks(cfg2: tuple[Server, dict[str, Any]]) -> None:
+    ready = httpx.get(f"{cfg2[0].url}/ready", timeout=10).json()
+    parallel = ready["parallel"]
+    assert (parallel["gpus"], parallel["cfg"], parallel["ulysses"]) == (2, 2, 1)
+    assert [r["rank"] for r in parallel["ranks"]] == [0, 1]
+    assert [r["cfg_group"] for r in parallel["ranks"]] == [0, 1]
+    assert len({r["pid"] for r in parallel["ranks"]}) == 2  # one process per rank
+
+
+def test_streaming_previews_come_from_rank_zero(cfg2: tuple[Server, dict[str, Any]]) -> None:
+    client = OpenAI(base_url=f"{cfg2[0].url}/v1", api_key="unused", max_retries=0)
+    events = list(
+        client.images.edit(
+            image=("in.png", _png(random_image(32, 32)), "image/png"),
+            prompt="add a hat",
+            size="64x64",
+            stream=True,
+            partial_images=1,
+            extra_body={"num_inference_steps": 4},
+        )
+    )
+    assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
+
+
+def test_a_killed_rank_costs_one_503_then_the_replica_is_replaced(
+    cfg2: tuple[Server, dict[str, Any]],
+) -> None:
+    import ray
+
+    server, _ = cfg2
+
+    def rank_actors() -> list[tuple[str, str]]:
+        return [
+            (a["name"], a["namespace"])
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("qwen-rank-")
+        ]
+
+    before = rank_actors()
+    assert len(before) == 1  # rank 1; rank 0 is the replica itself
+    ray.kill(ray.get_actor(before[0][0], namespace=before[0][1]))
+    files = {"image": ("in.png", _png(random_image(32, 32)), "image/png")}
+    data = {"prompt": "add a hat", "size": "64x64"}
+    answer = httpx.post(f"{server.url}/v1/images/edits", files=files, data=data, timeout=120)
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"]["code"] == "replica_unavailable"
+    assert "retry-after" in answer.headers
+    # Serve's health checks fail; it replaces the replica (a new placement group, new ranks).
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        now = rank_actors()
+        if now and now != before and httpx.get(f"{server.url}/ready", timeout=10).is_success:
+            break
+        time.sleep(1)
+    else:
+        pytest.fail("the replica was not replaced within 240 s")
+    answer = httpx.post(f"{server.url}/v1/images/edits", files=files, data=data, timeout=120)
+    assert answer.status_code == 200, answer.text

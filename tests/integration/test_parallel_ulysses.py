@@ -1,0 +1,38 @@
+"""CFG 2 x Ulysses 2 over four CPU ranks through the real app (a module of its own: one Ray
+instance per test module)."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.fixtures import random_image
+from tests.integration.conftest import start_server, stop_server
+from tests.integration.test_parallel import SHRUNK_4_HEADS, _args, _edit, _single_process_image
+
+pytestmark = pytest.mark.integration
+
+
+def test_cfg_and_ulysses_over_four_ranks_give_the_single_process_pixels(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """CFG 2 x Ulysses 2: the text (prompt and negative prompt) and image token counts are not
+    multiples of 2 here, so padding and the work size are exercised too."""
+    args = _args(
+        tmp_path_factory.mktemp("u2"),
+        parallel={"gpus": 4},
+        model={"source": "synthetic", "synthetic_overrides": SHRUNK_4_HEADS, "dtype": "float32"},
+    )
+    reference = random_image(40, 56, seed=4)
+    prompt = "turn the red square into a blue circle"
+    srv = start_server(args=args)
+    try:
+        got = _edit(srv, reference, prompt)
+        ready = httpx.get(f"{srv.url}/ready", timeout=10).json()["parallel"]
+    finally:
+        stop_server()
+    assert (ready["cfg"], ready["ulysses"]) == (2, 2)
+    want = _single_process_image(args, reference, prompt)
+    assert got.shape == want.shape
+    assert int(np.abs(got.astype(int) - want.astype(int)).max()) <= 2
