@@ -3,9 +3,11 @@
     python -m bench.plot [--results bench/results] [--out docs/figures] [--stages NAME]
 
 - `latency.png`: seconds per edit (the benchmark's standard edit: 1024x1024 from one 1024x1024
-  reference, 50 steps, true CFG, HTTP end to end) by GPUs per replica, bf16 and fp8. A line joins
-  the fastest measured configuration of each GPU count; every result is a dot. Published figures
-  of other servers (bench/peers.json) are marked: filled for the same job, hollow for another.
+  reference, 50 steps, true CFG, HTTP end to end) by GPUs per replica, bf16 and fp8. A line per
+  precision (colour) and GPU model (line style) joins the fastest measured configuration of each
+  GPU count; every result is a dot. Results of modes the server no longer has are left out.
+  Published figures of other servers (bench/peers.json) are marked: filled for the same job,
+  hollow for another.
 - `stages.png`: where the time of one edit goes, from a result's Server-Timing medians (the
   fastest result that has them, or `--stages NAME`).
 
@@ -36,7 +38,12 @@ OUT = ROOT / "docs" / "figures"
 STANDARD_JOB = {"size": "1024x1024", "steps": 50, "true_cfg": True}
 _GPU_NAME = re.compile(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b")
 _COLORS = {"bf16": "#4b3fd6", "fp8": "#d6453f"}
+# Modes the server no longer has: their results stay (docs cite them), the figure shows what it
+# serves today. cfg_parallel (two transformer copies in one process): model.parallel replaced it.
+_REMOVED_MODES = ("cfg_parallel",)
 _EXTRA_COLORS = ["#2a9d8f", "#e9a23b", "#6c757d", "#8e44ad"]
+# Colour is the precision; the line and marker tell GPU models apart (H100 solid, H200 dashed).
+_MODEL_STYLES = ["o-", "s--", "^:", "v-."]
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,9 @@ def _run_of(name: str, result: Any) -> Run | str:
     differs = {k: result.get(k) for k, v in STANDARD_JOB.items() if result.get(k) != v}
     if differs:
         return f"another job than the standard edit: {differs}"
+    mode = str(result.get("mode") or "")
+    if mode.split("+")[0] in _REMOVED_MODES:
+        return f"a mode this server no longer has: {mode.split('+')[0]}"
     timings = result.get("server_timing_ms_median")
     return Run(
         name=str(result.get("name") or name),
@@ -92,7 +102,7 @@ def _run_of(name: str, result: Any) -> Run | str:
         precision=_precision(result),
         seconds=float(seconds),
         gpu_model=_gpu_model(result),
-        mode=str(result.get("mode") or ""),
+        mode=mode,
         timings_ms=dict(timings) if isinstance(timings, dict) else {},
     )
 
@@ -165,6 +175,7 @@ def plot_latency(runs: Sequence[Run], peers: Sequence[Peer], out: Path) -> Path:
     )  # fmt: skip
     labels: list[tuple[float, float, str, str, str]] = []  # x, y, text, color, side
     extra = iter(_EXTRA_COLORS)
+    models = sorted({r.gpu_model for r in runs})
     for (precision, model), series in sorted(best_per_gpus(runs).items()):
         color = _COLORS.get(precision) or next(extra, "#333333")
         xs = sorted(series)
@@ -172,7 +183,7 @@ def plot_latency(runs: Sequence[Run], peers: Sequence[Peer], out: Path) -> Path:
         ax.plot(
             xs,
             ys,
-            "o-",
+            _MODEL_STYLES[models.index(model) % len(_MODEL_STYLES)],
             color=color,
             lw=2,
             ms=7,
@@ -180,7 +191,8 @@ def plot_latency(runs: Sequence[Run], peers: Sequence[Peer], out: Path) -> Path:
             label=f"this server, {precision}, {model}",
         )
         for x, y in zip(xs, ys, strict=True):
-            labels.append((x, y, f"{y:.1f} s", color, "right"))
+            text = f"{y:.1f} s" + (f" ({model})" if len(models) > 1 else "")
+            labels.append((x, y, text, color, "right"))
     for peer in peers:
         # Same-job figures just left of the GPU count, labelled leftwards, so ours stay readable.
         x = peer.gpus * 0.86 if peer.same_job else peer.gpus
