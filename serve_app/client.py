@@ -1,43 +1,51 @@
-"""`python -m serve_app.client`: a small command-line client for this server's OpenAI API.
+"""`qwen-image-edit`: the command-line client, on the official `openai` SDK.
 
-    python -m serve_app.client edit --image a.png --prompt "make the sky purple" -o out.png
-    python -m serve_app.client models
-    python -m serve_app.client health
+    qwen-image-edit edit --image a.png --prompt "make the sky purple" --out out.png
+    qwen-image-edit edit --image a.png --prompt "..." -n 2 --seed 7 --stream
+    qwen-image-edit models
+    qwen-image-edit health
 
-Only the standard library and httpx (no torch, no ray): it runs on any laptop. Exit codes:
-0 success, 1 an error answered by the server or a failed connection, 2 bad arguments.
+(`python -m serve_app.client ...` is the same.) Requests, retries (408/409/429/5xx, honouring
+`Retry-After`), timeouts and errors are the SDK's; this module only maps options to its calls, the
+extensions to `extra_body`, and writes the files. It imports no other part of this project and
+neither torch nor Ray, so the client install (`pip install qwen-image-edit-serve`) is light.
+Exit codes: 0 success, 1 an error answer or no connection, 2 bad arguments.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import binascii
 import mimetypes
 import os
 import re
 import sys
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TextIO
 
-import httpx
+import openai
+from tqdm import tqdm
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+ENV_URL = "QWEN_IMAGE_EDIT_URL"
 ENV_API_KEY = "OPENAI_API_KEY"
-# The server's own request_timeout_s is 900 s; wait as long as it may take.
+# The server's own request_timeout_s is 600 s (queueing included); wait a bit longer.
 DEFAULT_TIMEOUT_S = 900.0
 FORMATS = ("png", "jpeg", "webp")
+MAX_PARTIAL_IMAGES = 3
 _SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 _FORMAT_SUFFIX = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
 _SIZE = re.compile(r"^(auto|[1-9][0-9]*x[1-9][0-9]*)$")
+# Sent when no key is given: the SDK needs one, and a server without keys ignores it.
+_NO_KEY = "no-key"
 
 
 class ClientError(Exception):
-    """A failure to report on stderr with exit code 1."""
+    """A failure reported on stderr with exit code 1."""
 
 
 # --- arguments -------------------------------------------------------------------------------
@@ -49,48 +57,78 @@ def _size(value: str) -> str:
     return value
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
-    return number
+def _int_at_least(low: int) -> Any:
+    def parse(value: str) -> int:
+        number = int(value)
+        if number < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {number}")
+        return number
+
+    return parse
 
 
-def _seed(value: str) -> int:
+def _partials(value: str) -> int:
     number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {number}")
+    if not 0 <= number <= MAX_PARTIAL_IMAGES:
+        raise argparse.ArgumentTypeError(f"must be 0..{MAX_PARTIAL_IMAGES}, got {number}")
     return number
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m serve_app.client",
-        description="Call a qwen-image-edit-serve server (OpenAI Images API).",
+        prog="qwen-image-edit",
+        description="Call a qwen-image-edit-serve server (OpenAI Images API) with the openai SDK.",
     )
-    parser.add_argument("--url", default=DEFAULT_URL, help=f"server root (default {DEFAULT_URL})")
+    parser.add_argument(
+        "--url", help=f"server root, without /v1 (default: ${ENV_URL}, else {DEFAULT_URL})"
+    )
     parser.add_argument("--api-key", help=f"bearer key (default: ${ENV_API_KEY}, if set)")
     parser.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds to wait for an answer"
+    )
+    parser.add_argument(
+        "--max-retries",
+        type=_int_at_least(0),
+        default=2,
+        help="retries of 408/409/429/5xx answers, after their Retry-After (default 2)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
     edit = commands.add_parser("edit", help="POST /v1/images/edits and save the images")
     edit.add_argument(
-        "--image", action="append", required=True, type=Path, help="input image (repeatable)"
+        "-i", "--image", action="append", required=True, type=Path, help="input image (repeat)"
     )
-    edit.add_argument("--prompt", required=True)
+    edit.add_argument("-p", "--prompt", required=True)
+    edit.add_argument("--mask", type=Path, help="PNG whose transparent pixels are repainted")
     edit.add_argument(
-        "-o", "--output", type=Path, help="output file; n>1 adds -1, -2, ... (default out.FORMAT)"
-    )
+        "-o", "--out", "--output", dest="out", type=Path,
+        help="output file; n>1 adds -1, -2, ... (default out.FORMAT)",
+    )  # fmt: skip
+    edit.add_argument("-n", "--n", type=_int_at_least(1), default=1, help="number of images")
+    edit.add_argument("--seed", type=_int_at_least(0), help="image i uses seed + i")
     edit.add_argument("--size", type=_size, help="WIDTHxHEIGHT or auto (server default: auto)")
-    edit.add_argument("--n", type=_positive_int, default=1, help="number of images")
-    edit.add_argument("--seed", type=_seed, help="image i uses seed + i")
-    edit.add_argument("--steps", type=_positive_int, help="num_inference_steps")
-    edit.add_argument("--format", choices=FORMATS, help="output format (default: from -o, or png)")
+    edit.add_argument("--steps", type=_int_at_least(1), help="num_inference_steps")
+    edit.add_argument(
+        "--format", choices=FORMATS, help="output format (default: from --out, or png)"
+    )
+    edit.add_argument("--compression", type=int, help="output_compression, 0-100")
     edit.add_argument("--model", help="model name (server default: the first it serves)")
     edit.add_argument("--negative-prompt", help="true CFG negative prompt")
     edit.add_argument("--true-cfg-scale", type=float, help="true CFG scale")
+    edit.add_argument(
+        "--stream",
+        action="store_true",
+        help="stream: a progress bar fed by partial images (n>1: one stream per image)",
+    )
+    edit.add_argument(
+        "--partial-images",
+        type=_partials,
+        default=MAX_PARTIAL_IMAGES,
+        help=f"previews per image with --stream (0-{MAX_PARTIAL_IMAGES}, default 3)",
+    )
+    edit.add_argument(
+        "--save-partials", action="store_true", help="with --stream, also write the previews"
+    )
 
     commands.add_parser("models", help="GET /v1/models and print the model ids")
     commands.add_parser("health", help="GET /health and /ready; exit 0 only when ready")
@@ -103,242 +141,246 @@ def parse_args(
     """Parse argv, then fill the defaults that depend on the environment or other options."""
     env = os.environ if environ is None else environ
     args = build_parser().parse_args(argv)
+    args.url = (args.url or env.get(ENV_URL) or DEFAULT_URL).rstrip("/")
     if args.api_key is None:
         args.api_key = env.get(ENV_API_KEY) or None
     if args.command == "edit":
-        suffix_format = _SUFFIX_FORMATS.get(args.output.suffix.lower()) if args.output else None
+        suffix_format = _SUFFIX_FORMATS.get(args.out.suffix.lower()) if args.out else None
         args.format = args.format or suffix_format or "png"
-        if args.output is None:
-            args.output = Path("out" + _FORMAT_SUFFIX[args.format])
+        if args.out is None:
+            args.out = Path("out" + _FORMAT_SUFFIX[args.format])
     return args
 
 
-# --- progress --------------------------------------------------------------------------------
-
-
-class Progress:
-    """An elapsed-time spinner on stderr while a request is in flight.
-
-    The server answers only when every image is done, so time is all there is to show. When
-    stderr is not a terminal (logs, CI), it writes one line at the start instead of redrawing.
-    """
-
-    FRAMES = "|/-\\"
-
-    def __init__(
-        self,
-        label: str,
-        *,
-        stream: TextIO,
-        interval_s: float = 0.1,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.label = label
-        self.stream = stream
-        self.interval_s = interval_s
-        self.clock = clock
-        self._start = 0.0
-        self._end: float | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @property
-    def elapsed_s(self) -> float:
-        end = self.clock() if self._end is None else self._end
-        return end - self._start
-
-    def __enter__(self) -> Progress:
-        self._start = self.clock()
-        if self.stream.isatty():
-            self._thread = threading.Thread(target=self._spin, daemon=True)
-            self._thread.start()
-        else:
-            print(f"{self.label} ...", file=self.stream, flush=True)
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._end = self.clock()
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            # Erase the spinner line so later messages start clean.
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-
-    def _spin(self) -> None:
-        frame = 0
-        while not self._stop.wait(self.interval_s):
-            char = self.FRAMES[frame % len(self.FRAMES)]
-            self.stream.write(f"\r{char} {self.label} {self.elapsed_s:6.1f} s")
-            self.stream.flush()
-            frame += 1
-
-
-# --- HTTP ------------------------------------------------------------------------------------
-
-
-def describe_error(response: httpx.Response) -> str:
-    """One line from an OpenAI error body (or whatever the body is)."""
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    error = body.get("error") if isinstance(body, dict) else None
-    if not isinstance(error, dict):
-        text = response.text.strip()[:300] or response.reason_phrase
-        return f"HTTP {response.status_code}: {text}"
-    details = [str(response.status_code), str(error.get("type") or "error")]
-    if error.get("param"):
-        details.append(f"param: {error['param']}")
-    if error.get("code"):
-        details.append(f"code: {error['code']}")
-    message = f"{error.get('message') or 'no message'} ({', '.join(details)})"
-    if response.headers.get("retry-after"):
-        message += f"; retry after {response.headers['retry-after']} s"
-    # dict.fromkeys: a header repeated by a middleware is still one id.
-    request_ids = list(dict.fromkeys(response.headers.get_list("x-request-id")))
-    if request_ids:
-        message += f"; request id {', '.join(request_ids)}"
-    return message
-
-
-def _check(response: httpx.Response) -> httpx.Response:
-    if response.is_error:
-        raise ClientError(describe_error(response))
-    return response
-
-
-def _json(response: httpx.Response) -> dict[str, Any]:
-    try:
-        body = _check(response).json()
-    except ValueError:
-        raise ClientError(f"the server answered non-JSON: {response.text[:200]!r}") from None
-    if not isinstance(body, dict):
-        raise ClientError(f"unexpected answer: {body!r:.200}")
-    return body
-
-
-def make_client(
-    args: argparse.Namespace, *, transport: httpx.BaseTransport | None = None
-) -> httpx.Client:
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    return httpx.Client(
-        base_url=args.url.rstrip("/"),
-        headers=headers,
-        timeout=httpx.Timeout(args.timeout, connect=10.0),
-        transport=transport,
+def make_client(args: argparse.Namespace, *, http_client: Any = None) -> openai.OpenAI:
+    """The SDK client; `http_client` lets tests answer in-process."""
+    return openai.OpenAI(
+        base_url=f"{args.url}/v1",
+        api_key=args.api_key or _NO_KEY,
+        timeout=args.timeout,
+        max_retries=args.max_retries,
+        http_client=http_client,
     )
 
 
-# --- commands --------------------------------------------------------------------------------
+# --- errors ----------------------------------------------------------------------------------
 
 
-def output_paths(output: Path, count: int) -> list[Path]:
+def describe_error(exc: openai.APIStatusError, *, key_given: bool = True) -> str:
+    """One line from an OpenAI error answer: message, status, type, param, code, request id."""
+    body = exc.body if isinstance(exc.body, dict) else {}
+    message = body.get("message") or exc.message
+    details = [str(exc.status_code), str(body.get("type") or "error")]
+    details += [f"{k}: {body[k]}" for k in ("param", "code") if body.get(k)]
+    line = f"{message} ({', '.join(details)})"
+    retry_after = exc.response.headers.get("retry-after")
+    if retry_after:
+        line += f"; retry after {retry_after} s"
+    request_ids = list(dict.fromkeys(exc.response.headers.get_list("x-request-id")))
+    if request_ids:
+        line += f"; request id {', '.join(request_ids)}"
+    if exc.status_code == 401 and not key_given:
+        line += f"; pass --api-key or set ${ENV_API_KEY}"
+    return line
+
+
+# --- edit ------------------------------------------------------------------------------------
+
+
+def output_paths(out: Path, count: int) -> list[Path]:
     """out.png, out-1.png, out-2.png, ...: the first keeps the name asked for."""
-    return [output] + [
-        output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(1, count)
-    ]
+    return [out] + [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(1, count)]
 
 
-def _edit_form(args: argparse.Namespace) -> dict[str, str]:
-    form = {
+def _upload(path: Path) -> tuple[str, bytes, str]:
+    try:
+        content = path.read_bytes()
+    except OSError as exc:
+        raise ClientError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return path.name, content, mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+
+
+@dataclass
+class EditRequest:
+    """The SDK call's arguments; `seed` apart, since a stream per image shifts it."""
+
+    kwargs: dict[str, Any]
+    extensions: dict[str, Any]
+    seed: int | None
+
+    def call(self, client: openai.OpenAI, *, n: int, seed: int | None, **more: Any) -> Any:
+        extra = dict(self.extensions)
+        if seed is not None:
+            extra["seed"] = seed
+        return client.images.edit(**self.kwargs, n=n, extra_body=extra or None, **more)
+
+
+def edit_request(args: argparse.Namespace) -> EditRequest:
+    images = [_upload(path) for path in args.image]
+    # One image goes as `image`, several as `image[]` (the SDK's own choice of field name).
+    kwargs: dict[str, Any] = {
+        "image": images[0] if len(images) == 1 else images,
         "prompt": args.prompt,
-        "n": str(args.n),
-        "response_format": "b64_json",
         "output_format": args.format,
     }
     optional = {
+        "mask": _upload(args.mask) if args.mask else None,
         "model": args.model,
         "size": args.size,
-        "seed": args.seed,
+        "output_compression": args.compression,
+    }
+    kwargs.update({k: v for k, v in optional.items() if v is not None})
+    extensions = {
         "num_inference_steps": args.steps,
         "negative_prompt": args.negative_prompt,
         "true_cfg_scale": args.true_cfg_scale,
     }
-    form.update({key: str(value) for key, value in optional.items() if value is not None})
-    return form
+    return EditRequest(
+        kwargs=kwargs,
+        extensions={k: v for k, v in extensions.items() if v is not None},
+        seed=args.seed,
+    )
 
 
-def _image_files(paths: list[Path]) -> list[tuple[str, tuple[str, bytes, str]]]:
-    # One image goes as `image`, several as repeated `image[]`, as the openai client sends them.
-    field = "image" if len(paths) == 1 else "image[]"
-    files = []
-    for path in paths:
-        try:
-            content = path.read_bytes()
-        except OSError as exc:
-            raise ClientError(f"cannot read {path}: {exc.strerror or exc}") from None
-        mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        files.append((field, (path.name, content, mime)))
-    return files
+@dataclass
+class Result:
+    image: bytes
+    seed: int | None
+    size: str
 
 
-def _decode_images(body: Mapping[str, Any]) -> list[bytes]:
-    items = body.get("data")
-    if not isinstance(items, list) or not items:
+def _seed_of(item: Any, sent: int | None) -> int | None:
+    # The server returns the seed it picked as an extension field (`data[i].seed`).
+    reported = (getattr(item, "model_extra", None) or {}).get("seed")
+    return int(reported) if isinstance(reported, int) else sent
+
+
+def _decode(b64: str | None) -> bytes:
+    if not b64:
+        raise ClientError("the answer holds no b64_json image")
+    return base64.b64decode(b64)
+
+
+def edit_once(client: openai.OpenAI, request: EditRequest, *, n: int) -> list[Result]:
+    response = request.call(client, n=n, seed=request.seed)
+    results = []
+    for i, item in enumerate(response.data or []):
+        sent = None if request.seed is None else request.seed + i
+        results.append(Result(_decode(item.b64_json), _seed_of(item, sent), response.size or "?"))
+    if not results:
         raise ClientError("the answer holds no images")
-    images = []
-    for item in items:
-        b64 = item.get("b64_json") if isinstance(item, dict) else None
-        if not isinstance(b64, str):
-            raise ClientError("an image of the answer has no b64_json")
-        try:
-            images.append(base64.b64decode(b64, validate=True))
-        except binascii.Error:
-            raise ClientError("an image of the answer is not valid base64") from None
-    return images
+    return results
 
 
-def run_edit(args: argparse.Namespace, client: httpx.Client, *, out: TextIO, err: TextIO) -> int:
-    files = _image_files(args.image)
-    suffix_format = _SUFFIX_FORMATS.get(args.output.suffix.lower())
+def edit_streamed(
+    client: openai.OpenAI,
+    request: EditRequest,
+    *,
+    n: int,
+    partial_images: int,
+    progress: tqdm[Any],
+    on_partial: Any = None,
+) -> Iterator[Result]:
+    """One stream per image (a stream carries one), image i with seed + i as n would."""
+    for i in range(n):
+        sent = None if request.seed is None else request.seed + i
+        progress.set_description(f"image {i + 1}/{n}")
+        stream = request.call(client, n=1, seed=sent, stream=True, partial_images=partial_images)
+        completed = None
+        with stream:
+            for event in stream:
+                progress.update(1)
+                if event.type == "image_edit.partial_image":
+                    if on_partial is not None:
+                        on_partial(i, event.partial_image_index, _decode(event.b64_json))
+                elif event.type == "image_edit.completed":
+                    completed = event
+        if completed is None:
+            raise ClientError("the stream ended without the completed image")
+        # Fewer previews than asked (a very short edit) leave the bar short: fill it per image.
+        progress.update((i + 1) * (partial_images + 1) - progress.n)
+        yield Result(_decode(completed.b64_json), _seed_of(completed, sent), completed.size)
+
+
+def _write(path: Path, data: bytes) -> None:
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        raise ClientError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def run_edit(args: argparse.Namespace, client: openai.OpenAI, *, out: TextIO, err: TextIO) -> int:
+    request = edit_request(args)
+    suffix_format = _SUFFIX_FORMATS.get(args.out.suffix.lower())
     if suffix_format not in (None, args.format):
-        print(f"note: writing {args.format} images to {args.output}", file=err)
-    with Progress(f"editing {args.n} image(s) at {args.url}", stream=err) as progress:
-        response = client.post("/v1/images/edits", data=_edit_form(args), files=files)
-    body = _json(response)
-    images = _decode_images(body)
-    paths = output_paths(args.output, len(images))
-    for path, image in zip(paths, images, strict=True):
-        try:
-            path.write_bytes(image)
-        except OSError as exc:
-            raise ClientError(f"cannot write {path}: {exc.strerror or exc}") from None
+        print(f"note: writing {args.format} images to {args.out}", file=err)
+    paths = output_paths(args.out, args.n)
+    t0 = time.monotonic()
+    if args.stream:
+
+        def save_partial(image: int, index: int, data: bytes) -> None:
+            if args.save_partials:
+                path = paths[image]
+                _write(path.with_name(f"{path.stem}.partial{index}{path.suffix}"), data)
+
+        total = args.n * (args.partial_images + 1)
+        with tqdm(total=total, file=err, unit="event", dynamic_ncols=True) as progress:
+            results = list(
+                edit_streamed(
+                    client,
+                    request,
+                    n=args.n,
+                    partial_images=args.partial_images,
+                    progress=progress,
+                    on_partial=save_partial,
+                )
+            )
+    else:
+        print(f"editing {args.n} image(s) at {args.url} ...", file=err, flush=True)
+        results = edit_once(client, request, n=args.n)
+    for path, result in zip(output_paths(args.out, len(results)), results, strict=True):
+        _write(path, result.image)
         print(path, file=out)
-    size, fmt = body.get("size", "?"), body.get("output_format", args.format)
-    # The server returns the seed it picked when none was sent: --seed S makes the same images.
-    seed = body["data"][0].get("seed")
-    picked = f", seed {seed}" if isinstance(seed, int) else ""
-    print(f"{len(paths)} image(s), {size} {fmt}{picked}, in {progress.elapsed_s:.1f} s", file=err)
+        print(
+            f"{path}: {result.size}, seed {result.seed if result.seed is not None else '?'}",
+            file=err,
+        )
+    elapsed = time.monotonic() - t0
+    print(f"{len(results)} image(s) in {elapsed:.1f} s", file=err)
     return 0
 
 
-def run_models(args: argparse.Namespace, client: httpx.Client, *, out: TextIO, err: TextIO) -> int:
-    body = _json(client.get("/v1/models"))
-    for model in body.get("data") or []:
-        print(model.get("id"), file=out)
+# --- models, health --------------------------------------------------------------------------
+
+
+def run_models(args: argparse.Namespace, client: openai.OpenAI, *, out: TextIO, err: TextIO) -> int:
+    for model in client.models.list():
+        print(model.id, file=out)
     return 0
 
 
-def run_health(args: argparse.Namespace, client: httpx.Client, *, out: TextIO, err: TextIO) -> int:
-    live = client.get("/health")
-    print(f"health: {'ok' if live.is_success else describe_error(live)}", file=out)
-    ready = client.get("/ready")
-    if not ready.is_success:
-        print(f"ready: no - {describe_error(ready)}", file=out)
+def run_health(args: argparse.Namespace, client: openai.OpenAI, *, out: TextIO, err: TextIO) -> int:
+    # Probes outside /v1 through the SDK's own request path; a probe is not retried.
+    probe = client.with_options(max_retries=0)
+    try:
+        probe.get(f"{args.url}/health", cast_to=object)
+        live = True
+        print("health: ok", file=out)
+    except openai.APIStatusError as exc:
+        live = False
+        print(f"health: {describe_error(exc)}", file=out)
+    try:
+        info = probe.get(f"{args.url}/ready", cast_to=object)
+    except openai.APIStatusError as exc:
+        print(f"ready: no - {describe_error(exc)}", file=out)
         return 1
-    info = _json(ready)
+    info = info if isinstance(info, dict) else {}
     print(
         f"ready: {info.get('model')} ({info.get('pipeline')}, source {info.get('source')}, "
         f"device_map {info.get('device_map')})",
         file=out,
     )
-    return 0 if live.is_success else 1
+    return 0 if live else 1
 
 
 COMMANDS = {"edit": run_edit, "models": run_models, "health": run_health}
@@ -347,24 +389,29 @@ COMMANDS = {"edit": run_edit, "models": run_models, "health": run_health}
 def main(
     argv: Sequence[str] | None = None,
     *,
-    transport: httpx.BaseTransport | None = None,
+    http_client: Any = None,
     environ: Mapping[str, str] | None = None,
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
 ) -> int:
-    """Run one command; `transport` lets tests answer in-process (httpx.MockTransport)."""
+    """Run one command (the console script's entry point)."""
     out = stdout or sys.stdout
     err = stderr or sys.stderr
     args = parse_args(argv, environ=environ)
-    try:
-        with make_client(args, transport=transport) as client:
+    with ExitStack() as stack:
+        try:
+            client = stack.enter_context(make_client(args, http_client=http_client))
             return COMMANDS[args.command](args, client, out=out, err=err)
-    except ClientError as exc:
-        print(f"error: {exc}", file=err)
-    except httpx.TimeoutException:
-        print(f"error: no answer from {args.url} within {args.timeout:.0f} s", file=err)
-    except httpx.HTTPError as exc:
-        print(f"error: cannot reach {args.url}: {exc}", file=err)
+        except ClientError as exc:
+            print(f"error: {exc}", file=err)
+        except openai.APIStatusError as exc:
+            print(f"error: {describe_error(exc, key_given=bool(args.api_key))}", file=err)
+        except openai.APITimeoutError:
+            print(f"error: no answer from {args.url} within {args.timeout:.0f} s", file=err)
+        except openai.APIConnectionError as exc:
+            print(f"error: cannot reach {args.url}: {exc.__cause__ or exc}", file=err)
+        except openai.APIError as exc:  # an `error` event in a stream
+            print(f"error: {exc.message}", file=err)
     return 1
 
 

@@ -1,4 +1,5 @@
-"""Helpers shared by the test packages: one EditJob factory, test images, a free port."""
+"""Helpers shared by the test packages: one EditJob factory, test images, a free port, the ingress
+app in process."""
 
 from __future__ import annotations
 
@@ -9,8 +10,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from starlette.testclient import TestClient
 
+from serve_app.common.config import AppConfig
 from serve_app.common.jobs import EditJob
+from serve_app.ingress.routes import create_app
+from serve_app.ingress.service import EditService
+from tests.fakes import FakeModelHandle
 
 # True CFG as the model cards run it: two transformer passes per step.
 TRUE_CFG: dict[str, Any] = {"negative_prompt": " ", "true_cfg_scale": 4.0}
@@ -64,3 +70,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def ingress_client(config: dict[str, Any], *, api_keys: list[str] | None = None) -> TestClient:
+    """The ingress app for `config` (AppConfig's fields) over a `FakeModelHandle`, in process;
+    server errors come back as 500 answers, as a client would see them."""
+    service = EditService(model=FakeModelHandle(), config=AppConfig.model_validate(config))
+    return TestClient(create_app(service, api_keys=api_keys), raise_server_exceptions=False)

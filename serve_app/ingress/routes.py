@@ -14,6 +14,7 @@ from starlette.routing import Route
 
 from serve_app.common.errors import NotFoundError, to_api_error
 from serve_app.common.timing import SERVER_TIMING_HEADER, StageClock, format_server_timing
+from serve_app.ingress import openapi, playground
 from serve_app.ingress.auth import ApiKeyChecker, RequireApiKey
 from serve_app.ingress.forms import read_edit_form
 from serve_app.ingress.middleware import (
@@ -104,6 +105,9 @@ def create_app(service: EditService, *, api_keys: list[str] | None = None) -> St
         Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
+        # What a person opens: the browser playground and the API description.
+        *playground.routes(service.config, auth_enabled=bool(api_keys)),
+        *openapi.routes(service.config, auth_enabled=bool(api_keys)),
     ]
     config = service.config
     return Starlette(
@@ -115,7 +119,12 @@ def create_app(service: EditService, *, api_keys: list[str] | None = None) -> St
             Middleware(
                 RequireApiKey,
                 checker=ApiKeyChecker(api_keys or []),
-                open_paths=config.auth.open_paths,
+                # The page and the API description are public; the API they describe is not.
+                open_paths=[
+                    *config.auth.open_paths,
+                    *playground.PUBLIC_PATHS,
+                    *openapi.PUBLIC_PATHS,
+                ],
             ),
             Middleware(BodySizeLimit, max_bytes=config.limits.max_upload_bytes),
         ],

@@ -107,6 +107,9 @@ def banner(url: str, *, api_keys: bool) -> str:
     return f"""
 ================================================================================
  qwen-image-edit-serve is ready on {url}
+ Open {url}/ in a browser to edit images (the playground).
+ The API reference: {url}/docs
+
  Try it (writes out.png):
 {keys_note}
  curl -s {url}/v1/images/edits{auth} \\

@@ -234,7 +234,11 @@ def test_make_run_serves_on_loopback_and_stops_on_sigterm(tmp_path: Path, target
             with pytest.raises(urllib.error.HTTPError) as denied:
                 urllib.request.urlopen(f"{launch.url}/v1/models", timeout=10)
             assert denied.value.code == 401
+            # The address the banner prints opens the playground, without a key.
+            with urllib.request.urlopen(f"{launch.url}/", timeout=10) as page:
+                assert page.headers.get_content_type() == "text/html"
             output = launch.output()
+            assert f"Open {launch.url}/ in a browser" in output
             assert KEY not in output
             curl = _banner_curl(output)
             assert '-H "Authorization: Bearer $OPENAI_API_KEY"' in curl

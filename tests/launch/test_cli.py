@@ -76,6 +76,9 @@ def test_banner_curl_sends_a_key_only_when_keys_are_on() -> None:
     keyed = banner("http://127.0.0.1:8000", api_keys=True)
     assert '-H "Authorization: Bearer $OPENAI_API_KEY"' in keyed
     assert "export OPENAI_API_KEY" in keyed
+    for text in (open_banner, keyed):  # the address a person opens: the playground, the docs
+        assert "Open http://127.0.0.1:8000/ in a browser" in text
+        assert "The API reference: http://127.0.0.1:8000/docs" in text
 
 
 def test_api_keys_on_follows_the_env_and_key_file(tmp_path: Path) -> None:

@@ -1,0 +1,61 @@
+"""One real app with API keys on, shared by this package's client tests: the browser playground,
+the `qwen-image-edit` CLI and the official Node SDK (one Ray start for the three)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.integration.conftest import TEST_ARGS, Server, start_server, stop_server
+
+API_KEY = "sk-clients-test"
+ROOT = Path(__file__).resolve().parents[3]
+# Screenshots and other things a person may want to look at after a run (git-ignored; CI keeps
+# the folder as its artifacts).
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+@pytest.fixture(scope="package")
+def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    args = copy.deepcopy(TEST_ARGS)
+    args["model"]["path"] = str(tmp_path_factory.mktemp("tiny") / "model")
+    srv = start_server(args=args, env={"QWEN_API_KEYS": API_KEY})
+    try:
+        yield srv
+    finally:
+        stop_server()
+
+
+def photo_png(width: int, height: int, *, seed: int = 0) -> bytes:
+    """A smooth colour picture (not a flat colour), so screenshots show what was uploaded."""
+    y, x = np.mgrid[0:height, 0:width]
+    rng = np.random.default_rng(seed)
+    phase = rng.uniform(0, np.pi, 3)
+    channels = [127 + 127 * np.sin(x / width * 3 + y / height * 2 + p) for p in phase]
+    buf = io.BytesIO()
+    Image.fromarray(np.stack(channels, -1).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def pictures(tmp_path: Path) -> list[Path]:
+    paths = []
+    for i, (w, h) in enumerate([(200, 150), (120, 120)]):
+        path = tmp_path / f"picture{i + 1}.png"
+        path.write_bytes(photo_png(w, h, seed=i))
+        paths.append(path)
+    return paths
+
+
+def artifacts_dir(name: str) -> Path:
+    folder = ARTIFACTS / name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
