@@ -167,7 +167,12 @@ def _pip(*args: str) -> None:
 def _resolve(tmp_path: Path, *args: str) -> dict[str, str]:
     """{package: version} pip would install (`--dry-run --ignore-installed --report`)."""
     report = tmp_path / "report.json"
-    _pip("install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report), *args)
+    # A dropped connection resumes the download (some wheels have no metadata-only file and are
+    # fetched whole, hundreds of MB) instead of failing the test.
+    _pip(
+        "install", "--dry-run", "--ignore-installed", "--quiet", "--resume-retries", "20",
+        "--report", str(report), *args,
+    )  # fmt: skip
     install: list[dict[str, Any]] = json.loads(report.read_text())["install"]
     return {canonicalize_name(i["metadata"]["name"]): i["metadata"]["version"] for i in install}
 
