@@ -65,6 +65,9 @@ class ModelInfo:
     placement_table: str = ""
     # "Qwen-Image-Edit", "Qwen-Image-Edit-2509" or "Qwen-Image-Edit-2511".
     variant: str = ""
+    # The pipeline's text tokenizer as `tokenizers` JSON (Qwen2.5-VL's, or the tiny model's), so
+    # the ingress counts prompt tokens as the model does; None: the engine has none to share.
+    tokenizer_json: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

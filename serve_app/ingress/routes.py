@@ -18,6 +18,7 @@ from serve_app.ingress.auth import ApiKeyChecker, RequireApiKey
 from serve_app.ingress.forms import read_edit_form
 from serve_app.ingress.middleware import (
     BodySizeLimit,
+    BodyTimeout,
     OpenAIErrors,
     RequestId,
     RequestMetrics,
@@ -118,6 +119,11 @@ def create_app(service: EditService, *, api_keys: list[str] | None = None) -> St
                 open_paths=config.auth.open_paths,
             ),
             Middleware(BodySizeLimit, max_bytes=config.limits.max_upload_bytes),
+            Middleware(
+                BodyTimeout,
+                stall_s=config.upload_stall_timeout_s,
+                deadline_s=config.request_timeout_s,
+            ),
         ],
         exception_handlers={HTTPException: _raise_as_api_error},
     )
