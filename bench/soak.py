@@ -282,17 +282,24 @@ class Load:
 # Measuring the server
 
 
-def serve_processes(app: str = APP) -> dict[str, int]:
-    """name -> pid of this machine's Ray Serve processes for `app`: its ingress and model
-    replicas (Ray titles them `ray::ServeReplica:<app>:<deployment>`) and the HTTP proxy."""
+def serve_processes(app: str = APP, *, root: int | None = None) -> dict[str, int]:
+    """name -> pid of the Ray Serve processes for `app`: its ingress and model replicas (Ray
+    titles them `ray::ServeReplica:<app>:<deployment>`) and the HTTP proxy; among the
+    descendants of process `root` (the launcher, the test process), else on the whole machine."""
     import psutil
 
+    candidates = (
+        psutil.Process(root).children(recursive=True) if root is not None else psutil.process_iter()
+    )
     found: dict[str, int] = {}
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        line = " ".join(proc.info["cmdline"] or [])
+    for proc in candidates:
+        try:
+            line = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
         for name, deployment in DEPLOYMENTS.items():
             if f"ServeReplica:{app}:{deployment}" in line:
-                found[name if name not in found else f"{name}-{proc.info['pid']}"] = proc.pid
+                found[name if name not in found else f"{name}-{proc.pid}"] = proc.pid
         if "ray::ProxyActor" in line:
             found["http_proxy"] = proc.pid
     return found
@@ -336,12 +343,26 @@ class Report:
     answers: list[Answer] = field(default_factory=list)
     memory_start: dict[str, float] = field(default_factory=dict)
     memory_end: dict[str, float] = field(default_factory=dict)
+    # (seconds into the run, RSS MiB per process), every `seconds / 20`.
+    memory_samples: list[tuple[float, dict[str, float]]] = field(default_factory=list)
     store: dict[str, int] | None = None
     store_cap: int | None = None
 
     @property
     def failures(self) -> list[Answer]:
         return [a for a in self.answers if a.problem is not None]
+
+    def second_half_growth(self) -> dict[str, float]:
+        """RSS growth per process from the sample nearest the middle of the run to the end:
+        what is left once the first edits of each kind have warmed the caches up."""
+        if not self.memory_samples:
+            return {}
+        middle = min(self.memory_samples, key=lambda tm: abs(tm[0] - self.seconds / 2))[1]
+        return {
+            name: round(self.memory_end[name] - middle[name], 1)
+            for name in middle
+            if name in self.memory_end
+        }
 
     @property
     def url_ids(self) -> set[str]:
@@ -369,6 +390,8 @@ class Report:
             "latency_s": latency,
             "rss_mib_start": self.memory_start,
             "rss_mib_end": self.memory_end,
+            "rss_mib_growth_second_half": self.second_half_growth(),
+            "rss_mib_samples": [{"t_s": round(t, 1), **m} for t, m in self.memory_samples],
             "store": self.store,
             "store_cap_bytes": self.store_cap,
             "failures": [f"{a.kind} {a.status}: {a.problem}" for a in self.failures][:50],
@@ -393,6 +416,7 @@ def run_load(
     app: str = APP,
     store_dir: Path | None = None,
     store_cap: int | None = None,
+    root_pid: int | None = None,
 ) -> Report:
     """Warm up with one edit, then `concurrency` clients for `seconds`; every answer checked."""
     load = Load(url, steps=steps, seed=seed, long_steps=long_steps)
@@ -400,7 +424,7 @@ def run_load(
         warm = load.plain(client)
         if warm.status != "200":
             raise RuntimeError(f"warm-up edit failed: {warm}")
-    pids = serve_processes(app)
+    pids = serve_processes(app, root=root_pid)
     report = Report(seconds=seconds, concurrency=concurrency, store_cap=store_cap)
     report.memory_start = rss_mib(pids)
     stop_at = time.monotonic() + seconds
@@ -417,8 +441,13 @@ def run_load(
                     report.answers.append(answer)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    started = time.monotonic()
     for t in threads:
         t.start()
+    while any(t.is_alive() for t in threads):
+        report.memory_samples.append((time.monotonic() - started, rss_mib(pids)))
+        for t in threads:
+            t.join(timeout=max(1.0, seconds / 20) / len(threads))
     for t in threads:
         t.join()
     time.sleep(2)  # let the cancelled edits finish stopping before memory is read
@@ -440,7 +469,9 @@ def print_report(report: Report) -> None:
     )
     for name in sorted(d["rss_mib_start"]):
         start, end = d["rss_mib_start"][name], d["rss_mib_end"].get(name)
-        print(f"  RSS {name:<11} {start} MiB -> {end} MiB")
+        late = d["rss_mib_growth_second_half"].get(name)
+        growth = f"{late:+} MiB" if late is not None else "n/a"
+        print(f"  RSS {name:<11} {start} MiB -> {end} MiB ({growth} in the second half)")
     if d["store"] is not None:
         print(f"  url store   {d['store']['files']} files, {d['store']['bytes']} bytes "
               f"(cap {d['store_cap_bytes']})")  # fmt: skip
@@ -462,9 +493,9 @@ def _free_port() -> int:
 
 
 @contextmanager
-def launched(*, store_dir: Path, store_cap: int, ready_s: float = 900) -> Iterator[str]:
+def launched(*, store_dir: Path, store_cap: int, ready_s: float = 900) -> Iterator[tuple[str, int]]:
     """`make run` (the launcher on deploy/local.yaml) on a free port, its url store in
-    `store_dir` under `store_cap` bytes; yields its URL, stops it with SIGTERM."""
+    `store_dir` under `store_cap` bytes; yields (its URL, its pid), stops it with SIGTERM."""
     import yaml
 
     config = yaml.safe_load(LOCAL_CONFIG.read_text())
@@ -495,7 +526,7 @@ def launched(*, store_dir: Path, store_cap: int, ready_s: float = 900) -> Iterat
                     tail = (Path(tmp) / "launch.log").read_text()[-3000:]
                     raise RuntimeError(f"make run did not get ready: {tail}")
                 time.sleep(1)
-            yield url
+            yield url, proc.pid
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             try:
@@ -517,7 +548,9 @@ def main(argv: list[str] | None = None) -> int:
         "--long-steps", type=int, default=20, help="steps of the edits clients leave (<= max_steps)"
     )
     parser.add_argument("--url", help="a running server (default: start make run here)")
-    parser.add_argument("--store-cap", type=int, default=2 * 2**20, help="url store cap, bytes")
+    parser.add_argument(
+        "--store-cap", type=int, default=64 * 1024, help="url store cap in bytes (evictions run)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the report here")
     args = parser.parse_args(argv)
@@ -534,8 +567,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.url:
             report = run_load(args.url, **load)
         else:
-            with launched(store_dir=store_dir, store_cap=args.store_cap) as url:
-                report = run_load(url, store_dir=store_dir, store_cap=args.store_cap, **load)
+            with launched(store_dir=store_dir, store_cap=args.store_cap) as (url, pid):
+                report = run_load(
+                    url, store_dir=store_dir, store_cap=args.store_cap, root_pid=pid, **load
+                )
     print_report(report)
     if args.json:
         result = {

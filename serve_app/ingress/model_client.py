@@ -17,7 +17,7 @@ from serve_app.common.jobs import EditJob, EditOutput, ModelInfo, PartialImage
 logger = logging.getLogger("ray.serve")
 
 # Extra time the ingress waits past the model's own deadline before answering 504 itself.
-_DEADLINE_GRACE_S = 5.0
+DEADLINE_GRACE_S = 5.0
 
 StreamEvent = PartialImage | EditOutput
 
@@ -63,7 +63,7 @@ class ModelClient:
         response = self._handle.edit.remote(job)
         try:
             output: EditOutput = await asyncio.wait_for(
-                self.call(response), self._request_timeout_s + _DEADLINE_GRACE_S
+                self.call(response), self._request_timeout_s + DEADLINE_GRACE_S
             )
         except TimeoutError:
             # The model normally answers 504 itself at the deadline; this covers a request

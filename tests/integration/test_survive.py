@@ -273,7 +273,13 @@ def test_a_short_soak_holds(server: Server, ledger: Ledger) -> None:
     from bench.soak import print_report, run_load
 
     report = run_load(
-        server.url, seconds=20, concurrency=4, app=APP, store_dir=ledger.store, store_cap=STORE_CAP
+        server.url,
+        seconds=20,
+        concurrency=4,
+        app=APP,
+        store_dir=ledger.store,
+        store_cap=STORE_CAP,
+        root_pid=os.getpid(),  # this process started the cluster
     )
     print_report(report)
     assert report.failures == [], report.to_dict()["failures"]
