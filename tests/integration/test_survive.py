@@ -47,7 +47,7 @@ pytestmark = pytest.mark.integration
 
 APP = "survive"
 STORE_CAP = 400_000
-STEPS = 60  # an edit runs for several seconds: long enough to be killed in the middle
+STEPS = 30  # an edit runs for seconds: long enough to be killed in the middle
 
 
 @dataclass
