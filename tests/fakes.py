@@ -11,6 +11,19 @@ from PIL import Image
 
 from serve_app.common.jobs import EditJob, EditOutput, ModelInfo, PartialImage
 
+
+def byte_tokenizer_json(control_tokens: tuple[str, ...] = ("<|im_end|>", "<|image_pad|>")) -> str:
+    """A byte-level tokenizer (`tokenizers` JSON) with no merges: one token per UTF-8 byte, so
+    "a" is 1 token, "猫" 3 and "😀" 4; plus the given control tokens, one token each."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.add_special_tokens(list(control_tokens))
+    return str(tokenizer.to_str())
+
+
 FAKE_INFO = ModelInfo(
     served_names=["qwen-image-edit"],
     pipeline_class="QwenImageEditPlusPipeline",
@@ -18,6 +31,7 @@ FAKE_INFO = ModelInfo(
     size_multiple=16,
     default_steps=4,
     source="fake",
+    tokenizer_json=byte_tokenizer_json(),
 )
 
 

@@ -4,8 +4,9 @@ app in process."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import numpy as np
@@ -77,3 +78,46 @@ def ingress_client(config: dict[str, Any], *, api_keys: list[str] | None = None)
     server errors come back as 500 answers, as a client would see them."""
     service = EditService(model=FakeModelHandle(), config=AppConfig.model_validate(config))
     return TestClient(create_app(service, api_keys=api_keys), raise_server_exceptions=False)
+
+
+def text_of_tokens(tokens: int, count: Callable[[str], int], *, offset: int = 0) -> str:
+    """A text of exactly `tokens` tokens (as `count` counts them), mixing CJK, emoji, accented
+    and ASCII letters: the text limits must hold for every script."""
+    pieces = itertools.cycle([*["猫", "😀", "é", "a", " ", "字", "🎨", "x"][offset:], "猫"])
+    text = ""
+    while count(text) < tokens:
+        for piece in (next(pieces), "a", " "):
+            if count(text + piece) <= tokens:
+                text += piece
+                break
+        else:
+            raise AssertionError(f"cannot reach exactly {tokens} tokens from {len(text)} chars")
+    return text
+
+
+BOUNDARY = "xyzBOUNDARYxyz"
+
+
+def multipart(
+    fields: list[tuple[str, bytes]], *, image: bytes | None = None, charset: str | None = None
+) -> tuple[bytes, str]:
+    """(body, content type) of a hand-made multipart edit: text fields as raw bytes (clients'
+    encoders refuse invalid text) and one PNG as `image` (a 40x30 one by default)."""
+    from tests.fakes import png_bytes
+
+    parts = [
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
+        + value
+        + b"\r\n"
+        for name, value in fields
+    ]
+    parts.append(
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+        "Content-Type: image/png\r\n\r\n".encode()
+        + (image if image is not None else png_bytes())
+        + b"\r\n"
+    )
+    content_type = f"multipart/form-data; boundary={BOUNDARY}"
+    if charset:
+        content_type += f"; charset={charset}"
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode(), content_type

@@ -201,7 +201,17 @@ class LimitsConfig(_Strict):
     min_output_side: int = Field(default=256, ge=16)
     max_output_side: int = Field(default=2048, ge=16)
     max_output_pixels: int = Field(default=2048 * 2048, ge=16 * 16)
+    # prompt and negative_prompt, each: characters (a cheap bound checked first), then tokens of
+    # the model's own tokenizer, counted in the ingress. The Qwen-Image pipelines take at most
+    # 1024 text tokens (their max_sequence_length); the edit pipelines do not cut a longer prompt
+    # but fail in the transformer's RoPE table (4096 positions for text, image tokens and the
+    # reference images' largest side together), so 1024 is also the ceiling.
     max_prompt_chars: int = Field(default=4000, ge=1)
+    max_prompt_tokens: int = Field(default=1024, ge=1, le=1024)
+    # Input images: long side / short side. The pipelines resize each reference to a fixed area
+    # in multiples of 32 px, and Qwen2.5-VL's image processor refuses an aspect ratio above 200
+    # after that rounding, which a 1:164 image reaches in Qwen-Image-Edit's 1 MP resize.
+    max_input_aspect_ratio: float = Field(default=100.0, ge=1.0, le=150.0)
 
     @model_validator(mode="after")
     def _sides(self) -> LimitsConfig:
@@ -240,9 +250,12 @@ class AppConfig(_Strict):
     limits: LimitsConfig = LimitsConfig()
     storage: StorageConfig = StorageConfig()
     auth: AuthConfig = AuthConfig()
-    # Per-request deadline, queueing included: past it denoising stops and the client gets 504.
-    # Keep it below http_options.request_timeout_s, whose 408 is the proxy's, not ours.
+    # Per-request deadline from its arrival, upload and queueing included: past it denoising
+    # stops and the client gets 504 (408 while the body is still arriving). Keep it below
+    # http_options.request_timeout_s, whose 408 is the proxy's plain text, not our JSON.
     request_timeout_s: float = Field(default=600.0, gt=0)
+    # An upload that sends nothing for this long is answered 408 at once, freeing its slot.
+    upload_stall_timeout_s: float = Field(default=30.0, gt=0)
     # check_health fails when an edit has made no denoising step for this long.
     wedged_after_s: float = Field(default=600.0, gt=0)
     # How long /ready waits for the model replica to answer.

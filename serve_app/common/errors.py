@@ -86,6 +86,14 @@ class MethodNotAllowedError(APIError):
     default_code = "method_not_allowed"
 
 
+class RequestTimeoutError(APIError):
+    """The request body did not arrive in time (the client stalled mid-upload)."""
+
+    status_code = 408
+    error_type = "invalid_request_error"
+    default_code = "request_timeout"
+
+
 class PayloadTooLargeError(APIError):
     status_code = 413
     error_type = "invalid_request_error"
@@ -163,6 +171,7 @@ _STATUS_TO_ERROR: dict[int, type[APIError]] = {
     401: AuthenticationError,
     404: NotFoundError,
     405: MethodNotAllowedError,
+    408: RequestTimeoutError,
     413: PayloadTooLargeError,
     429: RateLimitError,
     503: ServiceUnavailableError,

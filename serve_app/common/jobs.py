@@ -69,6 +69,9 @@ class ModelInfo:
     # A replica over several ranks: {"gpus", "cfg", "ulysses", "ranks": [{rank, node, gpus,
     # device, cfg_group, ulysses_rank, ...}]}; {} for one process.
     parallel: dict[str, Any] = field(default_factory=dict)
+    # The pipeline's text tokenizer as `tokenizers` JSON (Qwen2.5-VL's, or the tiny model's), so
+    # the ingress counts prompt tokens as the model does; None: the engine has none to share.
+    tokenizer_json: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from serve_app.ingress.auth import load_api_keys
 from serve_app.ingress.model_client import ModelHandle
 from serve_app.ingress.routes import create_app
 from serve_app.ingress.service import EditService
+from serve_app.ingress.storage import host_header_warning
 
 logger = logging.getLogger("ray.serve")
 
@@ -55,6 +56,9 @@ class Ingress:
         self._api_keys = load_api_keys(cfg.auth)
         keys = self._api_keys
         logger.info("API keys: %s", f"{len(keys)} configured" if keys else "off (no key set)")
+        warning = host_header_warning(cfg.storage, api_keys=bool(keys))
+        if warning:
+            logger.warning("!!! %s !!!", warning)
         self._service = EditService(
             model=model,
             config=cfg,

@@ -1,11 +1,18 @@
-"""The edit's multipart body -> scalar fields, image files and the mask file (no validation)."""
+"""The edit's multipart body -> scalar fields, image files and the mask file (no validation).
+
+Text fields must be valid UTF-8 (or the part's declared charset): Starlette's parsers would
+silently turn invalid bytes into Latin-1 or U+FFFD, and the model would edit with a prompt the
+client never wrote. Such a field is a 400 naming it (code `invalid_encoding`).
+"""
 
 from __future__ import annotations
 
+from contextlib import aclosing
 from dataclasses import dataclass
+from urllib.parse import unquote_plus, unquote_to_bytes
 
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 from starlette.requests import Request
 
 from serve_app.common.errors import InvalidRequestError
@@ -33,10 +40,10 @@ async def read_edit_form(request: Request) -> EditForm:
             code="invalid_content_type",
         )
     try:
-        form = await request.form(max_fields=_MAX_FORM_FIELDS, max_files=_MAX_FORM_FIELDS)
-    except HTTPException as exc:
+        form = await _parse(request, multipart=content_type.startswith("multipart/form-data"))
+    except MultiPartException as exc:
         raise InvalidRequestError(
-            f"Malformed multipart body: {exc.detail}", code="invalid_multipart"
+            f"Malformed multipart body: {exc.message}", code="invalid_multipart"
         ) from None
     try:
         fields: dict[str, str] = {}
@@ -60,3 +67,42 @@ async def read_edit_form(request: Request) -> EditForm:
         return EditForm(fields, images, mask, image_field)
     finally:
         await form.close()
+
+
+async def _parse(request: Request, *, multipart: bool) -> FormData:
+    async with aclosing(request.stream()) as stream:
+        if multipart:
+            return await _StrictMultiPartParser(
+                request.headers, stream, max_files=_MAX_FORM_FIELDS, max_fields=_MAX_FORM_FIELDS
+            ).parse()
+        return await _StrictFormParser(request.headers, stream, max_fields=_MAX_FORM_FIELDS).parse()
+
+
+def _not_text(field: str, charset: str) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"The value of '{field[:64]}' is not valid {charset} text.",
+        param=field[:64],
+        code="invalid_encoding",
+    )
+
+
+class _StrictMultiPartParser(MultiPartParser):
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is None:
+            try:
+                bytes(part.data).decode(self._charset)
+            except UnicodeDecodeError:
+                raise _not_text(part.field_name, self._charset) from None
+        super().on_part_end()
+
+
+class _StrictFormParser(FormParser):
+    def on_field_end(self) -> None:
+        # Percent-escapes and raw bytes alike are UTF-8, as browsers send them.
+        try:
+            unquote_to_bytes(bytes(self._field_value).replace(b"+", b" ")).decode("utf-8")
+        except UnicodeDecodeError:
+            name = unquote_plus(self._field_name.decode("latin-1"))
+            raise _not_text(name, "utf-8") from None
+        super().on_field_end()

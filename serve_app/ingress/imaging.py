@@ -27,8 +27,11 @@ def _sniff(data: bytes) -> str | None:
     return None
 
 
-def decode_image(data: bytes, *, param: str, max_pixels: int) -> np.ndarray:
-    """Decode one upload into a (H, W, 3) uint8 RGB array, or raise a 400 naming `param`."""
+def decode_image(
+    data: bytes, *, param: str, max_pixels: int, max_aspect_ratio: float | None = None
+) -> np.ndarray:
+    """Decode one upload into a (H, W, 3) uint8 RGB array, or raise a 400 naming `param`.
+    Its size is checked from the header, before any pixel is decoded."""
     if not data:
         raise InvalidRequestError(f"The file in '{param}' is empty.", param=param)
     kind = _sniff(data)
@@ -52,6 +55,8 @@ def decode_image(data: bytes, *, param: str, max_pixels: int) -> np.ndarray:
                         param=param,
                         code="image_too_large",
                     )
+                if max_aspect_ratio is not None:
+                    _check_aspect(width, height, param=param, max_ratio=max_aspect_ratio)
                 img.load()
                 # In place: a 1 MP image is not copied (and its pages not faulted in) again.
                 ImageOps.exif_transpose(img, in_place=True)
@@ -68,6 +73,18 @@ def decode_image(data: bytes, *, param: str, max_pixels: int) -> np.ndarray:
             param=param,
             code="invalid_image",
         ) from None
+
+
+def _check_aspect(width: int, height: int, *, param: str, max_ratio: float) -> None:
+    # EXIF rotation swaps the sides, never their ratio: checking before the transpose holds.
+    ratio = max(width, height) / max(1, min(width, height))
+    if ratio > max_ratio:
+        raise InvalidRequestError(
+            f"The image in '{param}' is {width}x{height}, an aspect ratio of {ratio:.0f}:1;"
+            f" the limit is {max_ratio:g}:1 (long side / short side).",
+            param=param,
+            code="invalid_image_dimensions",
+        )
 
 
 def _to_rgb_array(img: Image.Image) -> np.ndarray:

@@ -4,7 +4,8 @@
 - `RequestId`: the request id (the caller's `x-request-id`, else a new one that is echoed);
 - `OpenAIErrors`: whatever is raised inside becomes OpenAI error JSON (`errors.to_api_error`);
 - `auth.RequireApiKey`: 401 before any body is read;
-- `BodySizeLimit`: 413 once the declared or streamed body passes the limit.
+- `BodySizeLimit`: 413 once the declared or streamed body passes the limit;
+- `BodyTimeout`: 408 when the body stalls or is still arriving at the request's deadline.
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve_app.common.errors import PayloadTooLargeError, error_response, to_api_error
+from serve_app.common.errors import (
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    error_response,
+    to_api_error,
+)
 from serve_app.common.metrics import IngressMetrics
 
 logger = logging.getLogger("ray.serve")
@@ -162,3 +168,43 @@ class BodySizeLimit:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class BodyTimeout:
+    """Answer 408 (OpenAI JSON) when the request body stops arriving: no bytes for `stall_s`,
+    or not all of it by `deadline_s` after the request came in. Without it a stalled upload
+    holds its connection until the proxy's own timeout, whose 408 is plain text. Once the body
+    is in, `receive` is left alone: Starlette then waits on it for the client's disconnect."""
+
+    def __init__(self, app: ASGIApp, *, stall_s: float, deadline_s: float) -> None:
+        self.app = app
+        self.stall_s = stall_s
+        self.deadline_s = deadline_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.deadline_s
+        body_done = False
+
+        async def timed_receive() -> Message:
+            nonlocal body_done
+            if body_done:
+                return await receive()
+            wait_s = min(self.stall_s, deadline - loop.time())
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, wait_s))
+            except TimeoutError:
+                stalled = wait_s >= self.stall_s
+                raise RequestTimeoutError(
+                    f"The request body stalled for {self.stall_s:g} s; send it again."
+                    if stalled
+                    else f"The request body was not complete within {self.deadline_s:g} s."
+                ) from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        await self.app(scope, timed_receive, send)

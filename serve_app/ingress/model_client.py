@@ -17,7 +17,7 @@ from serve_app.common.jobs import EditJob, EditOutput, ModelInfo, PartialImage
 logger = logging.getLogger("ray.serve")
 
 # Extra time the ingress waits past the model's own deadline before answering 504 itself.
-_DEADLINE_GRACE_S = 5.0
+DEADLINE_GRACE_S = 5.0
 
 StreamEvent = PartialImage | EditOutput
 
@@ -63,14 +63,12 @@ class ModelClient:
         response = self._handle.edit.remote(job)
         try:
             output: EditOutput = await asyncio.wait_for(
-                self.call(response), self._request_timeout_s + _DEADLINE_GRACE_S
+                self.call(response), self._request_timeout_s + DEADLINE_GRACE_S
             )
         except TimeoutError:
             # The model normally answers 504 itself at the deadline; this covers a request
             # that never reached a replica. Cancelling frees its queue slot.
-            cancel = getattr(response, "cancel", None)
-            if cancel is not None:
-                cancel()
+            _cancel(response)
             raise TimeoutError_(
                 f"The edit did not finish within {self._request_timeout_s:.0f} s."
             ) from None
@@ -124,13 +122,20 @@ async def _next(stream: Any) -> StreamEvent | None:
         return None
 
 
-def _cancel(stream: Any) -> None:
-    # A Ray DeploymentResponseGenerator has cancel(); fakes are plain async generators.
-    cancel = getattr(stream, "cancel", None)
-    if callable(cancel):
-        cancel()
-        return
-    aclose = getattr(stream, "aclose", None)
-    if callable(aclose):
-        task = asyncio.ensure_future(aclose())
-        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+def _cancel(call: Any) -> None:
+    """Stop a handle call upstream, best effort and without raising: this runs while another
+    answer is on its way (an error already mapped, a cancellation), which it must not replace.
+    Ray's `cancel()` re-raises what the call failed with when it never reached a replica (e.g.
+    the BackPressureError of a full queue, already answered as 503)."""
+    try:
+        # A Ray DeploymentResponse(Generator) has cancel(); fakes are plain async generators.
+        cancel = getattr(call, "cancel", None)
+        if callable(cancel):
+            cancel()
+            return
+        aclose = getattr(call, "aclose", None)
+        if callable(aclose):
+            task = asyncio.ensure_future(aclose())
+            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+    except Exception:
+        logger.debug("cancelling a model call raised; already answered", exc_info=True)

@@ -7,10 +7,19 @@ response) are documented in the README and docs/api.md.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from serve_app.common.errors import InvalidRequestError
 from serve_app.common.jobs import EditOutput
@@ -22,6 +31,8 @@ OutputFormat = Literal["png", "jpeg", "webp"]
 # spelling (docs/migrating.md), accepted as the same field; errors name the one a client sent.
 IMAGE_FIELDS = ("image", "image[]", "images", "images[]")
 MASK_FIELD = "mask"
+# C0 control characters other than tab, LF and CR, and DEL.
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 class EditParams(BaseModel):
@@ -53,6 +64,20 @@ class EditParams(BaseModel):
     def _prompt_not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("prompt must not be empty.")
+        return value
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _plain_text(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # NUL and the other C0 controls (tab, newline and carriage return aside) mean nothing
+        # to the model and truncate the text in some logs and tools: refused, never cleaned
+        # silently, so what the model reads is what the client sent.
+        bad = _CONTROL_CHARS.search(value) if value is not None else None
+        if bad is not None:
+            raise ValueError(
+                f"{info.field_name} contains the control character U+{ord(bad.group()):04X};"
+                " send plain text."
+            )
         return value
 
     @field_validator("size", mode="before")

@@ -19,6 +19,7 @@ from serve_app.ingress.auth import ApiKeyChecker, RequireApiKey
 from serve_app.ingress.forms import read_edit_form
 from serve_app.ingress.middleware import (
     BodySizeLimit,
+    BodyTimeout,
     OpenAIErrors,
     RequestId,
     RequestMetrics,
@@ -127,6 +128,11 @@ def create_app(service: EditService, *, api_keys: list[str] | None = None) -> St
                 ],
             ),
             Middleware(BodySizeLimit, max_bytes=config.limits.max_upload_bytes),
+            Middleware(
+                BodyTimeout,
+                stall_s=config.upload_stall_timeout_s,
+                deadline_s=config.request_timeout_s,
+            ),
         ],
         exception_handlers={HTTPException: _raise_as_api_error},
     )

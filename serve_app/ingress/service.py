@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -30,6 +31,7 @@ from serve_app.ingress.protocol import ModelCard, ModelList
 from serve_app.ingress.responses import event_stream_body, json_body
 from serve_app.ingress.sizing import resolve_size
 from serve_app.ingress.storage import ImageStore
+from serve_app.ingress.tokens import tokenizer_for
 from serve_app.ingress.validation import EditRequest, validate_edit
 
 logger = logging.getLogger("ray.serve")
@@ -75,8 +77,14 @@ class EditService:
 
     async def model_info(self) -> ModelInfo:
         if self._info is None:
-            self._info = await self._model.info()
+            await self._remember(await self._model.info())
+        assert self._info is not None
         return self._info
+
+    async def _remember(self, info: ModelInfo) -> None:
+        # The model's tokenizer is parsed here, off the event loop, once.
+        await asyncio.to_thread(tokenizer_for, info)
+        self._info = info
 
     async def ready(self) -> dict[str, Any]:
         not_ready = ServiceUnavailableError(
@@ -93,7 +101,7 @@ class EditService:
                 info = await asyncio.wait_for(self._model.info(), self._config.ready_timeout_s)
             except (TimeoutError, APIError):
                 raise not_ready from None
-            self._info = info
+            await self._remember(info)
         return {
             "status": "ready",
             "model": info.served_names[0],
@@ -236,17 +244,19 @@ class EditService:
             seeds=[(base_seed + i) % _SEED_SPACE for i in range(params.n)],
             partial_images=params.partial_images if params.stream else 0,
             mask=mask,
-            deadline=self._clock() + self._config.request_timeout_s,
+            # From the request's arrival: its upload counts against the deadline too.
+            deadline=self._clock() + self._config.request_timeout_s - timing.elapsed(),
             submitted_at=self._clock(),
         )
 
     async def _decode_all(self, images: list[bytes], *, param: str) -> list[np.ndarray]:
-        max_pixels = self._config.limits.max_input_pixels
-        # Pillow drops the GIL while it decodes: several images decode on several cores.
-        decoded = await asyncio.gather(
-            *(
-                asyncio.to_thread(decode_image, data, param=param, max_pixels=max_pixels)
-                for data in images
-            )
+        limits = self._config.limits
+        decode = functools.partial(
+            decode_image,
+            param=param,
+            max_pixels=limits.max_input_pixels,
+            max_aspect_ratio=limits.max_input_aspect_ratio,
         )
+        # Pillow drops the GIL while it decodes: several images decode on several cores.
+        decoded = await asyncio.gather(*(asyncio.to_thread(decode, data) for data in images))
         return list(decoded)

@@ -1,17 +1,20 @@
 """One edit request, validated in one place: every check that needs no pixels, before any
-decoding or model work. What needs pixels (the auto size's aspect ratio, the mask's size) is
-checked while the job is built (`service`), with the same 400s naming their field."""
+decoding or model work, and the text limits counted by the model's tokenizer once its info is
+known. What needs pixels (each input's pixel count and aspect ratio, read from its header by
+`imaging`; the auto size; the mask's size) is checked while the job is built (`service`), with
+the same 400s naming their field."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from serve_app.common.config import AppConfig
+from serve_app.common.config import AppConfig, LimitsConfig
 from serve_app.common.errors import InvalidRequestError
 from serve_app.common.jobs import ModelInfo
 from serve_app.ingress.forms import EditForm
 from serve_app.ingress.protocol import EditParams
+from serve_app.ingress.tokens import PromptTokenizer, tokenizer_for
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ async def validate_edit(
     model = _check_model(params.model, config)
     _check_files(form)
     info = await model_info()
+    _check_tokens(params, config.limits, tokenizer_for(info))
     if len(form.images) > info.max_input_images:
         raise InvalidRequestError(
             f"{info.pipeline_class} takes at most {info.max_input_images} input image(s);"
@@ -52,12 +56,13 @@ def _check_limits(params: EditParams, config: AppConfig) -> None:
             param="n",
             code="invalid_value",
         )
-    if len(params.prompt) > limits.max_prompt_chars:
-        raise InvalidRequestError(
-            f"prompt is {len(params.prompt)} characters; the limit is {limits.max_prompt_chars}.",
-            param="prompt",
-            code="string_above_max_length",
-        )
+    for param, text in _texts(params):
+        if len(text) > limits.max_prompt_chars:
+            raise InvalidRequestError(
+                f"{param} is {len(text)} characters; the limit is {limits.max_prompt_chars}.",
+                param=param,
+                code="string_above_max_length",
+            )
     steps = params.num_inference_steps
     if steps is not None and steps > gen.max_steps:
         raise InvalidRequestError(
@@ -71,6 +76,39 @@ def _check_limits(params: EditParams, config: AppConfig) -> None:
             param="background",
             code="unsupported_value",
         )
+
+
+def _texts(params: EditParams) -> list[tuple[str, str]]:
+    """The fields the text encoder reads, by name."""
+    texts = [("prompt", params.prompt)]
+    if params.negative_prompt is not None:
+        texts.append(("negative_prompt", params.negative_prompt))
+    return texts
+
+
+def _check_tokens(
+    params: EditParams, limits: LimitsConfig, tokenizer: PromptTokenizer | None
+) -> None:
+    """The text path's limits, counted by the model's own tokenizer (any script)."""
+    if tokenizer is None:
+        return
+    for param, text in _texts(params):
+        control = tokenizer.control_tokens(text)
+        if control:
+            raise InvalidRequestError(
+                f"{param} contains the model's control token(s) {', '.join(control)}; send"
+                " plain text.",
+                param=param,
+                code="invalid_value",
+            )
+        tokens = tokenizer.count(text)
+        if tokens > limits.max_prompt_tokens:
+            raise InvalidRequestError(
+                f"{param} is {tokens} tokens of the model's tokenizer; the limit is"
+                f" {limits.max_prompt_tokens}.",
+                param=param,
+                code="string_above_max_length",
+            )
 
 
 def _check_stream(params: EditParams) -> None:

@@ -95,7 +95,7 @@ def load_env_file(
     return env, read
 
 
-def banner(url: str, *, api_keys: bool) -> str:
+def banner(url: str, *, api_keys: bool, warnings: list[str] | None = None) -> str:
     image = _EXAMPLE_IMAGE if _EXAMPLE_IMAGE.exists() else Path("input.png")
     # The key itself is never printed: this output ends up in logs (docker, journald).
     auth = ' -H "Authorization: Bearer $OPENAI_API_KEY"' if api_keys else ""
@@ -104,6 +104,7 @@ def banner(url: str, *, api_keys: bool) -> str:
         if api_keys
         else ""
     )
+    warned = "".join(f"\n WARNING: {w}\n" for w in warnings or [])
     return f"""
 ================================================================================
  qwen-image-edit-serve is ready on {url}
@@ -118,7 +119,7 @@ def banner(url: str, *, api_keys: bool) -> str:
    | python3 -c "{_SAVE_B64}"
 
  Ctrl-C (or SIGTERM) stops the server.
-================================================================================
+{warned}================================================================================
 """
 
 
@@ -141,18 +142,33 @@ def _serves_tiny_model(config: Mapping[str, Any]) -> bool:
     )
 
 
-def _api_keys_on(config: Mapping[str, Any], env: Mapping[str, str]) -> bool:
+def _app_api_keys_on(app: Mapping[str, Any], env: Mapping[str, str]) -> bool:
     from serve_app.common.config import AuthConfig
     from serve_app.ingress.auth import load_api_keys
 
+    auth = AuthConfig.model_validate((app.get("args") or {}).get("auth") or {})
+    try:
+        return bool(load_api_keys(auth, environ=env))
+    except OSError:
+        return True  # a key file the replica will read, not readable from here
+
+
+def _api_keys_on(config: Mapping[str, Any], env: Mapping[str, str]) -> bool:
+    return any(_app_api_keys_on(app, env) for app in _applications(config))
+
+
+def startup_warnings(config: Mapping[str, Any], env: Mapping[str, str]) -> list[str]:
+    """What the operator must hear at start (the ingress logs it too, less visibly)."""
+    from serve_app.common.config import StorageConfig
+    from serve_app.ingress.storage import host_header_warning
+
+    warnings = []
     for app in _applications(config):
-        auth = AuthConfig.model_validate((app.get("args") or {}).get("auth") or {})
-        try:
-            if load_api_keys(auth, environ=env):
-                return True
-        except OSError:
-            return True  # a key file the replica will read, not readable from here
-    return False
+        storage = StorageConfig.model_validate((app.get("args") or {}).get("storage") or {})
+        warning = host_header_warning(storage, api_keys=_app_api_keys_on(app, env))
+        if warning:
+            warnings.append(f"{app.get('name', 'the application')}: {warning}")
+    return warnings
 
 
 def _with_http(config: dict[str, Any], *, host: str | None, port: int | None) -> dict[str, Any]:
@@ -268,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     if reason:
         _say(f"cannot start: {reason}")
         return EXIT_CONFIG
+    warnings = startup_warnings(config, env)
+    for warning in warnings:
+        _say(f"WARNING: {warning}")
 
     with tempfile.TemporaryDirectory(prefix="qwen-launch-") as tmp:
         config_path = args.config
@@ -285,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             stop,
             url=url,
             api_keys=_api_keys_on(config, env),
+            warnings=warnings,
             ready_timeout=args.ready_timeout,
             stop_timeout=args.stop_timeout,
         )
@@ -296,6 +316,7 @@ def _supervise(
     *,
     url: str,
     api_keys: bool,
+    warnings: list[str],
     ready_timeout: float,
     stop_timeout: float,
 ) -> int:
@@ -304,7 +325,7 @@ def _supervise(
     while not stop.requested.is_set() and server.poll() is None:
         if not ready and _is_ready(url):
             ready = True
-            print(banner(url, api_keys=api_keys), flush=True)
+            print(banner(url, api_keys=api_keys, warnings=warnings), flush=True)
         elif not ready and time.monotonic() > deadline:
             _say(f"not ready after {ready_timeout:.0f} s; stopping.")
             break

@@ -72,6 +72,12 @@ def _variant_name(pipe: Any) -> str:
         return ""  # a pipeline class this server does not know by name
 
 
+def _tokenizer_json(pipe: Any) -> str | None:
+    """The pipeline's text tokenizer as `tokenizers` JSON, for the ingress to count prompts."""
+    backend = getattr(getattr(pipe, "tokenizer", None), "backend_tokenizer", None)
+    return str(backend.to_str()) if backend is not None else None
+
+
 class EditRunner:
     """A loaded pipeline; runs one edit at a time (diffusers pipelines are not thread-safe).
     Implements `serve_app.engine.Engine`."""
@@ -107,6 +113,7 @@ class EditRunner:
             device_map=device_map,
             placement_table=placement_table,
             variant=_variant_name(pipe),
+            tokenizer_json=_tokenizer_json(pipe),
         )
         self._adapters = AdapterSwitch(pipe, model.loras)
         self._inpaint: Any = None  # built on the first mask edit, over the same modules

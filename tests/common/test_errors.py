@@ -32,7 +32,7 @@ def test_errors_survive_pickling_across_processes() -> None:
     assert back.headers() == {"Retry-After": "3"}
 
 
-@pytest.mark.parametrize("status", [400, 401, 404, 405, 413, 429, 503, 504, 418, 502])
+@pytest.mark.parametrize("status", [400, 401, 404, 405, 408, 413, 429, 503, 504, 418, 502])
 def test_error_for_status(status: int) -> None:
     err = error_for_status(status, "x")
     assert isinstance(err, APIError) and err.status_code == status

@@ -149,11 +149,14 @@ def test_builder_accepts_the_args(path: Path) -> None:
 
 @pytest.mark.parametrize("path", SERVE_CONFIGS, ids=name)
 def test_the_proxy_waits_longer_than_the_app(path: Path) -> None:
-    """Past args.request_timeout_s the app answers 504 OpenAI JSON; the proxy's own timeout
-    (a plain-text 408) must come later, or clients never see the JSON."""
+    """Past args.request_timeout_s the app answers 504 OpenAI JSON (the ingress itself at most
+    DEADLINE_GRACE_S later, should the model never answer); the proxy's own timeout (a
+    plain-text 408) must come later, or clients never see the JSON."""
+    from serve_app.ingress.model_client import DEADLINE_GRACE_S
+
     config = serve_config_of(path)
     app_timeout = load_config(app(config)["args"], environ={}).request_timeout_s
-    assert config["http_options"]["request_timeout_s"] > app_timeout
+    assert config["http_options"]["request_timeout_s"] > app_timeout + DEADLINE_GRACE_S
 
 
 # --- the GPU shapes --------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
+import pytest
 from openai.types import ImageEditCompletedEvent, ImageEditPartialImageEvent
 from PIL import Image
 
@@ -123,3 +124,55 @@ def test_completed_event_reports_the_seed_when_none_was_sent() -> None:
     assert events[-1][1]["seed"] == handle.jobs[0].seeds[0]
     events = parse_sse(post_edit(client, stream="true", size="32x32", seed=9).text)
     assert "seed" not in events[-1][1]
+
+
+class _RefusedCall:
+    """A streaming handle call as Ray makes it when the request never reaches a replica: the
+    first `anext` raises the error, and so does `cancel()` afterwards (Ray's
+    DeploymentResponseGenerator re-reads the failed assignment when cancelled)."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+        self.cancelled = 0
+
+    def __aiter__(self) -> _RefusedCall:
+        return self
+
+    async def __anext__(self) -> Any:
+        raise self.error
+
+    def cancel(self) -> None:
+        self.cancelled += 1
+        raise self.error
+
+
+def _ray_refusals() -> list[tuple[BaseException, str]]:
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import BackPressureError
+
+    return [
+        (BackPressureError(num_queued_requests=8, max_queued_requests=8), "server_overloaded"),
+        (ActorDiedError(), "replica_unavailable"),
+        (
+            ServiceUnavailableError("busy", code="replica_unavailable", retry_after_s=5),
+            "replica_unavailable",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("error,code", _ray_refusals(), ids=["backpressure", "died", "api"])
+def test_a_refused_stream_keeps_its_503_when_cancelling_raises(
+    error: BaseException, code: str
+) -> None:
+    calls: list[_RefusedCall] = []
+
+    def refused(job: EditJob) -> Any:
+        calls.append(_RefusedCall(error))
+        return calls[-1]
+
+    client, _ = make_client(FakeModelHandle(edit_stream=refused), retry_after_s=7)
+    resp = post_edit(client, stream="true", size="32x32")
+    err = assert_error(resp, 503, None)
+    assert err["code"] == code
+    assert int(resp.headers["Retry-After"]) >= 1
+    assert calls[0].cancelled == 1  # the queue slot is still given back

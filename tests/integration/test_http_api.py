@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from serve_app.common.timing import parse_server_timing
-from tests.integration.conftest import Server
+from tests.integration.conftest import Server, model_stats
 
 pytestmark = pytest.mark.integration
 
@@ -305,3 +305,82 @@ def test_prometheus_metrics_after_requests(server: Server) -> None:
         if failed:
             time.sleep(2)
     assert not failed, failed
+
+
+# --- inputs past what the model takes: a 400 naming the field, before the model replica ------
+
+
+def tiny_tokens() -> Any:
+    """The tiny model's own tokenizer, as the replica shares it with the ingress."""
+    from serve_app.ingress.tokens import PromptTokenizer
+    from serve_app.pipeline.tiny import ensure_tiny_model
+
+    path = ensure_tiny_model() / "tokenizer" / "tokenizer.json"
+    from tokenizers import Tokenizer
+
+    return PromptTokenizer(Tokenizer.from_file(str(path)))
+
+
+PAST_THE_MODEL = [
+    ({"prompt": "猫" * 400}, None, "prompt"),  # 400 characters, 1200 of the tiny model's tokens
+    ({"prompt": "😀" * 300}, None, "prompt"),
+    ({"negative_prompt": "x" * 100_000}, None, "negative_prompt"),
+    ({"negative_prompt": "字" * 400}, None, "negative_prompt"),
+    ({"prompt": "a <|image_pad|> b"}, None, "prompt"),
+    ({"negative_prompt": "<|im_end|>"}, None, "negative_prompt"),
+    ({"prompt": "make\x00it blue"}, None, "prompt"),
+    ({"size": "１２８x１２８"}, None, "size"),
+    ({}, [("image", png(404, 4))], "image"),
+    ({}, [("image[]", png(40, 40)), ("image[]", png(3, 900))], "image[]"),
+    ({}, [("image", png(1, 101))], "image"),
+]
+
+
+@pytest.mark.parametrize("data,files,param", PAST_THE_MODEL)
+def test_inputs_past_the_models_limits_are_400_before_the_model(
+    server: Server, data: dict[str, str], files: list[tuple[str, bytes]] | None, param: str
+) -> None:
+    before = model_stats(server.app)
+    parts = [(name, ("f.png", blob, "image/png")) for name, blob in files or [("image", png())]]
+    resp = edit(server, parts, **{"size": "32x32", **data})
+    assert resp.status_code == 400, resp.text[:300]
+    error = resp.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    assert model_stats(server.app) == before  # no edit started, none failed
+
+
+def test_invalid_utf8_is_400_before_the_model(server: Server) -> None:
+    from tests.fixtures import multipart
+
+    before = model_stats(server.app)
+    body, content_type = multipart([("prompt", b"caf\xe9 au lait"), ("size", b"32x32")])
+    resp = httpx.post(
+        f"{server.url}/v1/images/edits",
+        content=body,
+        headers={"content-type": content_type},
+        timeout=60,
+    )
+    assert resp.status_code == 400, resp.text[:300]
+    assert resp.json()["error"]["param"] == "prompt"
+    assert resp.json()["error"]["code"] == "invalid_encoding"
+    assert model_stats(server.app) == before
+
+
+def test_inputs_at_the_models_limits_are_edited(client: openai.OpenAI) -> None:
+    from tests.fixtures import text_of_tokens
+
+    tokens = tiny_tokens()
+    limit = 1024  # limits.max_prompt_tokens' default: the pipelines' max_sequence_length
+    wide = png(400, 4)  # aspect ratio 100:1, the default limit
+    result = client.images.edit(
+        image=[("wide.png", wide, "image/png"), ("tall.png", png(4, 400), "image/png")],
+        prompt=text_of_tokens(limit, tokens.count),
+        size="32x32",
+        extra_body={
+            "negative_prompt": text_of_tokens(limit, tokens.count, offset=1),
+            "true_cfg_scale": 4.0,
+            "num_inference_steps": 1,
+        },
+    )
+    assert len(result.data) == 1
+    assert result.usage is not None and result.usage.input_tokens_details.text_tokens == limit

@@ -21,7 +21,7 @@ from PIL import Image
 from serve_app.pipeline.tiny import ensure_tiny_model
 from tests.fakes import png_bytes
 from tests.hub_cache import add_to_hub_cache
-from tests.integration.conftest import APP_NAME, TEST_ARGS, Server, start_server, stop_server
+from tests.integration.conftest import TEST_ARGS, Cluster, Server, deploy_app, remove_app
 
 pytestmark = pytest.mark.integration
 
@@ -29,18 +29,30 @@ REPO = "test-org/tiny-qwen-image-edit-2509"
 MISSING = "test-org/not-downloaded"
 
 
+APP = "model-id"
+
+
 @pytest.fixture(scope="module")
-def hub_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def hub_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The model replica's environment: a hub cache holding REPO, and no network."""
     hf_home = tmp_path_factory.mktemp("hf-home")
     add_to_hub_cache(ensure_tiny_model(variant="2509"), hf_home / "hub", REPO)
+    return {"HF_HOME": str(hf_home), "HF_HUB_CACHE": str(hf_home / "hub"), "HF_HUB_OFFLINE": "1"}
+
+
+def with_env(env: dict[str, str]) -> list[dict[str, Any]]:
+    return [{"name": "QwenImageEditModel", "ray_actor_options": {"runtime_env": {"env_vars": env}}}]
+
+
+@pytest.fixture(scope="module")
+def hub_server(serve_cluster: Cluster, hub_env: dict[str, str]) -> Iterator[Server]:
     args = copy.deepcopy(TEST_ARGS)
     args["model"] = {"source": "local", "path": REPO, "device_map": "cpu"}
-    env = {"HF_HOME": str(hf_home), "HF_HUB_CACHE": str(hf_home / "hub"), "HF_HUB_OFFLINE": "1"}
-    srv = start_server(args=args, env=env)
+    srv = deploy_app(serve_cluster, APP, args=args, deployments=with_env(hub_env))
     try:
         yield srv
     finally:
-        stop_server()
+        remove_app(serve_cluster, APP)
 
 
 def test_edit_with_a_model_loaded_by_id(hub_server: Server) -> None:
@@ -61,35 +73,30 @@ def test_edit_with_a_model_loaded_by_id(hub_server: Server) -> None:
     )
 
 
-def test_an_id_missing_offline_fails_the_deploy_with_the_fix(hub_server: Server) -> None:
+def test_an_id_missing_offline_fails_the_deploy_with_the_fix(
+    serve_cluster: Cluster, hub_server: Server, hub_env: dict[str, str]
+) -> None:
     from ray import serve
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
 
-    good = copy.deepcopy(TEST_ARGS)
-    good["model"] = {"source": "local", "path": REPO, "device_map": "cpu"}
-    bad = copy.deepcopy(good)
-    bad["model"]["path"] = MISSING
-
-    def app(name: str, prefix: str, args: dict[str, Any]) -> dict[str, Any]:
-        return {"name": name, "route_prefix": prefix, "import_path": "serve_app.app:build_app",
-                "args": args}  # fmt: skip
-
-    # Declarative: the running app is listed unchanged, so only the second one is new.
-    config = {"applications": [app(APP_NAME, "/", good), app("missing-model", "/missing", bad)]}
-    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
-    deadline = time.monotonic() + 240
-    status = None
-    while time.monotonic() < deadline:
-        status = serve.status().applications.get("missing-model")
-        if status is not None and status.status == "DEPLOY_FAILED":
-            break
-        time.sleep(1)
-    assert status is not None and status.status == "DEPLOY_FAILED", status
-    message = status.deployments["QwenImageEditModel"].message  # the replica's traceback
-    assert "ModelSourceError" in message
-    assert MISSING in message
-    assert "HF_HUB_OFFLINE" in message
-    assert f"hf download {MISSING}" in message
-    # The first application keeps serving.
-    assert serve.status().applications[APP_NAME].status == "RUNNING"
+    bad = copy.deepcopy(TEST_ARGS)
+    bad["model"] = {"source": "local", "path": MISSING, "device_map": "cpu"}
+    # Declarative: the running app stays in the config unchanged, so only this one is new.
+    deploy_app(serve_cluster, "missing-model", args=bad, deployments=with_env(hub_env), wait=False)
+    try:
+        deadline = time.monotonic() + 240
+        status = None
+        while time.monotonic() < deadline:
+            status = serve.status().applications.get("missing-model")
+            if status is not None and status.status == "DEPLOY_FAILED":
+                break
+            time.sleep(1)
+        assert status is not None and status.status == "DEPLOY_FAILED", status
+        message = status.deployments["QwenImageEditModel"].message  # the replica's traceback
+        assert "ModelSourceError" in message
+        assert MISSING in message
+        assert "HF_HUB_OFFLINE" in message
+        assert f"hf download {MISSING}" in message
+        # The first application keeps serving.
+        assert serve.status().applications[APP].status == "RUNNING"
+    finally:
+        remove_app(serve_cluster, "missing-model")

@@ -2,8 +2,7 @@
 LoRA model ids and variant metadata, with the official openai client where it has a call.
 
 This module deploys its own application ("more-api", with LoRAs and a memory:// image store)
-under the route prefix /more, next to the default app if one is running in this session, so
-the URLs it builds also prove the route prefix is honoured.
+under the route prefix /more, so the URLs it builds also prove the route prefix is honoured.
 """
 
 from __future__ import annotations
@@ -22,8 +21,7 @@ import pytest
 from openai.types import ImageEditCompletedEvent, ImageEditPartialImageEvent
 from PIL import Image
 
-from tests.fixtures import free_port
-from tests.integration.conftest import Server
+from tests.integration.conftest import Cluster, Server, deploy_app, remove_app
 
 pytestmark = pytest.mark.integration
 
@@ -40,12 +38,7 @@ ARGS: dict[str, Any] = {
 
 
 @pytest.fixture(scope="module")
-def more(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    import ray
-    from ray import serve
-    from ray.serve.context import _get_global_client
-
-    from serve_app.app import build_app
+def more(serve_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     from serve_app.pipeline.tiny import build_tiny_lora, ensure_tiny_model
 
     # The LoRA is made here from the same (cached) tiny model the replica will load.
@@ -54,32 +47,11 @@ def more(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     args["model"]["loras"] = [
         {"name": LORA_ID, "path": str(lora), "default_steps": 3, "default_true_cfg_scale": 1.0}
     ]
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
-    port = _get_global_client().http_config.port
-    serve.run_many(
-        [serve.RunTarget(target=build_app(args), name=APP, route_prefix=PREFIX)],
-        wait_for_ingress_deployment_creation=False,
-        wait_for_applications_running=False,
-    )
-    srv = Server(url=f"http://127.0.0.1:{port}{PREFIX}")
-    deadline = time.monotonic() + 300
-    while httpx.get(f"{srv.url}/ready", timeout=10).status_code != 200:
-        status = serve.status().applications.get(APP)
-        if status is not None and status.status == "DEPLOY_FAILED":
-            pytest.fail(f"app failed to deploy: {status.message[-2000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail("more-api not ready in 300 s")
-        time.sleep(0.3)
+    srv = deploy_app(serve_cluster, APP, args=args, route_prefix=PREFIX)
     try:
         yield srv
     finally:
-        serve.delete(APP)
-        if started_here:
-            serve.shutdown()
-            ray.shutdown()
+        remove_app(serve_cluster, APP)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from PIL import Image
 
 from serve_app.common.config import AppConfig
 from tests.fixtures import random_image
-from tests.integration.conftest import TEST_ARGS, Server, start_server, stop_server
+from tests.integration.conftest import TEST_ARGS, Cluster, Server, deploy_app, remove_app
 
 pytestmark = pytest.mark.integration
 
@@ -85,7 +85,9 @@ def _edit(
 
 
 @pytest.fixture(scope="module")
-def cfg2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, dict[str, Any]]]:
+def cfg2(
+    serve_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Server, dict[str, Any]]]:
     """The tiny model over 2 ranks, CFG split, with a LoRA; health checked every second (the
     kill test)."""
     from serve_app.pipeline.tiny import build_tiny_lora, ensure_tiny_model
@@ -96,13 +98,16 @@ def cfg2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, dic
         parallel={"gpus": 2},
         model={"loras": [{"name": LORA_ID, "path": str(lora)}]},
     )
-    srv = start_server(
-        args=args, deployments=[{"name": "QwenImageEditModel", "health_check_period_s": 1}]
+    srv = deploy_app(
+        serve_cluster,
+        "parallel-cfg2",
+        args=args,
+        deployments=[{"name": "QwenImageEditModel", "health_check_period_s": 1}],
     )
     try:
         yield srv, args
     finally:
-        stop_server()
+        remove_app(serve_cluster, "parallel-cfg2")
 
 
 def test_cfg_split_over_two_ranks_gives_the_single_process_pixels(

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from tests.fixtures import random_image
-from tests.integration.conftest import start_server, stop_server
+from tests.integration.conftest import Cluster, deploy_app, remove_app
 from tests.integration.test_parallel import SHRUNK_4_HEADS, _args, _edit, _single_process_image
 
 pytestmark = pytest.mark.integration
 
 
 def test_cfg_and_ulysses_over_four_ranks_give_the_single_process_pixels(
-    tmp_path_factory: pytest.TempPathFactory,
+    serve_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """CFG 2 x Ulysses 2: the text (prompt and negative prompt) and image token counts are not
     multiples of 2 here, so padding and the work size are exercised too."""
@@ -26,12 +26,12 @@ def test_cfg_and_ulysses_over_four_ranks_give_the_single_process_pixels(
     )
     reference = random_image(40, 56, seed=4)
     prompt = "turn the red square into a blue circle"
-    srv = start_server(args=args)
+    srv = deploy_app(serve_cluster, "parallel-u2", args=args)
     try:
         got = _edit(srv, reference, prompt)
         ready = httpx.get(f"{srv.url}/ready", timeout=10).json()["parallel"]
     finally:
-        stop_server()
+        remove_app(serve_cluster, "parallel-u2")
     assert (ready["cfg"], ready["ulysses"]) == (2, 2)
     want = _single_process_image(args, reference, prompt)
     assert got.shape == want.shape

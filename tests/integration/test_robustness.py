@@ -1,10 +1,14 @@
-"""Load, faults and limits against the real app: backpressure, deadlines, disconnects,
-a killed replica, API keys and graceful shutdown. Every request gets exactly one answer."""
+"""Load, faults and limits against the real app: backpressure (streaming or not), deadlines,
+stalled uploads, disconnects, a killed replica, API keys and graceful shutdown. Every request gets
+exactly one well-formed answer."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import io
+import json
+import socket
 import threading
 import time
 from collections import Counter
@@ -16,7 +20,14 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import APP_NAME, Server, start_server, stop_server
+from tests.integration.conftest import (
+    Cluster,
+    Server,
+    deploy_app,
+    model_stats,
+    remove_app,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -26,6 +37,7 @@ ARGS: dict[str, Any] = {
     "generation": {"default_steps": 1, "max_steps": 1000, "auto_size_pixels": 64 * 64},
     "limits": {"max_n": 2, "min_output_side": 32, "max_output_side": 64},
     "request_timeout_s": 15,
+    "upload_stall_timeout_s": 2,
 }
 DEPLOYMENTS = [
     {
@@ -43,13 +55,16 @@ DEPLOYMENTS = [
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
+APP = "robustness"
+
+
 @pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    srv = start_server(args=ARGS, deployments=DEPLOYMENTS)
+def server(serve_cluster: Cluster) -> Iterator[Server]:
+    srv = deploy_app(serve_cluster, APP, args=ARGS, deployments=DEPLOYMENTS)
     try:
         yield srv
     finally:
-        stop_server()
+        remove_app(serve_cluster, APP)
 
 
 def png() -> bytes:
@@ -59,40 +74,38 @@ def png() -> bytes:
 
 
 def edit(
-    server: Server, *, steps: int = 1, timeout: float = 60, headers: dict[str, str] | None = None
+    server: Server,
+    *,
+    steps: int = 1,
+    timeout: float = 60,
+    headers: dict[str, str] | None = None,
+    stream: bool = False,
 ) -> httpx.Response:
+    data = {"prompt": "p", "size": "32x32", "num_inference_steps": str(steps)}
+    if stream:
+        data.update(stream="true", partial_images="1")
     return httpx.post(
         f"{server.url}/v1/images/edits",
-        data={"prompt": "p", "size": "32x32", "num_inference_steps": str(steps)},
+        data=data,
         files=[("image", ("a.png", png(), "image/png"))],
         headers=AUTH if headers is None else headers,
         timeout=timeout,
     )
 
 
-def model_stats() -> dict[str, int]:
-    from ray import serve
-
-    handle = serve.get_deployment_handle("QwenImageEditModel", app_name=APP_NAME)
-    return dict(handle.stats.remote().result(timeout_s=30))
-
-
-def wait_for(predicate: Any, *, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}")
-
-
 def assert_one_wellformed_answer(resp: httpx.Response) -> None:
+    """200 with the image (JSON, or SSE ending with the completed event); or OpenAI error JSON:
+    429/503 with Retry-After (overload), 504 (the request's deadline passed while it queued)."""
     if resp.status_code == 200:
-        assert len(resp.json()["data"]) == 1
+        if resp.headers["content-type"].startswith("text/event-stream"):
+            assert resp.text.rstrip().split("\n\n")[-1].startswith("event: image_edit.completed")
+        else:
+            assert len(resp.json()["data"]) == 1
         return
-    assert resp.status_code in (429, 503), resp.text
-    assert int(resp.headers["retry-after"]) >= 1
+    assert resp.status_code in (429, 503, 504), resp.text[:500]
     assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
+    if resp.status_code != 504:
+        assert int(resp.headers["retry-after"]) >= 1
 
 
 def test_api_keys(server: Server) -> None:
@@ -108,33 +121,36 @@ def test_api_keys(server: Server) -> None:
         openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0).models.list()
 
 
-def test_overflow_is_answered_at_once_with_retry_after(server: Server) -> None:
-    # 1 running + 2 queued fit; the rest must be refused immediately, not after a timeout.
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_overflow_is_answered_at_once_with_retry_after(server: Server, stream: bool) -> None:
+    # 1 running + 2 queued fit; the rest must be refused immediately, not after a timeout, and
+    # a refused stream as a 503 too (not a 500: closing Ray's refused stream re-raises).
     with cf.ThreadPoolExecutor(8) as pool:
         started = time.monotonic()
         futures = [
-            pool.submit(lambda: (edit(server, steps=4), time.monotonic() - started))
+            pool.submit(lambda: (edit(server, steps=4, stream=stream), time.monotonic() - started))
             for _ in range(8)
         ]
         results = [f.result() for f in futures]
     refused = [(r, t) for r, t in results if r.status_code == 503]
     accepted = [(r, t) for r, t in results if r.status_code == 200]
     assert len(refused) >= 3 and len(accepted) >= 1, [r.status_code for r, _ in results]
-    assert len(refused) + len(accepted) == 8
-    for resp, _ in refused:
+    assert len(refused) + len(accepted) == 8, [r.status_code for r, _ in results]
+    for resp, _ in results:
         assert_one_wellformed_answer(resp)
+    for resp, _ in refused:
         assert resp.json()["error"]["code"] == "server_overloaded"
     assert max(t for _, t in refused) < min(t for _, t in accepted)
 
 
 def test_deadline_stops_denoising_with_504_and_the_replica_moves_on(server: Server) -> None:
-    before = model_stats().get("timeout", 0)
+    before = model_stats(APP).get("timeout", 0)
     started = time.monotonic()
     resp = edit(server, steps=1000)  # ~200 s of denoising; the deadline is 15 s
     assert resp.status_code == 504, resp.text
     assert resp.json()["error"]["code"] == "timeout"
     assert time.monotonic() - started < 40
-    assert model_stats()["timeout"] == before + 1
+    assert model_stats(APP)["timeout"] == before + 1
     assert edit(server).status_code == 200
 
 
@@ -146,27 +162,62 @@ def test_ready_stays_200_while_the_replica_is_busy(server: Server) -> None:
     thread.join(60)
 
 
-def test_client_disconnect_stops_the_edit(server: Server) -> None:
-    before = model_stats().get("cancelled", 0)
-    with pytest.raises(httpx.ReadTimeout):
-        edit(server, steps=1000, timeout=2)
-    # The edit stops at its next step, long before its ~200 s of work.
+def _seconds_to_stop(hang_up: Any) -> float:
+    """Call `hang_up()` (a client that leaves mid-edit); seconds from its leaving until the
+    model replica's worker thread has stopped the edit."""
+    before = model_stats(APP).get("cancelled", 0)
+    hang_up()
+    left = time.monotonic()
     wait_for(
-        lambda: (s := model_stats()).get("cancelled", 0) == before + 1 and s["active"] == 0,
-        timeout=20,
+        lambda: (s := model_stats(APP)).get("cancelled", 0) == before + 1 and s["active"] == 0,
+        timeout=30,
         what="the cancelled edit to stop",
+        every_s=0.05,
     )
+    return time.monotonic() - left
+
+
+def _leave_before_the_answer(server: Server, *, stream: bool) -> None:
+    # 1000 steps (~100 s); a stream's first event (its preview, at step 500) never comes.
+    with pytest.raises(httpx.ReadTimeout):
+        edit(server, steps=1000, timeout=3, stream=stream)
+
+
+def _leave_mid_stream(server: Server) -> None:
+    # The first of 3 previews comes after a quarter of the 100 steps; 75 are left to stop.
+    data = {"prompt": "p", "size": "32x32", "num_inference_steps": "100", "stream": "true",
+            "partial_images": "3"}  # fmt: skip
+    files = [("image", ("a.png", png(), "image/png"))]
+    with httpx.stream("POST", f"{server.url}/v1/images/edits", data=data, files=files,
+                      headers=AUTH, timeout=60) as resp:  # fmt: skip
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if line.startswith("event: image_edit.partial_image"):
+                break  # leave with the stream open upstream
+
+
+def test_client_disconnect_stops_the_edit_as_fast_streaming_or_not(server: Server) -> None:
+    plain = _seconds_to_stop(lambda: _leave_before_the_answer(server, stream=False))
+    before_first_event = _seconds_to_stop(lambda: _leave_before_the_answer(server, stream=True))
+    mid_stream = _seconds_to_stop(lambda: _leave_mid_stream(server))
+    print(f"\nstopped {plain:.2f} s after a JSON client left, {before_first_event:.2f} s after a "
+          f"stream client left before its first event, {mid_stream:.2f} s mid-stream")  # fmt: skip
+    # One denoising step (~0.1 s here) plus the hang-up's way to the replica, either way.
+    assert before_first_event <= plain + 1.0
+    assert mid_stream <= plain + 1.0
     assert edit(server).status_code == 200
 
 
 def test_bounded_load_every_request_gets_one_wellformed_answer(server: Server) -> None:
+    # What is asserted is the answers, not the time: on a busy 2-core machine an accepted edit
+    # may wait past the 15 s deadline in the queue, and its 504 is a well-formed answer too.
     total, concurrency = 300, 16
     counter: Counter[int] = Counter()
     lock = threading.Lock()
     started = time.monotonic()
 
-    def one(_: int) -> None:
-        resp = edit(server, steps=1, timeout=60)
+    def one(i: int) -> None:
+        resp = edit(server, steps=1, timeout=120, stream=i % 4 == 0)
         assert_one_wellformed_answer(resp)
         with lock:
             counter[resp.status_code] += 1
@@ -179,7 +230,6 @@ def test_bounded_load_every_request_gets_one_wellformed_answer(server: Server) -
     )
     assert sum(counter.values()) == total
     assert counter[200] >= 1
-    assert elapsed < 120
 
 
 def test_killed_replica_fails_fast_then_recovers(server: Server) -> None:
@@ -218,6 +268,65 @@ def test_killed_replica_fails_fast_then_recovers(server: Server) -> None:
     wait_for(recovered, timeout=120, what="Serve to restart the replica")
 
 
+def _raw_exchange(
+    server: Server, request: bytes, *, wait_s: float
+) -> tuple[int, dict[str, str], bytes, float]:
+    """Send `request` as raw bytes to the HTTP proxy; read until it closes or `wait_s`.
+    (status, headers, body, seconds to the end of the answer)."""
+    url = httpx.URL(server.url)
+    chunks: list[bytes] = []
+    with socket.create_connection((url.host, url.port), timeout=wait_s) as sock:
+        t0 = time.monotonic()
+        sock.sendall(request)
+        with contextlib.suppress(TimeoutError):
+            while data := sock.recv(65536):
+                chunks.append(data)
+        seconds = time.monotonic() - t0
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    assert lines[0].startswith("HTTP/1.1 "), lines[0]
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split()[1]), headers, body, seconds
+
+
+def _request_head(server: Server, method: str, path: str, headers: dict[str, str]) -> bytes:
+    url = httpx.URL(server.url)
+    lines = [f"{method} {url.path.rstrip('/')}{path} HTTP/1.1", f"Host: {url.host}:{url.port}",
+             "Connection: close", *(f"{k}: {v}" for k, v in headers.items())]  # fmt: skip
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def test_a_stalled_upload_gets_the_apps_json_408(server: Server) -> None:
+    from tests.fixtures import multipart
+
+    body, content_type = multipart([("prompt", b"make it blue"), ("size", b"32x32")])
+    head = _request_head(server, "POST", "/v1/images/edits", {
+        **AUTH, "Content-Type": content_type, "Content-Length": str(len(body))
+    })  # fmt: skip
+    # Half the body, then nothing: the app answers after upload_stall_timeout_s (2 s here);
+    # the proxy of this test cluster has no timeout of its own, so nothing else would.
+    status, headers, answer, seconds = _raw_exchange(
+        server, head + body[: len(body) // 2], wait_s=30
+    )
+    assert status == 408, answer[:300]
+    assert headers["content-type"] == "application/json"
+    assert json.loads(answer)["error"]["code"] == "request_timeout"
+    assert seconds < 20
+    assert edit(server).status_code == 200
+
+
+def test_what_only_the_proxy_answers_is_plain_text(server: Server) -> None:
+    """docs/api.md lists the answers the app never sees: a request line or headers past the
+    HTTP server's limits is refused by Serve's proxy (uvicorn) in plain text."""
+    head = _request_head(server, "GET", "/v1/models?q=" + "a" * 100_000, AUTH)
+    status, headers, answer, _ = _raw_exchange(server, head, wait_s=30)
+    assert 400 <= status < 500
+    assert not headers.get("content-type", "").startswith("application/json"), answer[:200]
+    # The app itself answers the same route with JSON.
+    assert httpx.get(f"{server.url}/v1/models?q=a", headers=AUTH).json()["data"]
+
+
+# Last: it deletes the application.
 def test_graceful_shutdown_finishes_in_flight_edits(server: Server) -> None:
     from ray import serve
 
@@ -225,6 +334,6 @@ def test_graceful_shutdown_finishes_in_flight_edits(server: Server) -> None:
     thread = threading.Thread(target=lambda: result.setdefault("resp", edit(server, steps=15)))
     thread.start()
     time.sleep(3)
-    serve.delete(APP_NAME, _blocking=False)
+    serve.delete(APP, _blocking=False)
     thread.join(60)
     assert result["resp"].status_code == 200, result["resp"].text

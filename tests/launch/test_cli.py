@@ -126,3 +126,15 @@ def test_a_signal_echoed_within_a_second_is_not_a_second_request(
     assert stop.first == signal.SIGTERM
     stop(signal.SIGINT, None)  # the user insists, seconds later
     assert stop.forced.is_set()
+
+
+def test_keys_without_a_public_base_url_are_warned_about_loudly() -> None:
+    plain = {"applications": [{"name": "a", "args": {"model": {"source": "tiny"}}}]}
+    assert launch.startup_warnings(plain, {}) == []  # no keys: the demo stays quiet
+    (warning,) = launch.startup_warnings(plain, {"QWEN_API_KEYS": "k"})
+    assert "storage.public_base_url" in warning and "Host header" in warning
+    pinned = {"applications": [{"name": "a", "args": {
+        "storage": {"public_base_url": "https://images.example.com"}}}]}  # fmt: skip
+    assert launch.startup_warnings(pinned, {"QWEN_API_KEYS": "k"}) == []
+    shown = banner("http://127.0.0.1:8000", api_keys=True, warnings=[warning])
+    assert f"WARNING: {warning}" in shown

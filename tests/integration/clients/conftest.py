@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import TEST_ARGS, Server, start_server, stop_server
+from tests.integration.conftest import TEST_ARGS, Cluster, Server, deploy_app, remove_app
 
 API_KEY = "sk-clients-test"
 ROOT = Path(__file__).resolve().parents[3]
@@ -23,14 +23,23 @@ ARTIFACTS = ROOT / "test-artifacts"
 
 
 @pytest.fixture(scope="package")
-def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def keyed_server(
+    serve_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
     args = copy.deepcopy(TEST_ARGS)
     args["model"]["path"] = str(tmp_path_factory.mktemp("tiny") / "model")
-    srv = start_server(args=args, env={"QWEN_API_KEYS": API_KEY})
+    # The key reaches the ingress through its environment, as from a Kubernetes Secret.
+    ingress_env = {"runtime_env": {"env_vars": {"QWEN_API_KEYS": API_KEY}}}
+    srv = deploy_app(
+        serve_cluster,
+        "clients",
+        args=args,
+        deployments=[{"name": "OpenAIIngress", "ray_actor_options": ingress_env}],
+    )
     try:
         yield srv
     finally:
-        stop_server()
+        remove_app(serve_cluster, "clients")
 
 
 def photo_png(width: int, height: int, *, seed: int = 0) -> bytes:

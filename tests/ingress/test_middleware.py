@@ -1,0 +1,102 @@
+"""The ingress middleware at the ASGI level, where a client can stall mid-body."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from serve_app.common.config import AppConfig
+from serve_app.ingress.routes import create_app
+from serve_app.ingress.service import EditService
+from tests.fakes import FakeModelHandle
+from tests.fixtures import multipart
+
+Message = dict[str, Any]
+BODY, CONTENT_TYPE = multipart([("prompt", b"make it blue"), ("size", b"32x32")])
+
+
+def app(handle: FakeModelHandle | None = None, **config: Any) -> Any:
+    cfg = AppConfig.model_validate(
+        {"model": {"source": "tiny"}, "limits": {"min_output_side": 32}, **config}
+    )
+    return create_app(EditService(model=handle or FakeModelHandle(), config=cfg))
+
+
+def chunks(*, size: int, upto: int | None = None) -> list[Message]:
+    body = BODY[:upto] if upto is not None else BODY
+    return [
+        {"type": "http.request", "body": body[i : i + size], "more_body": True}
+        for i in range(0, len(body), size)
+    ]
+
+
+async def post(asgi: Any, receive: Callable[[], Awaitable[Message]]) -> tuple[int, Any, float]:
+    """POST /v1/images/edits with `receive`: (status, JSON answer, seconds)."""
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/v1/images/edits", "raw_path": b"/v1/images/edits",
+        "query_string": b"", "root_path": "", "server": ("test", 80), "client": ("c", 1),
+        "headers": [(b"content-type", CONTENT_TYPE.encode())],
+    }  # fmt: skip
+    t0 = time.monotonic()
+    await asyncio.wait_for(asgi(scope, receive, send), 30)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert dict(start["headers"])[b"content-type"] == b"application/json"
+    return start["status"], json.loads(body), time.monotonic() - t0
+
+
+def feeding(messages: list[Message], *, every_s: float = 0.0) -> Callable[[], Awaitable[Message]]:
+    """A client sending `messages` (one per `every_s`), then nothing ever again."""
+
+    async def receive() -> Message:
+        await asyncio.sleep(every_s)
+        if messages:
+            return messages.pop(0)
+        await asyncio.sleep(3600)  # stalled
+        raise AssertionError("unreachable")
+
+    return receive
+
+
+@pytest.mark.parametrize("upto", [0, 40, 200])
+def test_a_stalled_upload_is_answered_408_json(upto: int) -> None:
+    status, answer, seconds = asyncio.run(
+        post(app(upload_stall_timeout_s=0.3), feeding(chunks(size=64, upto=upto)))
+    )
+    assert status == 408
+    assert set(answer["error"]) == {"message", "type", "param", "code"}
+    assert answer["error"]["code"] == "request_timeout"
+    assert "stalled for 0.3 s" in answer["error"]["message"]
+    assert seconds < 5
+
+
+def test_an_upload_still_arriving_at_the_deadline_is_408() -> None:
+    # 10-byte chunks every 50 ms: never stalled, never done within the 0.5 s deadline.
+    asgi = app(upload_stall_timeout_s=5, request_timeout_s=0.5)
+    status, answer, _ = asyncio.run(post(asgi, feeding(chunks(size=10), every_s=0.05)))
+    assert status == 408
+    assert "not complete within 0.5 s" in answer["error"]["message"]
+
+
+def test_a_slow_but_complete_upload_gets_its_answer_and_its_deadline_counts_from_arrival() -> None:
+    handle = FakeModelHandle()
+    asgi = app(handle, upload_stall_timeout_s=5, request_timeout_s=30)
+    messages = chunks(size=len(BODY) // 2 + 1)
+    messages.append({"type": "http.request", "body": b"", "more_body": False})
+    status, answer, _ = asyncio.run(post(asgi, feeding(messages, every_s=0.3)))
+    assert status == 200 and answer["data"]
+    job = handle.jobs[0]
+    assert job.deadline is not None and job.submitted_at is not None
+    # The ~0.9 s upload came off the 30 s.
+    assert job.deadline - job.submitted_at <= 30 - 0.8
