@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+from typing import Any
 
+import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from starlette.testclient import TestClient
 
 from serve_app.common.config import AppConfig
 from serve_app.common.errors import InvalidRequestError
@@ -22,9 +24,17 @@ CFG = AppConfig.model_validate(
         "limits": {"min_output_side": 16, "max_output_side": 64, "max_upload_bytes": 200_000},
     }
 )
-CLIENT = TestClient(
-    create_app(EditService(model=FakeModelHandle(), config=CFG)), raise_server_exceptions=False
-)
+_APP = create_app(EditService(model=FakeModelHandle(), config=CFG))
+# The app called in-process over ASGI on one event loop (5x faster per request than Starlette's
+# TestClient, which starts a thread portal each time): thousands of requests per test. An
+# exception escaping the app fails the test, as a 500 would.
+_LOOP = asyncio.new_event_loop()
+_CLIENT = httpx.AsyncClient(transport=httpx.ASGITransport(app=_APP), base_url="http://test")
+
+
+def post(path: str, **kwargs: Any) -> httpx.Response:
+    return _LOOP.run_until_complete(_CLIENT.post(path, **kwargs))
+
 
 FIELD_NAMES = st.sampled_from(
     ["prompt", "n", "size", "model", "output_format", "output_compression", "seed", "quality",
@@ -61,9 +71,12 @@ FILES = st.one_of(
 def test_generated_requests_never_5xx(
     fields: list[tuple[str, str]], files: list[tuple[str, bytes]]
 ) -> None:
-    resp = CLIENT.post(
+    form: dict[str, list[str]] = {}
+    for name, value in fields:  # repeated fields stay repeated, in order
+        form.setdefault(name, []).append(value)
+    resp = post(
         "/v1/images/edits",
-        data=fields,  # type: ignore[arg-type]
+        data=form,
         files=[(name, ("f.png", data, "image/png")) for name, data in files],
     )
     assert resp.status_code < 500, resp.text
@@ -80,7 +93,7 @@ def test_raw_bodies_never_5xx(raw: bytes) -> None:
         "multipart/form-data",
         "application/x-www-form-urlencoded",
     ):
-        resp = CLIENT.post("/v1/images/edits", content=raw, headers={"content-type": content_type})
+        resp = post("/v1/images/edits", content=raw, headers={"content-type": content_type})
         assert 400 <= resp.status_code < 500, resp.text
 
 

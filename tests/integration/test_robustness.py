@@ -249,7 +249,7 @@ def test_killed_replica_fails_fast_then_recovers(server: Server) -> None:
     replicas = [
         a
         for a in ray.util.list_named_actors(all_namespaces=True)
-        if "QwenImageEditModel" in a["name"]
+        if f"{APP}#QwenImageEditModel" in a["name"]
     ]
     assert len(replicas) == 1
     ray.kill(
