@@ -83,7 +83,11 @@ class EditService:
 
     async def _remember(self, info: ModelInfo) -> None:
         # The model's tokenizer is parsed here, off the event loop, once.
-        await asyncio.to_thread(tokenizer_for, info)
+        if await asyncio.to_thread(tokenizer_for, info) is None:
+            logger.warning(
+                "the model shares no tokenizer (ModelInfo.tokenizer_json): prompt limits are"
+                " counted in characters only, not in limits.max_prompt_tokens"
+            )
         self._info = info
 
     async def ready(self) -> dict[str, Any]:
