@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.run import free_port, post_edit
+from bench.run import free_port, post_edit, serve_ingress, versions
 from serve_app.common.timing import parse_server_timing
 
 APP = "qwen-image-edit"
@@ -265,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     report(runs, parts, micro_out)
     if args.json:
         result = {
+            "date": time.strftime("%Y-%m-%d"),
+            "versions": versions(),
+            "serve_ingress": serve_ingress(),
             "reference": args.reference,
             "upload_bytes": len(png),
             "runs": runs,

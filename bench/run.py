@@ -37,6 +37,7 @@ time the warm start, the compile cache already on the node).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import io
 import json
@@ -137,6 +138,18 @@ def versions() -> dict[str, str]:
     except Exception:
         pass
     return out
+
+
+def serve_ingress() -> dict[str, bool]:
+    """Which of Ray Serve's HTTP front ends this run used: its Python proxy actor (the default), or
+    HAProxy into the ingress replica with the throughput-optimized data plane (both switched on by
+    environment variables read when the Ray cluster starts; docs/deploy.md, "High-throughput
+    ingress")."""
+    on = {"1", "true", "True"}
+    return {
+        "haproxy": os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") in on,
+        "throughput_optimized": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") in on,
+    }
 
 
 class GpuSampler:
@@ -366,14 +379,19 @@ def replica_device_maps(replicas: int, *, tries: int = 40) -> list[dict[str, str
     the deployment until `replicas` different ones answered."""
     from ray import serve
 
-    handle = serve.get_deployment_handle("QwenImageEditModel", app_name=APP)
-    seen: dict[str, dict[str, str]] = {}
-    for _ in range(tries):
-        device_map = dict(handle.info.remote().result().device_map)
-        seen[json.dumps(device_map, sort_keys=True)] = device_map
-        if len(seen) >= replicas:
-            break
-    return list(seen.values())
+    async def ask() -> list[dict[str, str]]:
+        # Awaited in an event loop: Ray Serve's throughput-optimized mode runs a handle's router
+        # on the caller's loop and refuses blocking `.result()` calls outside one.
+        handle = serve.get_deployment_handle("QwenImageEditModel", app_name=APP)
+        seen: dict[str, dict[str, str]] = {}
+        for _ in range(tries):
+            device_map = dict((await handle.info.remote()).device_map)
+            seen[json.dumps(device_map, sort_keys=True)] = device_map
+            if len(seen) >= replicas:
+                break
+        return list(seen.values())
+
+    return asyncio.run(ask())
 
 
 def median(values: list[float]) -> float | None:
@@ -585,7 +603,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    info = {"versions": versions(), "date": time.strftime("%Y-%m-%d")}
+    info = {
+        "versions": versions(),
+        "serve_ingress": serve_ingress(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
     summary = []
     outputs: dict[str, bytes] = {}  # first timed output of each scenario (for `ref=`)
     try:

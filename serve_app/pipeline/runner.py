@@ -197,6 +197,10 @@ class EditRunner:
                 reason = self._rank.share_stop(reason)
             if failure is not None:
                 raise failure
+            if reason == "oom":
+                # A rank (maybe another one) ran out of memory in this step: every rank ends the
+                # edit here with the same error, and frees its memory as for its own.
+                raise torch.OutOfMemoryError("a rank of this replica ran out of accelerator memory")
             if reason is not None:
                 raise EditStopped(reason)
             return kwargs

@@ -1,6 +1,7 @@
 """One replica over 2 GPUs as ranks (one process per GPU, `model.parallel`), through the real Serve
 app with the synthetic full-size model: CFG 2 and Ulysses 2 each give the one-GPU edit's pixels
-within bf16 tolerance, and so do 4 and 8 ranks (CFG 2 x Ulysses 2 or 4) on hosts with the GPUs.
+within bf16 tolerance, and so do 4 and 8 ranks (CFG 2 x Ulysses 2 or 4) on hosts with the GPUs; a
+rank killed mid-edit costs one 503; one rank out of memory costs one 500 and nothing else.
 Eager (no compile), 4 steps, 1024x1024 with one 1024x1024 reference.
 
 `python -m pytest tests/gpu/test_parallel_gpu.py -v -s -rA` on a machine with 2+ GPUs.
@@ -150,5 +151,55 @@ def test_a_rank_killed_mid_edit_answers_503_then_the_replica_is_replaced(serve_u
         edit = edit_http(serve_url, png, steps=STEPS, seed=7)
         print(f"replaced and serving {replaced:.0f} s after the kill; next edit"
               f" {edit.seconds:.2f} s", flush=True)  # fmt: skip
+    finally:
+        serve.delete(APP)
+
+
+@pytest.mark.gpus(2)
+def test_one_rank_out_of_memory_is_answered_and_the_replica_keeps_serving(serve_url: str) -> None:
+    """A real CUDA out-of-memory error on rank 1 alone (its next forward asks the allocator for
+    1 PiB) while rank 0's forward succeeds: the edit gets the 500 `gpu_out_of_memory` JSON at that
+    step's end, every rank frees its memory, and the same ranks serve the next edit."""
+    import time
+
+    import httpx
+    import ray
+    from ray import serve
+
+    from bench.run import APP, PROMPT, SIZE, Scenario, deploy, edit_http, reference_png
+
+    deploy(Scenario(name="cfg2-oom", gpus=1, ranks=2), serve_url, steps=STEPS, timeout_s=500)
+    try:
+        png = reference_png()
+        edit_http(serve_url, png, steps=2, seed=1)  # warm
+        (rank1,) = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                    if a["name"].startswith("qwen-rank-")]  # fmt: skip
+        actor = ray.get_actor(rank1["name"], namespace=rank1["namespace"])
+
+        def fail_next_forward(worker: Any) -> None:
+            import torch
+
+            inner = worker._rank.runner.pipe.transformer.inner
+
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                del inner.forward  # once
+                torch.empty(1 << 50, dtype=torch.uint8, device="cuda")  # raises the real OOM
+                raise AssertionError("1 PiB fitted")
+
+            inner.forward = forward
+
+        ray.get(actor.__ray_call__.remote(fail_next_forward))
+        data = {"prompt": PROMPT, "size": f"{SIZE}x{SIZE}", "num_inference_steps": str(STEPS)}
+        files = [("image", ("in.png", png, "image/png"))]
+        t0 = time.monotonic()
+        resp = httpx.post(f"{serve_url}/v1/images/edits", data=data, files=files, timeout=300)
+        waited = time.monotonic() - t0
+        print(f"\nrank 1 out of memory: HTTP {resp.status_code} after {waited:.1f} s:"
+              f" {resp.text[:300]}", flush=True)  # fmt: skip
+        assert resp.status_code == 500 and resp.json()["error"]["code"] == "gpu_out_of_memory"
+        edit = edit_http(serve_url, png, steps=STEPS, seed=7)
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+        print(f"next edit {edit.seconds:.2f} s; rank actors {names}", flush=True)
+        assert rank1["name"] in names  # the same ranks: nothing was replaced
     finally:
         serve.delete(APP)

@@ -1,6 +1,7 @@
 """One replica over several ranks (processes) on CPU, through the real Ray Serve app: each parallel
-shape gives the single-process pixels; previews stream; a killed rank costs one 503, then Serve
-replaces the whole replica and it serves again."""
+shape gives the single-process pixels; previews stream; one rank out of memory costs that edit a
+500 and the replica keeps serving; a killed rank costs one 503, then Serve replaces the whole
+replica and it serves again."""
 
 from __future__ import annotations
 
@@ -158,20 +159,64 @@ def test_streaming_previews_come_from_rank_zero(cfg2: tuple[Server, dict[str, An
     assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
 
 
+def _rank_actors() -> list[tuple[str, str]]:
+    """(name, namespace) of every rank actor (ranks 1..N-1 of each parallel replica)."""
+    import ray
+
+    return [
+        (a["name"], a["namespace"])
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith("qwen-rank-")
+    ]
+
+
+def test_one_rank_out_of_memory_is_answered_and_the_replica_keeps_serving(
+    cfg2: tuple[Server, dict[str, Any]],
+) -> None:
+    import ray
+
+    server, _ = cfg2
+    before = _rank_actors()
+    assert len(before) == 1
+    rank1 = ray.get_actor(before[0][0], namespace=before[0][1])
+
+    def fail_next_forward(worker: Any) -> None:
+        """On rank 1 only: its next transformer forward runs out of memory (on a GPU a real
+        allocation that cannot fit; on CPU torch's own error), then forwards work again."""
+        import torch
+
+        inner = worker._rank.runner.pipe.transformer.inner
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            del inner.forward  # once
+            if torch.cuda.is_available():
+                torch.empty(1 << 50, dtype=torch.uint8, device="cuda")
+            raise torch.OutOfMemoryError("CUDA out of memory (raised by the test)")
+
+        inner.forward = forward
+
+    ray.get(rank1.__ray_call__.remote(fail_next_forward))
+    files = {"image": ("in.png", _png(random_image(32, 32)), "image/png")}
+    data = {"prompt": "add a hat", "size": "64x64", "num_inference_steps": "3"}
+    t0 = time.monotonic()
+    answer = httpx.post(f"{server.url}/v1/images/edits", files=files, data=data, timeout=120)
+    assert answer.status_code == 500, answer.text
+    assert answer.json()["error"]["code"] == "gpu_out_of_memory"
+    # Answered at the step's end, not after the collective timeout (60 s here).
+    assert time.monotonic() - t0 < 30
+    # The same ranks answer the next edit: nothing was replaced.
+    answer = httpx.post(f"{server.url}/v1/images/edits", files=files, data=data, timeout=120)
+    assert answer.status_code == 200, answer.text
+    assert _rank_actors() == before
+
+
 def test_a_killed_rank_costs_one_503_then_the_replica_is_replaced(
     cfg2: tuple[Server, dict[str, Any]],
 ) -> None:
     import ray
 
     server, _ = cfg2
-
-    def rank_actors() -> list[tuple[str, str]]:
-        return [
-            (a["name"], a["namespace"])
-            for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["name"].startswith("qwen-rank-")
-        ]
-
+    rank_actors = _rank_actors
     before = rank_actors()
     assert len(before) == 1  # rank 1; rank 0 is the replica itself
     ray.kill(ray.get_actor(before[0][0], namespace=before[0][1]))

@@ -134,3 +134,58 @@ def test_parallel_shapes_match_one_process(plan: ParallelPlan) -> None:
             assert out.shape == tuple(ref.shape)
             got_t = torch.from_numpy(out)
             assert float((got_t - ref).norm() / ref.norm()) < 1e-5
+
+
+def _oom_rank_main(rank: int, plan: ParallelPlan, port: int, results: Any) -> None:
+    """Rank 1's transformer runs out of memory in its (unconditional) branch; rank 0's does not."""
+    from serve_app.pipeline.parallel.group import StepSync, init_rank_group, leave_rank_group
+    from serve_app.pipeline.parallel.transformer import CfgSplitTransformer, PromptRecorder
+
+    group = init_rank_group(plan, rank=rank, master_addr="127.0.0.1", master_port=port,
+                            timeout_s=60)  # fmt: skip
+    try:
+        inner = _transformer()
+        if rank == 1:
+
+            def out_of_memory(*args: Any, **kwargs: Any) -> Any:
+                raise torch.OutOfMemoryError("CUDA out of memory (raised by the test)")
+
+            inner.forward = out_of_memory
+        recorder = PromptRecorder(multiple=1)
+        transformer = CfgSplitTransformer(inner, group=group, recorder=recorder)
+
+        class Pipe:
+            def encode_prompt(self, embeds: Any) -> tuple[Any, None]:
+                return embeds, None
+
+        pipe = Pipe()
+        recorder.install(pipe)
+        cond, _ = _step(transformer, _inputs(), pipe.encode_prompt)  # returns on both ranks
+        failed = transformer.out_of_memory
+        decision = StepSync(rank).share("oom" if failed else None)
+        transformer.reset()
+        results.put((rank, failed, transformer.out_of_memory, decision, tuple(cond.shape)))
+    finally:
+        leave_rank_group()
+
+
+def test_a_branch_out_of_memory_on_one_rank_ends_the_step_on_both() -> None:
+    # Without the zeros and the shared "oom", rank 0 would wait in the all-gather for ever.
+    plan = ParallelPlan(cfg=2, ulysses=1)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_oom_rank_main, args=(r, plan, port, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        got = sorted((results.get(timeout=180) for _ in procs), key=lambda item: item[0])
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert [p.exitcode for p in procs] == [0, 0]
+    shape = (1, 2 * SIDE * SIDE, 16)
+    # Only rank 1 ran out; both learn "oom" at the step's end; reset clears it for the next edit.
+    assert got == [(0, False, False, "oom", shape), (1, True, False, "oom", shape)]

@@ -9,11 +9,14 @@ of the replica's placement group; all ranks load the same pipeline and run every
 Each rank is a process of its own (no shared Python interpreter): the ranks join one
 torch.distributed group (rank 0's node address, a free port), load in parallel, compile, and
 warm up together. Rank 0's step hook decides whether to go on; `StepSync` tells every rank after
-each step, so a cancelled or late edit stops on all ranks at the same step.
+each step, so a cancelled or late edit stops on all ranks at the same step. A rank whose CFG
+branch ran out of memory reports it the same way (without Ulysses), so every rank ends that edit
+with the out-of-memory error and the replica keeps serving.
 
 A rank that dies makes the replica broken (`EngineBroken`: 503 for the request, failed health
 checks, and Serve replaces the replica with its whole placement group; the actors die with it).
-So does a rank that ends an edit early (out of memory, an error) while rank 0 is still in it:
+So does a rank that ends an edit early (out of memory inside a Ulysses forward, an error) while
+rank 0 is still in it:
 rank 0 would wait in a collective that cannot complete, so the request is answered at once
 (`watch_rank0`) instead of after `model.parallel.timeout_s`. A collective that waits longer than
 `timeout_s` fails the same way.

@@ -23,7 +23,8 @@ from serve_app.pipeline.parallel.plan import ParallelPlan
 logger = logging.getLogger("ray.serve")
 
 # Stop codes of the per-step broadcast; index 0 means "go on".
-STOP_REASONS: tuple[str | None, ...] = (None, "cancelled", "deadline", "failed")
+# The highest code any rank sends wins: "oom" is a rank's own report (see StepSync).
+STOP_REASONS: tuple[str | None, ...] = (None, "cancelled", "deadline", "failed", "oom")
 
 
 @dataclass
@@ -95,19 +96,20 @@ def leave_rank_group() -> None:
 
 
 class StepSync:
-    """Rank 0's stop decision, broadcast to every rank after each denoising step, so that all
-    ranks stop at the same step (a rank that stopped alone would leave the others waiting in the
-    next collective). A CPU tensor, so it travels over gloo without waiting for the GPU."""
+    """Every rank's stop decision after each denoising step, combined (the highest code wins), so
+    that all ranks stop at the same step: a rank that stopped alone would leave the others waiting
+    in the next collective. Rank 0 decides cancellations and deadlines; any rank may report that
+    it ran out of memory ("oom", see `CfgSplitTransformer`). A CPU tensor, so it travels over gloo
+    without waiting for the GPU."""
 
     def __init__(self, rank: int) -> None:
         self._rank = rank
         self._flag = torch.zeros(1, dtype=torch.int64)
 
     def share(self, reason: str | None = None) -> str | None:
-        """Rank 0: broadcast `reason` (None: go on) and return it. Other ranks: return rank 0's."""
-        if self._rank == 0:
-            self._flag[0] = STOP_REASONS.index(reason if reason in STOP_REASONS else "failed")
-        dist.broadcast(self._flag, src=0)
+        """This rank's `reason` (None: go on) in, the replica's decision out."""
+        self._flag[0] = STOP_REASONS.index(reason if reason in STOP_REASONS else "failed")
+        dist.all_reduce(self._flag, op=dist.ReduceOp.MAX)
         return STOP_REASONS[int(self._flag[0])]
 
 

@@ -62,5 +62,8 @@ class RankHooks:
         )
 
     def share_stop(self, reason: str | None) -> str | None:
-        """After each step: every rank learns rank 0's decision (see `StepSync`)."""
+        """After each step: every rank learns the replica's decision (see `StepSync`); "oom"
+        when this rank's CFG branch ran out of memory during the step."""
+        if self._split is not None and self._split.out_of_memory:
+            reason = "oom"
         return self._sync.share(reason)

@@ -12,12 +12,19 @@
   mesh dimension gives every rank both results, and the "uncond" call returns the second. Group 1
   knows the negative prompt's embeddings from the start: `PromptRecorder` records what the
   pipeline's `encode_prompt` returned (the prompt first, then the negative prompt).
+  The branches differ in size (the prompt has more text tokens than the negative one), so one group
+  can run out of memory alone. Without Ulysses no collective runs inside the forward, so that rank
+  still joins the all-gather (with zeros) and reports "oom" at the step's end (`StepSync`): every
+  rank then ends the edit with the same out-of-memory error and the replica keeps serving, instead
+  of the others waiting in the all-gather for a rank that left.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
+import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -108,6 +115,8 @@ class CfgSplitTransformer(nn.Module):
         self._context: str | None = None
         self._uncond: tuple[torch.Tensor, Any] | None = None  # (result, the negative embeddings)
         self.split_steps = 0  # CFG steps computed split (both branches at once)
+        self.out_of_memory = False  # this rank's forward ran out of memory in the current edit
+        self._out_dtype: torch.dtype | None = None
 
     # What the pipelines read off their transformer.
     @property
@@ -125,6 +134,7 @@ class CfgSplitTransformer(nn.Module):
     def reset(self) -> None:
         """Forget the last edit's state (before each pipeline call)."""
         self._uncond = None
+        self.out_of_memory = False
 
     @contextlib.contextmanager
     def cache_context(self, name: str) -> Iterator[None]:
@@ -143,18 +153,45 @@ class CfgSplitTransformer(nn.Module):
             if kwargs.get("encoder_hidden_states") is embeds:
                 return (result,) if not kwargs.get("return_dict", True) else _output(result)
         if self._context != "cond" or negative is None or args:
-            return self.inner(*args, **kwargs)
+            if args:
+                return self.inner(*args, **kwargs)
+            sample = self._inner_sample(kwargs)
+            return (sample,) if not kwargs.get("return_dict", True) else _output(sample)
         branch = dict(kwargs)
         if self._group.cfg_index == 1:
             branch.update(zip(_BRANCH_KEYS, negative, strict=True))
-        branch["return_dict"] = False
-        mine = self.inner(**branch)[0].contiguous()
+        mine = self._inner_sample(branch).contiguous()
         both = [torch.empty_like(mine) for _ in range(self._group.plan.cfg)]
         dist.all_gather(both, mine, group=self._group.cfg_group)
         self._uncond = (both[1], negative[0])
         self.split_steps += 1
         cond = both[0]
         return (cond,) if not kwargs.get("return_dict", True) else _output(cond)
+
+    def _inner_sample(self, kwargs: dict[str, Any]) -> torch.Tensor:
+        """The inner transformer's output sample; when this rank runs out of memory (and no
+        collective runs inside the forward, i.e. no Ulysses), zeros of the same shape instead and
+        `out_of_memory` set: the step's end tells every rank (see the module docstring)."""
+        call = {**kwargs, "return_dict": False}
+        if self._group.plan.ulysses > 1:
+            return self.inner(**call)[0]  # its peers wait inside the forward: cannot be covered
+        try:
+            sample: torch.Tensor = self.inner(**call)[0]
+        except torch.OutOfMemoryError as exc:
+            logger.warning("this rank ran out of memory in its CFG branch: %s", str(exc)[:200])
+            # The failed forward's activations live in the traceback's frames: drop them first.
+            traceback.clear_frames(exc.__traceback__)
+            del exc
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.out_of_memory = True
+            hidden = kwargs["hidden_states"]
+            # The pipelines' transformer maps latent tokens to latent tokens: same shape out.
+            return torch.zeros(hidden.shape, dtype=self._out_dtype or hidden.dtype,
+                               device=hidden.device)  # fmt: skip
+        self._out_dtype = sample.dtype
+        return sample
 
 
 def _output(sample: torch.Tensor) -> Any:
