@@ -102,21 +102,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.mark.parametrize(
-    "plan",
-    [ParallelPlan(cfg=2, ulysses=1), ParallelPlan(cfg=1, ulysses=2), ParallelPlan(cfg=2, ulysses=2),
-     ParallelPlan(cfg=1, ulysses=4)],
-    ids=lambda p: f"cfg{p.cfg}-ulysses{p.ulysses}",
-)  # fmt: skip
-def test_parallel_shapes_match_one_process(plan: ParallelPlan) -> None:
-    inputs = _inputs()
-    ref_cond, ref_uncond = _step(_transformer(), inputs, lambda e: (e, None))
+def _run_ranks(target: Any, plan: ParallelPlan) -> list[Any]:
+    """`target(rank, plan, port, results)` in one spawned process per rank; what they put in
+    `results`, by rank. Every process must exit cleanly."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
     procs = [
-        ctx.Process(target=_rank_main, args=(r, plan, port, results))
-        for r in range(plan.world_size)
+        ctx.Process(target=target, args=(r, plan, port, results)) for r in range(plan.world_size)
     ]
     for p in procs:
         p.start()
@@ -128,6 +121,19 @@ def test_parallel_shapes_match_one_process(plan: ParallelPlan) -> None:
             if p.is_alive():
                 p.kill()
     assert [p.exitcode for p in procs] == [0] * plan.world_size
+    return got
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [ParallelPlan(cfg=2, ulysses=1), ParallelPlan(cfg=1, ulysses=2), ParallelPlan(cfg=2, ulysses=2),
+     ParallelPlan(cfg=1, ulysses=4)],
+    ids=lambda p: f"cfg{p.cfg}-ulysses{p.ulysses}",
+)  # fmt: skip
+def test_parallel_shapes_match_one_process(plan: ParallelPlan) -> None:
+    inputs = _inputs()
+    ref_cond, ref_uncond = _step(_transformer(), inputs, lambda e: (e, None))
+    got = _run_ranks(_rank_main, plan)
     for _rank, cond, uncond, split_steps in got:
         assert split_steps == (1 if plan.cfg == 2 else 0)
         for out, ref in ((cond, ref_cond), (uncond, ref_uncond)):
@@ -171,21 +177,7 @@ def _oom_rank_main(rank: int, plan: ParallelPlan, port: int, results: Any) -> No
 
 def test_a_branch_out_of_memory_on_one_rank_ends_the_step_on_both() -> None:
     # Without the zeros and the shared "oom", rank 0 would wait in the all-gather for ever.
-    plan = ParallelPlan(cfg=2, ulysses=1)
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_oom_rank_main, args=(r, plan, port, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        got = sorted((results.get(timeout=180) for _ in procs), key=lambda item: item[0])
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    assert [p.exitcode for p in procs] == [0, 0]
+    got = _run_ranks(_oom_rank_main, ParallelPlan(cfg=2, ulysses=1))
     shape = (1, 2 * SIDE * SIDE, 16)
     # Only rank 1 ran out; both learn "oom" at the step's end; reset clears it for the next edit.
     assert got == [(0, False, False, "oom", shape), (1, True, False, "oom", shape)]
