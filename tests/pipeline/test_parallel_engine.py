@@ -22,12 +22,13 @@ class Followers:
 
     def wait(self, pending: list[str], timeout_s: float) -> tuple[list[str], list[str]]:
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while True:
             done = [ref for ref in pending if self.ended[ref].is_set()]
             if done:
                 return done[:1], [ref for ref in pending if ref != done[0]]
+            if time.monotonic() >= deadline:
+                return [], pending
             time.sleep(0.01)
-        return [], pending
 
     def outcome(self, ref: str) -> str:
         return self.outcomes[ref]
@@ -57,6 +58,22 @@ def test_rank0_finishing_first_ends_the_watch(pool: ThreadPoolExecutor) -> None:
     local = _rank0(pool, release)
     release.set()
     assert watch_rank0(local, ["r1"], wait=followers.wait, outcome=followers.outcome) is None
+
+
+def test_rank0_finishing_ends_the_watch_without_waiting_for_the_others(
+    pool: ThreadPoolExecutor,
+) -> None:
+    # The other ranks still decode their (unused) images: rank 0 answers without them.
+    followers = Followers(r1="ok")
+    release = threading.Event()
+    local = _rank0(pool, release)
+    threading.Timer(0.05, release.set).start()
+    t0 = time.monotonic()
+    assert (
+        watch_rank0(local, ["r1"], wait=followers.wait, outcome=followers.outcome, poll_s=5.0)
+        is None
+    )
+    assert time.monotonic() - t0 < 1.0
 
 
 def test_a_rank_ending_early_while_rank0_is_stuck_is_reported_within_the_grace(

@@ -19,11 +19,14 @@ So does a rank that ends an edit early (out of memory inside a Ulysses forward, 
 rank 0 is still in it:
 rank 0 would wait in a collective that cannot complete, so the request is answered at once
 (`watch_rank0`) instead of after `model.parallel.timeout_s`. A collective that waits longer than
-`timeout_s` fails the same way.
+`timeout_s` fails the same way. Rank 0 answers as soon as its own run ends; the other ranks' ends
+of an edit are read before the next one starts (`_settle`), so a rank lost after the answer breaks
+the replica then.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -68,21 +71,21 @@ def watch_rank0(
     """Wait for rank 0's run (`local`) while watching the other ranks' runs (`followers`,
     through `wait` and `outcome`: "ok", "stopped", "oom: ...", "error: ...", "dead: ...").
 
-    Returns None once rank 0 has finished, or why it never will: a rank that ended the edit
-    other than "ok" while rank 0 did not follow within `grace_s`."""
+    Returns None as soon as rank 0 has finished (the other ranks may still be finishing theirs),
+    or why it never will: a rank that ended the edit other than "ok" while rank 0 did not follow
+    within `grace_s`."""
     pending = list(followers)
     while not local.done():
-        if not pending:
-            wait_futures([local])
-            break
-        done, pending = wait(pending, poll_s)
-        for ref in done:
-            ended = outcome(ref)
-            if ended == "ok":
-                continue
-            wait_futures([local], timeout=grace_s)
-            if not local.done():
-                return f"a rank ended the edit ({ended[:300]}) while rank 0 was still in it"
+        if pending:
+            done, pending = wait(pending, 0.0)  # a look, without waiting
+            for ref in done:
+                ended = outcome(ref)
+                if ended == "ok":
+                    continue
+                wait_futures([local], timeout=grace_s)
+                if not local.done():
+                    return f"a rank ended the edit ({ended[:300]}) while rank 0 was still in it"
+        wait_futures([local], timeout=poll_s if pending else None)
     return None
 
 
@@ -278,6 +281,8 @@ class ParallelEngine:
         self._broken: str | None = None
         self._memory: list[MemoryRow] = []
         self._lock = threading.Lock()
+        # The other ranks' runs of the last edit, read before the next one starts (`_settle`).
+        self._unsettled: list[Any] = []
         # Rank 0 runs each edit here, so that the calling thread can watch the other ranks.
         self._rank0_thread = ThreadPoolExecutor(1, thread_name_prefix="rank0")
 
@@ -311,9 +316,10 @@ class ParallelEngine:
     ) -> EditOutput:
         import ray
 
-        if self._broken is not None:
-            raise EngineBroken(self._broken)
         with self._lock:
+            self._settle()
+            if self._broken is not None:
+                raise EngineBroken(self._broken)
             job_ref = ray.put(job)
             refs = [w.run.remote(job_ref) for w in self._workers]
             local = self._rank0_thread.submit(
@@ -328,8 +334,18 @@ class ParallelEngine:
             except BaseException as exc:
                 self._collect(refs, failed=exc)
                 raise
-            self._collect(refs)
+            # Rank 0 owns the answer: the other ranks' ends of this edit (after their own VAE
+            # decode, which rank 0 does not wait for) are read before the next edit starts.
+            self._unsettled = refs
             return output
+
+    def _settle(self) -> None:
+        """Read the last edit's other ranks (caller holds the lock): a rank that died or failed
+        after rank 0 answered breaks the replica before the next edit, not during it."""
+        refs, self._unsettled = self._unsettled, []
+        if refs:
+            with contextlib.suppress(EngineBroken):
+                self._collect(refs)
 
     def _collect(self, refs: list[Any], *, failed: BaseException | None = None) -> None:
         """The other ranks' ends of this edit. Ranks fail together on the same input (a bad job,
@@ -358,7 +374,7 @@ class ParallelEngine:
         raise EngineBroken(self._broken) from cause
 
     def memory_report(self) -> list[MemoryRow]:
-        """Rank 0's rows now, the other ranks' as of their last edit."""
+        """Rank 0's rows now, the other ranks' as of the last edit they were read for."""
         rows = [(f"rank0:{gpu}", a, p) for gpu, a, p in self._runner.memory_report()]
         return rows + self._memory
 
