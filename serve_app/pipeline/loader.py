@@ -100,9 +100,9 @@ def _finish(
     # LoRAs before compile: the compiled blocks then see the adapter layers from the start.
     load_adapters(pipe, model.loras)
     # Whole-GPU components need only their top-level accelerate hook (see strip_inner_hooks).
-    for module in [*loaded.transformers, pipe.text_encoder, pipe.vae]:
+    for module in (loaded.transformer, pipe.text_encoder, pipe.vae):
         strip_inner_hooks(module)
-    notes = apply_speed_switches(loaded.transformers, model)
+    notes = apply_speed_switches(loaded.transformer, model)
     if rank_hooks is not None:
         rank_hooks.wrap(pipe)
         notes.append(

@@ -43,7 +43,7 @@ class LoadedPipeline:
     pipe: Any
     device_map: dict[str, str]  # component -> device label, for ModelInfo and /ready
     table: str  # the placement as logged
-    transformers: list[Any]  # every transformer copy: the speed switches apply to each
+    transformer: Any  # what the speed switches apply to
 
 
 def load_tiny(model: ModelConfig, target: Target) -> LoadedPipeline:
@@ -148,7 +148,7 @@ def _from_folder(path: Path, target: Target) -> LoadedPipeline:
     pipe = pipeline_cls.from_pretrained(str(path), dtype=target.dtype, device_map=target.device_map)
     placement = _placement_of(pipe, fallback=target.device_map)
     table = "\n".join(f"  {name:<14} -> {dev}" for name, dev in placement.items())
-    return LoadedPipeline(pipe, placement, table, [pipe.transformer])
+    return LoadedPipeline(pipe, placement, table, pipe.transformer)
 
 
 def _planned(
@@ -169,7 +169,7 @@ def _planned(
     table = plan.table()
     logger.info("placement of %s (%s, visible GPUs %d):\n%s", what, target.dtype, len(gpus), table)
     pipe = build(plan.placement)
-    return LoadedPipeline(pipe, device_labels(plan), table, [pipe.transformer])
+    return LoadedPipeline(pipe, device_labels(plan), table, pipe.transformer)
 
 
 def _placement_of(pipe: Any, *, fallback: str) -> dict[str, str]:

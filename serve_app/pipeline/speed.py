@@ -1,4 +1,4 @@
-"""Speed switches on the loaded transformer copies: fp8 quantization, the attention backend,
+"""Speed switches on the loaded transformer: fp8 quantization, the attention backend,
 then regional compile (which must see the quantized layers). docs/gpu.md has their effect."""
 
 from __future__ import annotations
@@ -31,25 +31,23 @@ def find_cxx_compiler(
 
 
 def apply_speed_switches(
-    transformers: list[Any],
+    transformer: Any,
     model: ModelConfig,
     *,
     find_cxx: Callable[[], str | None] = find_cxx_compiler,
 ) -> list[str]:
     """Quantization, attention backend, then regional compile (which must see the quantized
-    layers), on every transformer copy; returns log notes. `find_cxx` finds the C++ compiler
+    layers), on the transformer; returns log notes. `find_cxx` finds the C++ compiler
     (tests inject one)."""
     notes = []
-    reports = [quantize_transformer(t, model.quantization) for t in transformers]
-    if reports and reports[0] is not None:
-        copies = f", each of {len(reports)} copies" if len(reports) > 1 else ""
-        notes.append(reports[0].note() + copies)
+    report = quantize_transformer(transformer, model.quantization)
+    if report is not None:
+        notes.append(report.note())
     if model.attention_backend:
-        for transformer in transformers:
-            transformer.set_attention_backend(model.attention_backend)
+        transformer.set_attention_backend(model.attention_backend)
         notes.append(f"attention backend: {model.attention_backend}")
     if model.compile:
-        if any(hasattr(m, "_hf_hook") and _spans_devices(m) for m in transformers):
+        if hasattr(transformer, "_hf_hook") and _spans_devices(transformer):
             notes.append("compile skipped: the transformer is split across GPUs")
             if model.quantization != "none":
                 notes.append(f"warning: {model.quantization} without compile is slower than bf16")
@@ -68,8 +66,7 @@ def apply_speed_switches(
 
                 torch._inductor.config.cpp_wrapper = True  # process-wide: one pipeline per replica
                 notes.append("compile: inductor C++ wrapper (kernel launches from C++)")
-            for transformer in transformers:
-                transformer.compile_repeated_blocks(fullgraph=True, dynamic=model.compile_dynamic)
+            transformer.compile_repeated_blocks(fullgraph=True, dynamic=model.compile_dynamic)
             notes.append(
                 f"compile: transformer blocks (fullgraph, dynamic={model.compile_dynamic}),"
                 " compiled by the warm-up edit"

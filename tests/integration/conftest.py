@@ -143,6 +143,15 @@ def deploy_app(
     pytest.fail(f"app not ready in 300 s; last /ready answers: {srv.ready_history[-3:]}")
 
 
+def ingress_with_api_keys(keys: str) -> dict[str, Any]:
+    """A `deploy_app` deployments entry that turns API keys on: `keys` (comma-separated) reach
+    the ingress through its environment (QWEN_API_KEYS), as from a Kubernetes Secret."""
+    return {
+        "name": INGRESS,
+        "ray_actor_options": {"runtime_env": {"env_vars": {"QWEN_API_KEYS": keys}}},
+    }
+
+
 def remove_app(cluster: Cluster, name: str) -> None:
     """Delete application `name` and wait until its replicas are gone (their CPUs free)."""
     from ray import serve

@@ -24,6 +24,7 @@ from tests.integration.conftest import (
     Cluster,
     Server,
     deploy_app,
+    ingress_with_api_keys,
     model_stats,
     remove_app,
     wait_for,
@@ -46,11 +47,7 @@ DEPLOYMENTS = [
         "max_queued_requests": 2,
         "graceful_shutdown_timeout_s": 60,
     },
-    # The key reaches the ingress through its environment, as from a Kubernetes Secret.
-    {
-        "name": "OpenAIIngress",
-        "ray_actor_options": {"runtime_env": {"env_vars": {"QWEN_API_KEYS": API_KEY}}},
-    },
+    ingress_with_api_keys(API_KEY),
 ]
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 

@@ -96,7 +96,7 @@ def test_speed_switches_quantize_before_compiling(transformer: Any) -> None:
     # The switch is wired in: CPU weights are refused before compile would have wrapped blocks.
     model = ModelConfig(source="tiny", quantization="fp8", compile=True)
     with pytest.raises(QuantizationError, match="on GPUs"):
-        apply_speed_switches([transformer], model)
+        apply_speed_switches(transformer, model)
     assert all(b._compiled_call_impl is None for b in transformer.transformer_blocks)
 
 

@@ -1,4 +1,4 @@
-"""The speed switches (`pipeline.speed`) on fake transformer copies."""
+"""The speed switches (`pipeline.speed`) on a fake transformer."""
 
 from __future__ import annotations
 
@@ -48,14 +48,14 @@ def restore_compile_globals() -> Iterator[None]:
     torch._inductor.config.cpp_wrapper = cpp_wrapper
 
 
-def test_speed_switches_apply_to_every_copy(restore_compile_globals: None) -> None:
+def test_speed_switches_apply_to_the_transformer(restore_compile_globals: None) -> None:
     import torch._inductor.config
 
-    copies = [FakeTransformer(["cuda:0"]), FakeTransformer(["cuda:1"])]
+    transformer = FakeTransformer(["cuda:0"])
     cfg = model(compile=True, compile_dynamic=True, attention_backend="_native_cudnn")
-    notes = apply_speed_switches(copies, cfg)  # type: ignore[arg-type]
-    assert all(c.backend == "_native_cudnn" for c in copies)
-    assert all(c.compiled == {"fullgraph": True, "dynamic": True} for c in copies)
+    notes = apply_speed_switches(transformer, cfg)
+    assert transformer.backend == "_native_cudnn"
+    assert transformer.compiled == {"fullgraph": True, "dynamic": True}
     assert any("compile" in n for n in notes)
     assert "rotary embedding: real arithmetic (fused by compile)" in notes
     assert not torch._inductor.config.cpp_wrapper
@@ -71,11 +71,7 @@ def test_cpp_wrapper_switch_sets_inductor_before_compiling(restore_compile_globa
             seen.append(torch._inductor.config.cpp_wrapper)
 
     cfg = model(compile=True, compile_cpp_wrapper=True)
-    notes = apply_speed_switches(
-        [Recording(["cuda:0"])],  # type: ignore[list-item]
-        cfg,
-        find_cxx=lambda: "/usr/bin/g++",
-    )
+    notes = apply_speed_switches(Recording(["cuda:0"]), cfg, find_cxx=lambda: "/usr/bin/g++")
     assert seen == [True]
     assert "compile: inductor C++ wrapper (kernel launches from C++)" in notes
 
@@ -93,11 +89,7 @@ def test_cpp_wrapper_stays_off_without_a_compiler(
 
     cfg = model(compile=True, compile_cpp_wrapper=True)
     with caplog.at_level("WARNING", logger="ray.serve"):
-        notes = apply_speed_switches(
-            [Recording(["cuda:0"])],  # type: ignore[list-item]
-            cfg,
-            find_cxx=lambda: None,
-        )
+        notes = apply_speed_switches(Recording(["cuda:0"]), cfg, find_cxx=lambda: None)
     # Still compiled, without the wrapper, and the replica log says why and how to fix it.
     assert seen == [False]
     (warning,) = [n for n in notes if "compile_cpp_wrapper" in n]
@@ -127,6 +119,6 @@ def test_find_cxx_compiler_looks_where_inductor_does(
 
 def test_compile_is_skipped_for_a_split_transformer() -> None:
     split = FakeTransformer(["cuda:0", "cuda:1"], hooked=True)
-    notes = apply_speed_switches([split], model(compile=True))  # type: ignore[list-item]
+    notes = apply_speed_switches(split, model(compile=True))
     assert split.compiled is None and "compile skipped" in notes[0]
-    assert apply_speed_switches([FakeTransformer(["cpu"])], model()) == []  # type: ignore[list-item]
+    assert apply_speed_switches(FakeTransformer(["cpu"]), model()) == []

@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import TEST_ARGS, Cluster, Server, deploy_app, remove_app
+from tests.integration.conftest import (
+    TEST_ARGS,
+    Cluster,
+    Server,
+    deploy_app,
+    ingress_with_api_keys,
+    remove_app,
+)
 
 API_KEY = "sk-clients-test"
 ROOT = Path(__file__).resolve().parents[3]
@@ -28,13 +35,8 @@ def keyed_server(
 ) -> Iterator[Server]:
     args = copy.deepcopy(TEST_ARGS)
     args["model"]["path"] = str(tmp_path_factory.mktemp("tiny") / "model")
-    # The key reaches the ingress through its environment, as from a Kubernetes Secret.
-    ingress_env = {"runtime_env": {"env_vars": {"QWEN_API_KEYS": API_KEY}}}
     srv = deploy_app(
-        serve_cluster,
-        "clients",
-        args=args,
-        deployments=[{"name": "OpenAIIngress", "ray_actor_options": ingress_env}],
+        serve_cluster, "clients", args=args, deployments=[ingress_with_api_keys(API_KEY)]
     )
     try:
         yield srv
