@@ -143,8 +143,7 @@ def versions() -> dict[str, str]:
 def serve_ingress() -> dict[str, bool]:
     """Which of Ray Serve's HTTP front ends this run used: its Python proxy actor (the default), or
     HAProxy into the ingress replica with the throughput-optimized data plane (both switched on by
-    environment variables read when the Ray cluster starts; docs/deploy.md, "High-throughput
-    ingress")."""
+    environment variables read when the Ray cluster starts; tried and not used: docs/gpu.md)."""
     on = {"1", "true", "True"}
     return {
         "haproxy": os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") in on,

@@ -216,8 +216,7 @@ def test_a_killed_rank_costs_one_503_then_the_replica_is_replaced(
     import ray
 
     server, _ = cfg2
-    rank_actors = _rank_actors
-    before = rank_actors()
+    before = _rank_actors()
     assert len(before) == 1  # rank 1; rank 0 is the replica itself
     ray.kill(ray.get_actor(before[0][0], namespace=before[0][1]))
     files = {"image": ("in.png", _png(random_image(32, 32)), "image/png")}
@@ -229,7 +228,7 @@ def test_a_killed_rank_costs_one_503_then_the_replica_is_replaced(
     # Serve's health checks fail; it replaces the replica (a new placement group, new ranks).
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
-        now = rank_actors()
+        now = _rank_actors()
         if now and now != before and httpx.get(f"{server.url}/ready", timeout=10).is_success:
             break
         time.sleep(1)

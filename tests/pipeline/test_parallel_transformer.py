@@ -168,7 +168,7 @@ def _oom_rank_main(rank: int, plan: ParallelPlan, port: int, results: Any) -> No
         recorder.install(pipe)
         cond, _ = _step(transformer, _inputs(), pipe.encode_prompt)  # returns on both ranks
         failed = transformer.out_of_memory
-        decision = StepSync(rank).share("oom" if failed else None)
+        decision = StepSync().share("oom" if failed else None)
         transformer.reset()
         results.put((rank, failed, transformer.out_of_memory, decision, tuple(cond.shape)))
     finally:

@@ -16,12 +16,11 @@ with the out-of-memory error and the replica keeps serving.
 A rank that dies makes the replica broken (`EngineBroken`: 503 for the request, failed health
 checks, and Serve replaces the replica with its whole placement group; the actors die with it).
 So does a rank that ends an edit early (out of memory inside a Ulysses forward, an error) while
-rank 0 is still in it:
-rank 0 would wait in a collective that cannot complete, so the request is answered at once
-(`watch_rank0`) instead of after `model.parallel.timeout_s`. A collective that waits longer than
-`timeout_s` fails the same way. Rank 0 answers as soon as its own run ends; the other ranks' ends
-of an edit are read before the next one starts (`_settle`), so a rank lost after the answer breaks
-the replica then.
+rank 0 is still in it: rank 0 would wait in a collective that cannot complete, so the request is
+answered at once (`watch_rank0`) instead of after `model.parallel.timeout_s`. A collective that
+waits longer than `timeout_s` fails the same way. Rank 0 answers as soon as its own run ends; the
+other ranks' ends of an edit are read before the next one starts (`_settle`), so a rank lost after
+the answer breaks the replica then.
 """
 
 from __future__ import annotations

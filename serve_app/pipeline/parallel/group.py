@@ -102,8 +102,7 @@ class StepSync:
     it ran out of memory ("oom", see `CfgSplitTransformer`). A CPU tensor, so it travels over gloo
     without waiting for the GPU."""
 
-    def __init__(self, rank: int) -> None:
-        self._rank = rank
+    def __init__(self) -> None:
         self._flag = torch.zeros(1, dtype=torch.int64)
 
     def share(self, reason: str | None = None) -> str | None:

@@ -22,7 +22,7 @@ class RankHooks:
 
     def __init__(self, group: RankGroup) -> None:
         self.group = group
-        self._sync = StepSync(group.rank)
+        self._sync = StepSync()
         self._recorder = PromptRecorder(multiple=group.plan.ulysses)
         self._split: CfgSplitTransformer | None = None
 

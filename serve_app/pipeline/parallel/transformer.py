@@ -22,9 +22,7 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
-import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -179,19 +177,17 @@ class CfgSplitTransformer(nn.Module):
             sample: torch.Tensor = self.inner(**call)[0]
         except torch.OutOfMemoryError as exc:
             logger.warning("this rank ran out of memory in its CFG branch: %s", str(exc)[:200])
-            # The failed forward's activations live in the traceback's frames: drop them first.
-            traceback.clear_frames(exc.__traceback__)
-            del exc
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
             self.out_of_memory = True
-            hidden = kwargs["hidden_states"]
-            # The pipelines' transformer maps latent tokens to latent tokens: same shape out.
-            return torch.zeros(hidden.shape, dtype=self._out_dtype or hidden.dtype,
-                               device=hidden.device)  # fmt: skip
-        self._out_dtype = sample.dtype
-        return sample
+        else:
+            self._out_dtype = sample.dtype
+            return sample
+        # Past the except block the failed forward's activations are released; the runner frees
+        # the cache when every rank ends the edit at this step's end. The pipelines' transformer
+        # maps latent tokens to latent tokens: same shape out.
+        hidden = kwargs["hidden_states"]
+        return torch.zeros(
+            hidden.shape, dtype=self._out_dtype or hidden.dtype, device=hidden.device
+        )
 
 
 def _output(sample: torch.Tensor) -> Any:
