@@ -175,8 +175,16 @@ def classify(outcome: Outcome, ledger: Ledger) -> str:
     return "answer" if outcome.status in (503, 504) else f"bad: {outcome.status} {error}"
 
 
-def during(server: Server, fault: Callable[[], None], *, after_s: float = 4) -> list[Outcome]:
-    """One request of each kind at once; `fault()` `after_s` seconds in; every outcome."""
+def during(
+    server: Server,
+    fault: Callable[[], None],
+    *,
+    after_s: float = 4,
+    after_answers: int | None = None,
+) -> list[Outcome]:
+    """One request of each kind at once; `fault()` `after_s` seconds in, or with `after_answers`
+    `after_s` seconds after that many requests were answered (how long the first edits take
+    varies with the host's load); every outcome."""
     outcomes: list[Outcome] = []
     lock = threading.Lock()
 
@@ -188,7 +196,12 @@ def during(server: Server, fault: Callable[[], None], *, after_s: float = 4) -> 
     threads = [threading.Thread(target=one, args=(kind,)) for kind in KINDS]
     for t in threads:
         t.start()
-    time.sleep(after_s)
+    if after_answers is None:
+        time.sleep(after_s)
+    else:
+        wait_for(lambda: len(outcomes) >= after_answers, timeout=300, what="the first answers",
+                 every_s=0.02)  # fmt: skip
+        time.sleep(after_s)
     fault()
     for t in threads:
         t.join(300)
@@ -232,7 +245,13 @@ def check(outcomes: list[Outcome], ledger: Ledger, allowed: set[str]) -> list[st
 
 
 def test_model_replica_killed_mid_edit(server: Server, ledger: Ledger) -> None:
-    outcomes = during(server, lambda: kill_actor(f"{APP}#QwenImageEditModel", restart=False))
+    # A second after the first answer the next queued edit is running in the replica.
+    outcomes = during(
+        server,
+        lambda: kill_actor(f"{APP}#QwenImageEditModel", restart=False),
+        after_answers=1,
+        after_s=1,
+    )
     classes = check(outcomes, ledger, {"answer"})
     # The killed edit and those queued behind it were answered, not all with images.
     assert any(o.status != 200 or b"event: error" in o.body for o in outcomes), classes
