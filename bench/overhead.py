@@ -16,7 +16,8 @@ trip beyond the replica (Ray transfer both ways), queue, the replica outside the
 
 Unless --skip-micro, it first times the image codecs in this process on 1 MP images: encode of a
 noise image (what the tiny model returns), of a photo-like one and of a smooth one (real outputs
-lie between the last two), base64, and decode of the upload. `--json` writes everything, e.g.
+lie between the last two), base64 (the stdlib's, and the ingress's spliced body), and decode of
+the upload (the ingress's, and Pillow's alone). `--json` writes everything, e.g.
 bench/results/cpu-tiny-overhead.json (the example header in docs/api.md).
 """
 
@@ -110,6 +111,20 @@ def _median_ms(fn: Callable[[], Any], repeat: int) -> float:
     return round(1000 * statistics.median(times), 1)
 
 
+def _b64_body(encoded: bytes) -> bytes:
+    from serve_app.ingress.responses import Base64Splice
+
+    splice = Base64Splice()
+    return splice.fill(json.dumps({"b64_json": splice.add(encoded)}).encode())
+
+
+def _pillow_decode(upload: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(upload)) as img:
+        return np.asarray(img.convert("RGB"))
+
+
 def micro(size: int, repeat: int = 7) -> dict[str, Any]:
     from serve_app.ingress.imaging import decode_image, encode_image
 
@@ -123,11 +138,14 @@ def micro(size: int, repeat: int = 7) -> dict[str, Any]:
                 lambda a=array: encode_image(a, output_format="png", compression=None), repeat
             ),
             "png_bytes": len(encoded),
-            "base64_ms": _median_ms(lambda e=encoded: base64.b64encode(e), repeat),
+            "base64_ms": _median_ms(lambda e=encoded: base64.b64encode(e).decode("ascii"), repeat),
+            # What the ingress does instead (responses.Base64Splice): pybase64 bytes, spliced.
+            "b64_body_ms": _median_ms(lambda e=encoded: _b64_body(e), repeat),
             "upload_png_bytes": len(upload),
             "png_decode_ms": _median_ms(
                 lambda u=upload: decode_image(u, param="image", max_pixels=size * size), repeat
             ),
+            "png_decode_pillow_ms": _median_ms(lambda u=upload: _pillow_decode(u), repeat),
         }
     return out
 
@@ -211,11 +229,15 @@ def report(
 ) -> None:
     if micro_out:
         print("\ncodecs in-process, 1 image (median ms):")
-        print("  image   png encode  png bytes  base64  upload bytes  upload decode")
+        print(
+            "  image   png encode  png bytes  base64  b64 body  upload bytes  upload decode"
+            "  (Pillow)"
+        )
         for kind, m in micro_out.items():
             print(
                 f"  {kind:7s} {m['png_encode_ms']:10.1f} {m['png_bytes']:10d} {m['base64_ms']:7.1f}"
-                f" {m['upload_png_bytes']:13d} {m['png_decode_ms']:14.1f}"
+                f" {m['b64_body_ms']:9.1f} {m['upload_png_bytes']:13d} {m['png_decode_ms']:14.1f}"
+                f"  {m['png_decode_pillow_ms']:8.1f}"
             )
     med = median_of(runs)
     http, pipeline = med["http"], med["pipeline"]

@@ -1,11 +1,12 @@
-"""Image codecs: uploads -> uint8 RGB arrays (Pillow), arrays -> png/jpeg/webp bytes (Pillow, and
-`serve_app.ingress.png` for the default PNG)."""
+"""Image codecs: uploads -> uint8 RGB arrays (Pillow; imagecodecs for 8-bit RGB PNGs), arrays ->
+png/jpeg/webp bytes (Pillow, and `serve_app.ingress.png` for the default PNG)."""
 
 from __future__ import annotations
 
 import io
 import warnings
 
+import imagecodecs
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -57,6 +58,8 @@ def decode_image(
                     )
                 if max_aspect_ratio is not None:
                     _check_aspect(width, height, param=param, max_ratio=max_aspect_ratio)
+                if kind == "PNG" and (fast := _decode_rgb_png(data, width, height)) is not None:
+                    return fast
                 img.load()
                 # In place: a 1 MP image is not copied (and its pages not faulted in) again.
                 ImageOps.exif_transpose(img, in_place=True)
@@ -73,6 +76,26 @@ def decode_image(
             param=param,
             code="invalid_image",
         ) from None
+
+
+def _decode_rgb_png(data: bytes, width: int, height: int) -> np.ndarray | None:
+    """An 8-bit RGB PNG without EXIF decoded by imagecodecs (libpng with zlib-ng: ~1.7x Pillow's
+    speed on 1 MP, and this decode is on every edit's critical path), or None: Pillow decodes it.
+    Same pixels as Pillow's (tests/ingress/test_imaging.py). libpng checks every checksum, where
+    Pillow lets a bad IDAT CRC pass: what libpng refuses goes to Pillow, so this path never
+    rejects what Pillow accepts."""
+    # IHDR is the first chunk: bit depth at byte 24, colour type at 25 (2: truecolour RGB).
+    # (With a tRNS chunk libpng may add alpha: the shape check below sends that to Pillow.)
+    # An eXIf chunk may rotate the image (Pillow applies it); a false match only costs speed.
+    if len(data) < 33 or data[24] != 8 or data[25] != 2 or b"eXIf" in data:
+        return None
+    try:
+        array = imagecodecs.png_decode(data)
+    except Exception:
+        return None
+    if array.shape != (height, width, 3) or array.dtype != np.uint8:
+        return None
+    return np.ascontiguousarray(array)
 
 
 def _check_aspect(width: int, height: int, *, param: str, max_ratio: float) -> None:

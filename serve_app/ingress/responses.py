@@ -9,13 +9,14 @@ both run it in worker threads, so a multi-MB body never blocks the event loop.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
+import secrets
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
+import pybase64
 
 from serve_app.common.errors import APIError, InternalError, error_body
 from serve_app.common.jobs import EditOutput, PartialImage
@@ -44,8 +45,35 @@ def _encode(image: np.ndarray, params: EditParams) -> bytes:
     )
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+class Base64Splice:
+    """Base64 payloads spliced into a serialized JSON document.
+
+    A multi-MB `b64_json` costs ~7 ms to become a Python str and as much again for the
+    serializer to scan for characters to escape; base64 has none, so the document is serialized
+    with a short placeholder per payload and the payloads' bytes (pybase64, SIMD) are joined in
+    afterwards: ~0.3 ms for a 3 MB PNG instead of ~15 ms (docs/gpu.md)."""
+
+    def __init__(self) -> None:
+        # A fresh nonce per document: no other value in it can equal a placeholder.
+        self._nonce = secrets.token_hex(8)
+        self._payloads: list[bytes] = []
+
+    def add(self, data: bytes) -> str:
+        """The placeholder to put where the base64 of `data` goes."""
+        self._payloads.append(pybase64.b64encode(data))
+        return f"{self._nonce}-{len(self._payloads) - 1}"
+
+    def fill(self, document: bytes) -> bytes:
+        """`document` with each placeholder string replaced by its payload, in one join."""
+        parts: list[bytes] = []
+        start = 0
+        for index, payload in enumerate(self._payloads):
+            mark = f'"{self._nonce}-{index}"'.encode()
+            at = document.index(mark, start)
+            parts += (document[start : at + 1], payload)
+            start = at + len(mark) - 1
+        parts.append(document[start:])
+        return b"".join(parts)
 
 
 def json_body(
@@ -64,6 +92,7 @@ def json_body(
         encoded = [_encode(image, params) for image in output.images]
     with timing.measure("body"):
         per_image = seeds if seeds is not None else [None] * len(encoded)
+        splice = Base64Splice()
         if url_base is not None and store is not None:
             data = [
                 ImageData(
@@ -74,7 +103,7 @@ def json_body(
             ]
         else:
             data = [
-                ImageData(b64_json=_b64(e), seed=seed)
+                ImageData(b64_json=splice.add(e), seed=seed)
                 for e, seed in zip(encoded, per_image, strict=True)
             ]
         response = ImagesResponse(
@@ -86,11 +115,12 @@ def json_body(
             background="opaque",
             usage=Usage.of(output),
         )
-        return images_response_json(response)
+        return splice.fill(images_response_json(response))
 
 
-def sse_frame(event: str, data: dict[str, Any]) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+def sse_frame(event: str, data: dict[str, Any], *, splice: Base64Splice | None = None) -> bytes:
+    frame = f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+    return frame if splice is None else splice.fill(frame)
 
 
 def event_frame(
@@ -110,23 +140,24 @@ def event_frame(
         "background": "opaque",
         "output_format": params.output_format,
     }
+    splice = Base64Splice()
     if isinstance(event, PartialImage):
         data = {
             "type": PARTIAL_EVENT,
-            "b64_json": _b64(_encode(event.image, params)),
+            "b64_json": splice.add(_encode(event.image, params)),
             "partial_image_index": event.index,
             **common,
         }
-        return sse_frame(PARTIAL_EVENT, data)
+        return sse_frame(PARTIAL_EVENT, data, splice=splice)
     data = {
         "type": COMPLETED_EVENT,
-        "b64_json": _b64(_encode(event.images[0], params)),
+        "b64_json": splice.add(_encode(event.images[0], params)),
         **common,
         "usage": Usage.of(event).model_dump(exclude_none=True),
     }
     if seed is not None:
         data["seed"] = seed
-    return sse_frame(COMPLETED_EVENT, data)
+    return sse_frame(COMPLETED_EVENT, data, splice=splice)
 
 
 async def event_stream_body(
