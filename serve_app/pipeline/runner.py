@@ -208,7 +208,9 @@ class EditRunner:
         if self._stage_timer is not None:
             self._stage_timer.reset()
         if self._rank is not None:
-            self._rank.begin_edit(pipe)
+            # The pipelines' own rule for true CFG (diffusers' QwenImageEdit*Pipeline.__call__).
+            true_cfg = job.true_cfg_scale > 1 and job.negative_prompt is not None
+            self._rank.begin_edit(pipe, true_cfg=true_cfg)
         with torch.inference_mode():
             result = pipe(
                 **inputs,

@@ -56,7 +56,12 @@ def _png(image: np.ndarray) -> bytes:
 
 
 def _single_process_image(
-    args: dict[str, Any], reference: np.ndarray, prompt: str, *, model: str = "qwen-image-edit"
+    args: dict[str, Any],
+    reference: np.ndarray,
+    prompt: str,
+    *,
+    model: str = "qwen-image-edit",
+    true_cfg_scale: float = 4.0,
 ) -> np.ndarray:
     """The same edit on one process (no Ray): what every parallel shape must reproduce."""
     from serve_app.common.jobs import EditJob
@@ -66,20 +71,25 @@ def _single_process_image(
     runner = load_runner(config.model, config.generation)
     job = EditJob(
         request_id="ref", model=model, images=[reference], prompt=prompt,
-        negative_prompt=" ", true_cfg_scale=4.0, num_inference_steps=2, width=SIDE,
+        negative_prompt=" ", true_cfg_scale=true_cfg_scale, num_inference_steps=2, width=SIDE,
         height=SIDE, seeds=[SEED],
     )  # fmt: skip
     return runner.run(job).images[0]
 
 
 def _edit(
-    server: Server, reference: np.ndarray, prompt: str, *, model: str = "qwen-image-edit"
+    server: Server,
+    reference: np.ndarray,
+    prompt: str,
+    *,
+    model: str = "qwen-image-edit",
+    extra: dict[str, Any] | None = None,
 ) -> np.ndarray:
     client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     result = client.images.edit(
         image=("in.png", _png(reference), "image/png"), prompt=prompt, size=f"{SIDE}x{SIDE}",
         model=model,
-        extra_body={"seed": SEED, "num_inference_steps": 2},
+        extra_body={"seed": SEED, "num_inference_steps": 2, **(extra or {})},
     )  # fmt: skip
     assert result.data is not None and result.data[0].b64_json
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))))
@@ -120,6 +130,20 @@ def test_cfg_split_over_two_ranks_gives_the_single_process_pixels(
     want = _single_process_image(args, reference, "make the sky purple")
     assert got.shape == want.shape == (SIDE, SIDE, 3)
     assert int(np.abs(got.astype(int) - want.astype(int)).max()) <= 1
+
+
+def test_an_edit_without_true_cfg_over_two_ranks_gives_the_single_process_pixels(
+    cfg2: tuple[Server, dict[str, Any]],
+) -> None:
+    """Without true CFG there is no negative branch: both ranks encode and run the prompt (with
+    it each rank encodes only its own branch's prompt, as the test above checks by its pixels)."""
+    server, args = cfg2
+    reference = random_image(48, 40, seed=5)
+    got = _edit(server, reference, "add a hat", extra={"true_cfg_scale": 1.0})
+    want = _single_process_image(args, reference, "add a hat", true_cfg_scale=1.0)
+    cfg = _single_process_image(args, reference, "add a hat")
+    assert int(np.abs(got.astype(int) - want.astype(int)).max()) <= 1
+    assert not np.array_equal(want, cfg)  # the edit did change with true CFG off
 
 
 def test_a_lora_over_two_ranks_gives_the_single_process_pixels(

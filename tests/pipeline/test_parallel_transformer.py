@@ -3,7 +3,9 @@ matches one process's within float32 rounding, for text lengths that do not divi
 
 from __future__ import annotations
 
+import functools
 import socket
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -59,7 +61,15 @@ def _step(transformer: Any, inputs: dict[str, Any], encode: Any) -> tuple[Any, A
     return cond, uncond
 
 
-def _rank_main(rank: int, plan: ParallelPlan, port: int, results: Any) -> None:
+def _blank(pipe: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    return torch.full((1, 1, 32), float("nan"))  # NaN: any use of it would show in the output
+
+
+def _rank_main(
+    rank: int, plan: ParallelPlan, port: int, results: Any, *, split: bool = False
+) -> None:
+    """One true-CFG step on this rank; puts (rank, cond, uncond, split steps, prompts encoded).
+    `split`: each CFG group encodes only its own branch's prompt."""
     from serve_app.pipeline.parallel.group import init_rank_group, leave_rank_group
     from serve_app.pipeline.parallel.transformer import (
         CfgSplitTransformer,
@@ -72,13 +82,16 @@ def _rank_main(rank: int, plan: ParallelPlan, port: int, results: Any) -> None:
     try:
         inner = _transformer()
         enable_ulysses(inner, group)
-        recorder = PromptRecorder(multiple=plan.ulysses)
+        recorder = PromptRecorder(multiple=plan.ulysses, branch=group.cfg_index, blank=_blank)
+        recorder.reset(split=split)
         transformer = (
             CfgSplitTransformer(inner, group=group, recorder=recorder) if plan.cfg > 1 else inner
         )
+        encoded: list[int] = []
 
         class Pipe:
             def encode_prompt(self, embeds: Any) -> tuple[Any, None]:
+                encoded.append(embeds.shape[1])
                 return embeds, None
 
         pipe = Pipe()
@@ -90,6 +103,7 @@ def _rank_main(rank: int, plan: ParallelPlan, port: int, results: Any) -> None:
                 cond.numpy().copy(),
                 uncond.numpy().copy(),
                 getattr(transformer, "split_steps", 0),
+                encoded,
             )
         )
     finally:
@@ -134,12 +148,60 @@ def test_parallel_shapes_match_one_process(plan: ParallelPlan) -> None:
     inputs = _inputs()
     ref_cond, ref_uncond = _step(_transformer(), inputs, lambda e: (e, None))
     got = _run_ranks(_rank_main, plan)
-    for _rank, cond, uncond, split_steps in got:
+    for _rank, cond, uncond, split_steps, encoded in got:
         assert split_steps == (1 if plan.cfg == 2 else 0)
+        assert encoded == [7, 5]  # without `split` every rank encodes both prompts
         for out, ref in ((cond, ref_cond), (uncond, ref_uncond)):
             assert out.shape == tuple(ref.shape)
             got_t = torch.from_numpy(out)
             assert float((got_t - ref).norm() / ref.norm()) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "plan", [ParallelPlan(cfg=2, ulysses=1), ParallelPlan(cfg=2, ulysses=2)],
+    ids=lambda p: f"cfg{p.cfg}-ulysses{p.ulysses}",
+)  # fmt: skip
+def test_each_cfg_group_encodes_only_its_own_prompt(plan: ParallelPlan) -> None:
+    inputs = _inputs()
+    ref_cond, ref_uncond = _step(_transformer(), inputs, lambda e: (e, None))
+    got = _run_ranks(functools.partial(_rank_main, split=True), plan)
+    for rank, cond, uncond, _split_steps, encoded in got:
+        # The prompt (7 tokens) on CFG group 0, the negative prompt (5) on group 1.
+        assert encoded == ([7] if plan.coords(rank)[0] == 0 else [5])
+        for out, ref in ((cond, ref_cond), (uncond, ref_uncond)):
+            got_t = torch.from_numpy(out)
+            assert float((got_t - ref).norm() / ref.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("multiple", [1, 2])  # 2: the stand-in is padded for Ulysses 2
+def test_a_forward_on_a_placeholder_is_refused(multiple: int) -> None:
+    """A mispredicted split (no negative prompt after all) must fail, not use the stand-in."""
+    from serve_app.pipeline.parallel.transformer import CfgSplitTransformer, PromptRecorder
+
+    recorder = PromptRecorder(multiple=multiple, branch=1, blank=_blank)
+    recorder.reset(split=True)
+
+    class Pipe:
+        def encode_prompt(self, embeds: Any) -> tuple[Any, None]:
+            raise AssertionError("group 1 must not encode the prompt")
+
+    pipe = Pipe()
+    recorder.install(pipe)
+    placeholder, _ = pipe.encode_prompt(torch.zeros(1, 7, 32))
+    assert placeholder.shape == (1, multiple, 32)
+    # No negative prompt followed: the transformer gets the placeholder as its only prompt.
+    group = SimpleNamespace(plan=ParallelPlan(cfg=2, ulysses=1), cfg_index=1)
+    transformer = CfgSplitTransformer(_transformer(), group=group, recorder=recorder)
+    common = {
+        k: v for k, v in _inputs().items() if k in ("hidden_states", "timestep", "img_shapes")
+    }
+    with torch.inference_mode(), transformer.cache_context("cond"):
+        with pytest.raises(RuntimeError, match="placeholder"):
+            transformer(**common, encoder_hidden_states=placeholder, return_dict=False)
+        real = torch.zeros(1, 3, 32)  # anything the rank encoded passes
+        assert transformer(**common, encoder_hidden_states=real, return_dict=False)[0].shape == (
+            common["hidden_states"].shape
+        )
 
 
 def _oom_rank_main(rank: int, plan: ParallelPlan, port: int, results: Any) -> None:

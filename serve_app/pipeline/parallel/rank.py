@@ -23,7 +23,7 @@ class RankHooks:
     def __init__(self, group: RankGroup) -> None:
         self.group = group
         self._sync = StepSync()
-        self._recorder = PromptRecorder(multiple=group.plan.ulysses)
+        self._recorder = PromptRecorder(multiple=group.plan.ulysses, branch=group.cfg_index)
         self._split: CfgSplitTransformer | None = None
 
     @property
@@ -49,10 +49,12 @@ class RankHooks:
             )
             pipe.transformer = self._split
 
-    def begin_edit(self, pipe: Any) -> None:
-        """Before each pipeline call (`pipe`: the pipeline about to run, the inpaint one too)."""
+    def begin_edit(self, pipe: Any, *, true_cfg: bool) -> None:
+        """Before each pipeline call (`pipe`: the pipeline about to run, the inpaint one too;
+        `true_cfg`: it will encode a negative prompt and run both branches)."""
         self._recorder.install(pipe)
-        self._recorder.reset()
+        # With the CFG split each rank needs only its own branch's text embeddings.
+        self._recorder.reset(split=true_cfg and self._split is not None)
         if self._split is not None:
             self._split.reset()
 

@@ -12,6 +12,10 @@
   mesh dimension gives every rank both results, and the "uncond" call returns the second. Group 1
   knows the negative prompt's embeddings from the start: `PromptRecorder` records what the
   pipeline's `encode_prompt` returned (the prompt first, then the negative prompt).
+  Each group needs only its own branch's text embeddings: with `split` (true CFG) the recorder
+  encodes the prompt on group 0 and the negative prompt on group 1 only, and hands the pipeline a
+  placeholder for the other (never computed with: `CfgSplitTransformer` swaps it out, and refuses
+  to run a forward on one). One text-encoder pass on each rank instead of two.
   The branches differ in size (the prompt has more text tokens than the negative one), so one group
   can run out of memory alone. Without Ulysses no collective runs inside the forward, so that rank
   still joins the all-gather (with zeros) and reports "oom" at the step's end (`StepSync`): every
@@ -50,13 +54,34 @@ def enable_ulysses(transformer: Any, group: RankGroup) -> None:
         transformer.enable_parallelism(config=config)
 
 
+BlankPrompt = Callable[[Any, tuple[Any, ...], dict[str, Any]], torch.Tensor]
+
+
+def blank_prompt(pipe: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    """A one-token stand-in for the embeddings `pipe.encode_prompt(*args, **kwargs)` would
+    return: their batch, width, dtype and device (the pipeline reads the dtype)."""
+    prompt = kwargs.get("prompt")
+    batch = 1 if prompt is None or isinstance(prompt, str) else len(prompt)
+    batch *= int(kwargs.get("num_images_per_prompt") or 1)
+    width = int(pipe.transformer.config.joint_attention_dim)
+    device = kwargs.get("device") or pipe._execution_device
+    return torch.zeros(batch, 1, width, dtype=pipe.text_encoder.dtype, device=device)
+
+
 class PromptRecorder:
     """Wraps a pipeline's `encode_prompt`: pads what it returns to a multiple of the Ulysses degree
-    (masked tokens) and keeps it, so the CFG split knows both branches' embeddings."""
+    (masked tokens) and keeps it, so the CFG split knows both branches' embeddings. With `split`
+    (see `reset`) it encodes only this rank's branch (`branch`: 0 the prompt, 1 the negative)."""
 
-    def __init__(self, *, multiple: int) -> None:
+    def __init__(
+        self, *, multiple: int, branch: int = 0, blank: BlankPrompt = blank_prompt
+    ) -> None:
         self.multiple = multiple
+        self.branch = branch
         self.calls: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self.placeholders: list[torch.Tensor] = []  # what this rank did not encode, this edit
+        self._split = False
+        self._blank = blank
         self._pipes: list[Any] = []  # installed on (the main pipeline, the inpaint one)
 
     def install(self, pipe: Any) -> None:
@@ -66,15 +91,36 @@ class PromptRecorder:
         original: Callable[..., Any] = pipe.encode_prompt
 
         def encode_prompt(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-            embeds, mask = original(*args, **kwargs)
+            index = len(self.calls)  # 0: the prompt, 1: the negative prompt
+            mask: torch.Tensor | None
+            skip = self._split and index < 2 and index != self.branch
+            if skip:
+                embeds, mask = self._blank(pipe, args, kwargs), None
+            else:
+                embeds, mask = original(*args, **kwargs)
             embeds, mask = pad_text(embeds, mask, multiple=self.multiple)
+            if skip:
+                self.placeholders.append(embeds)  # as padded: what the pipeline passes on
             self.calls.append((embeds, mask))
             return embeds, mask
 
         pipe.encode_prompt = encode_prompt
 
-    def reset(self) -> None:
+    def reset(self, *, split: bool = False) -> None:
+        """Before each edit. `split`: the edit runs true CFG (the pipeline will encode the prompt,
+        then the negative prompt), so this rank encodes its own branch's only."""
         self.calls.clear()
+        self.placeholders.clear()
+        self._split = split
+
+    def check_real(self, embeds: Any) -> None:
+        """Refuse to compute with a placeholder (a wrong `split` would otherwise give a wrong
+        image silently)."""
+        if self.placeholders and any(embeds is p for p in self.placeholders):
+            raise RuntimeError(
+                "internal error: a CFG branch ran on the placeholder of a prompt this rank did"
+                " not encode (the edit's true CFG was mispredicted)"
+            )
 
     @property
     def negative(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -153,11 +199,13 @@ class CfgSplitTransformer(nn.Module):
         if self._context != "cond" or negative is None or args:
             if args:
                 return self.inner(*args, **kwargs)
+            self._recorder.check_real(kwargs.get("encoder_hidden_states"))
             sample = self._inner_sample(kwargs)
             return (sample,) if not kwargs.get("return_dict", True) else _output(sample)
         branch = dict(kwargs)
         if self._group.cfg_index == 1:
             branch.update(zip(_BRANCH_KEYS, negative, strict=True))
+        self._recorder.check_real(branch.get("encoder_hidden_states"))
         mine = self._inner_sample(branch).contiguous()
         both = [torch.empty_like(mine) for _ in range(self._group.plan.cfg)]
         dist.all_gather(both, mine, group=self._group.cfg_group)

@@ -1,0 +1,259 @@
+"""What else one compiled forward could gain: attention backends, compile options, launch costs.
+
+    python -m bench.forward_variants [--variants native_dyn,native_static,...] [--sdpa]
+                                     [--out bench/results/forward-variants.json]
+
+Builds the synthetic full-size 2511 transformer (random weights) on cuda:0 and times one forward
+of the standard edit's shape (8192 image + 219 text tokens) with CUDA synchronisation, median of
+5 after a warm-up, per variant (each recompiles `compile_repeated_blocks(fullgraph=True)`):
+
+- `native_dyn`: what the shipped configs run (native attention, dynamic=True); `cudnn_dyn`,
+  `flash_dyn`: diffusers' `_native_cudnn` / `_native_flash` backends instead;
+- `native_static`: dynamic=False (recompiles for every prompt length);
+- `native_dyn_maxat` (+`_cd`): inductor's max-autotune GEMM templates (and coordinate descent);
+- `launch_base`, `launch_skipguard` (torch.compiler.set_stance(skip_guard_eval_unsafe=True)),
+  `launch_cpp` (inductor's C++ wrapper), `launch_cudagraph` (mode="reduce-overhead"): the same
+  forward, plus `piped_ms` (6 forwards back to back, one sync: as the pipeline runs them) and
+  `small_input_ms` (a 128-token image: the GPU has almost nothing to do, so this is the host's
+  cost of launching one forward).
+
+`kernels` (for `native_dyn` and `launch_base`) sums CUDA kernel time per name over one forward.
+`--sdpa` also times torch's SDPA alone on the forward's attention shape per backend. Run it with
+CUDA_VISIBLE_DEVICES to pick the GPU; `cpu` as the first argument is a smoke test that needs a
+tiny `--overrides` config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.flops import transformer_flops
+
+# label -> (attention backend, compile dynamic, inductor options; "_stance"/"_mode" are ours)
+VARIANTS: dict[str, tuple[str, bool, dict[str, Any]]] = {
+    "native_dyn": ("native", True, {}),
+    "cudnn_dyn": ("_native_cudnn", True, {}),
+    "flash_dyn": ("_native_flash", True, {}),
+    "native_static": ("native", False, {}),
+    "native_dyn_maxat": ("native", True, {"max_autotune_gemm": True}),
+    "native_dyn_maxat_cd": (
+        "native",
+        True,
+        {"max_autotune_gemm": True, "coordinate_descent_tuning": True},
+    ),
+    "launch_base": ("native", True, {}),
+    "launch_skipguard": ("native", True, {"_stance": True}),
+    "launch_cpp": ("native", True, {"cpp_wrapper": True}),
+    "launch_cudagraph": ("native", True, {"_mode": "reduce-overhead"}),
+}
+_INDUCTOR_KEYS = ("max_autotune_gemm", "coordinate_descent_tuning", "cpp_wrapper")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--sdpa", action="store_true")
+    parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("--overrides", type=Path, default=None, help="transformer config JSON")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from bench.run import versions
+    from serve_app.pipeline import rope
+    from serve_app.pipeline.synthetic import build_component, variant_dir
+
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    overrides = json.loads(args.overrides.read_text()) if args.overrides else None
+    torch.manual_seed(0)
+    transformer: Any = build_component(
+        variant_dir("2511"), "transformer",
+        device_map={"": device.index if on_gpu else "cpu"}, dtype=torch.bfloat16,
+        overrides=overrides,
+    )  # fmt: skip
+    sync: Callable[[], None] = torch.cuda.synchronize if on_gpu else (lambda: None)
+    config = dict(transformer.config)
+    side = 64 if on_gpu else 8  # latent patches per side of the 1024x1024 output and reference
+    inputs = _inputs(torch, config, device, side=side, text=219)
+    flops = transformer_flops(config, image_tokens=2 * side * side, text_tokens=219)
+
+    def forward() -> Any:
+        with torch.inference_mode():
+            return transformer(**inputs)[0]
+
+    def timed(repeats: int = 5) -> tuple[float, list[float], Any]:
+        out = forward()
+        sync()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = forward()
+            sync()
+            times.append(1000 * (time.perf_counter() - t0))
+        return statistics.median(times), times, out
+
+    results: dict[str, Any] = {
+        "gpu": torch.cuda.get_device_name(device) if on_gpu else "cpu",
+        "image_tokens": 2 * side * side,
+        "text_tokens": 219,
+        "gflop_per_forward": round(flops / 1e9, 1),
+        "variants": {},
+        "versions": versions(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    import torch._dynamo
+    import torch._inductor.config as inductor
+
+    defaults = {k: getattr(inductor, k) for k in _INDUCTOR_KEYS}
+    rope.install_real_rope()
+    reference = None
+    for label in args.variants.split(","):
+        backend, dynamic, options = VARIANTS[label]
+        options = dict(options)
+        stance, mode = options.pop("_stance", False), options.pop("_mode", None)
+        try:
+            torch._dynamo.reset()
+            for key, value in {**defaults, **options}.items():
+                setattr(inductor, key, value)
+            for block in transformer.transformer_blocks:
+                block._compiled_call_impl = None
+            transformer.set_attention_backend(backend)
+            transformer.compile_repeated_blocks(
+                fullgraph=True, dynamic=dynamic, **({"mode": mode} if mode else {})
+            )
+            torch.compiler.set_stance("default", skip_guard_eval_unsafe=False)
+            t0 = time.perf_counter()
+            forward()
+            sync()
+            first_s = time.perf_counter() - t0
+            if stance:
+                torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+            ms, times, out = timed()
+            out = out.float()
+            reference = out if reference is None else reference
+            entry: dict[str, Any] = {
+                "backend": backend, "dynamic": dynamic, "ms_per_forward": round(ms, 1),
+                "all_ms": [round(t, 1) for t in times], "first_call_s": round(first_s, 1),
+                "tflops": round(flops / ms / 1e9, 1),
+                "rel_err_vs_first": round(float((out - reference).norm() / reference.norm()), 5),
+            }  # fmt: skip
+            if label.startswith("launch"):
+                entry.update(_launch_costs(forward, inputs, sync))
+            if on_gpu and label in ("native_dyn", "launch_base"):
+                entry["kernels_ms"] = _kernels(forward, sync)
+        except Exception as exc:  # a variant this torch cannot run: recorded, the rest go on
+            entry = {"error": f"{type(exc).__name__}: {exc}"[:600]}
+        results["variants"][label] = entry
+        print(label, json.dumps(entry), flush=True)
+    if args.sdpa and on_gpu:
+        results["sdpa"] = _sdpa(torch, device, tokens=2 * side * side + 219, sync=sync)
+        print("sdpa", json.dumps(results["sdpa"]), flush=True)
+    text = json.dumps(results, indent=1)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
+def _inputs(torch: Any, config: dict[str, Any], device: Any, *, side: int, text: int) -> dict:
+    gen = torch.Generator(device=device).manual_seed(1)
+    bf16 = torch.bfloat16
+    width = int(config["joint_attention_dim"])
+    at = {"device": device, "generator": gen, "dtype": bf16}
+    return {
+        "hidden_states": torch.randn(1, 2 * side * side, 64, **at),
+        "encoder_hidden_states": torch.randn(1, text, width, **at),
+        "encoder_hidden_states_mask": None,
+        "timestep": torch.tensor([0.5], device=device, dtype=bf16),
+        "img_shapes": [[(1, side, side), (1, side, side)]],
+        "return_dict": False,
+    }  # fmt: skip
+
+
+def _launch_costs(forward: Callable[[], Any], inputs: dict[str, Any], sync: Any) -> dict:
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(6):
+        forward()
+    launched = time.perf_counter() - t0
+    sync()
+    piped_ms = (time.perf_counter() - t0) / 6 * 1000
+    full = dict(inputs)
+    inputs["hidden_states"] = inputs["hidden_states"][:, :128]
+    inputs["img_shapes"] = [[(1, 8, 8), (1, 8, 8)]]
+    try:
+        forward()
+        sync()
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            forward()
+            sync()
+            times.append(1000 * (time.perf_counter() - t0))
+    finally:
+        inputs.update(full)
+    return {
+        "piped_ms": round(piped_ms, 1),
+        "host_ms_for_6_queued": round(1000 * launched / 6, 1),
+        "small_input_ms": round(statistics.median(times), 1),
+    }
+
+
+def _kernels(forward: Callable[[], Any], sync: Any, *, top: int = 14) -> dict[str, float]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        forward()
+        sync()
+    events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+    table = {e.key[:80]: round(e.device_time_total / 1000, 2) for e in events[:top]}
+    table["(all)"] = round(sum(e.device_time_total for e in events) / 1000, 2)
+    return table
+
+
+def _sdpa(torch: Any, device: Any, *, tokens: int, sync: Any) -> dict[str, Any]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(1, 24, tokens, 128, device=device, dtype=torch.bfloat16) for _ in "qkv")
+    out: dict[str, Any] = {}
+    backends = {
+        "default": None, "flash": SDPBackend.FLASH_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    }  # fmt: skip
+    for name, backend in backends.items():
+
+        def attend(backend: Any = backend) -> Any:
+            if backend is None:
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            with sdpa_kernel([backend]):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+        try:
+            for _ in range(3):
+                attend()
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(20):
+                attend()
+            sync()
+            ms = (time.perf_counter() - t0) / 20 * 1000
+            out[name] = {
+                "ms_per_layer": round(ms, 3), "ms_60_layers": round(60 * ms, 1),
+                "tflops": round(4 * tokens * tokens * 128 * 24 / ms / 1e9, 1),
+            }  # fmt: skip
+        except Exception as exc:
+            out[name] = {"error": str(exc)[:200]}
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
