@@ -18,7 +18,8 @@ of the standard edit's shape (8192 image + 219 text tokens) with CUDA synchronis
   cost of launching one forward).
 
 `kernels` (for `native_dyn` and `launch_base`) sums CUDA kernel time per name over one forward.
-`--sdpa` also times torch's SDPA alone on the forward's attention shape per backend. Run it with
+`--sdpa` also times torch's SDPA alone on the forward's attention shape per backend, for 24, 12
+and 6 heads, with and without the key-padding mask that Ulysses' text padding brings. Run it with
 CUDA_VISIBLE_DEVICES to pick the GPU; `cpu` as the first argument is a smoke test that needs a
 tiny `--overrides` config.
 """
@@ -26,6 +27,7 @@ tiny `--overrides` config.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     defaults = {k: getattr(inductor, k) for k in _INDUCTOR_KEYS}
     rope.install_real_rope()
     reference = None
-    for label in args.variants.split(","):
+    for label in [v for v in args.variants.split(",") if v]:
         backend, dynamic, options = VARIANTS[label]
         options = dict(options)
         stance, mode = options.pop("_stance", False), options.pop("_mode", None)
@@ -223,19 +225,28 @@ def _kernels(forward: Callable[[], Any], sync: Any, *, top: int = 14) -> dict[st
 def _sdpa(torch: Any, device: Any, *, tokens: int, sync: Any) -> dict[str, Any]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    q, k, v = (torch.randn(1, 24, tokens, 128, device=device, dtype=torch.bfloat16) for _ in "qkv")
     out: dict[str, Any] = {}
     backends = {
         "default": None, "flash": SDPBackend.FLASH_ATTENTION,
         "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
     }  # fmt: skip
-    for name, backend in backends.items():
+    # All 24 heads (one GPU, CFG ranks), 12 and 6 (a Ulysses 2 / 4 rank's share); unmasked, and
+    # with the key-padding mask QwenImage builds when text is padded for Ulysses ([B, 1, 1, S]).
+    mask = torch.ones(1, 1, 1, tokens, dtype=torch.bool, device=device)
+    mask[..., -1] = False
+    cases = [(h, m) for h in (24, 12, 6) for m in (False, True)]
+    for (heads, masked), (name, backend) in itertools.product(cases, backends.items()):
+        q, k, v = (
+            torch.randn(1, heads, tokens, 128, device=device, dtype=torch.bfloat16) for _ in "qkv"
+        )
+        attn_mask = mask if masked else None
 
-        def attend(backend: Any = backend) -> Any:
+        def attend(backend: Any = backend, qkv: tuple = (q, k, v), mask: Any = attn_mask) -> Any:
+            sdpa = torch.nn.functional.scaled_dot_product_attention
             if backend is None:
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                return sdpa(*qkv, attn_mask=mask)
             with sdpa_kernel([backend]):
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                return sdpa(*qkv, attn_mask=mask)
 
         try:
             for _ in range(3):
@@ -246,12 +257,12 @@ def _sdpa(torch: Any, device: Any, *, tokens: int, sync: Any) -> dict[str, Any]:
                 attend()
             sync()
             ms = (time.perf_counter() - t0) / 20 * 1000
-            out[name] = {
+            out[f"{name}/h{heads}{'/masked' if masked else ''}"] = {
                 "ms_per_layer": round(ms, 3), "ms_60_layers": round(60 * ms, 1),
-                "tflops": round(4 * tokens * tokens * 128 * 24 / ms / 1e9, 1),
+                "tflops": round(4 * tokens * tokens * 128 * heads / ms / 1e9, 1),
             }  # fmt: skip
         except Exception as exc:
-            out[name] = {"error": str(exc)[:200]}
+            out[f"{name}/h{heads}{'/masked' if masked else ''}"] = {"error": str(exc)[:200]}
     return out
 
 
