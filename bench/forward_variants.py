@@ -9,6 +9,8 @@ of the standard edit's shape (8192 image + 219 text tokens) with CUDA synchronis
 
 - `native_dyn`: what the shipped configs run (native attention, dynamic=True); `cudnn_dyn`,
   `flash_dyn`: diffusers' `_native_cudnn` / `_native_flash` backends instead;
+- `native_dyn_gelu`: as `native_dyn` with the feed-forwards' GELU in the GEMM's epilogue
+  (`serve_app.pipeline.gelu`, what compile on CUDA runs);
 - `native_static`: dynamic=False (recompiles for every prompt length);
 - `native_dyn_maxat` (+`_cd`): inductor's max-autotune GEMM templates (and coordinate descent);
 - `launch_base`, `launch_skipguard` (torch.compiler.set_stance(skip_guard_eval_unsafe=True)),
@@ -17,7 +19,9 @@ of the standard edit's shape (8192 image + 219 text tokens) with CUDA synchronis
   `small_input_ms` (a 128-token image: the GPU has almost nothing to do, so this is the host's
   cost of launching one forward).
 
-`kernels` (for `native_dyn` and `launch_base`) sums CUDA kernel time per name over one forward.
+`kernels` (for `native_dyn`, `native_dyn_gelu` and `launch_base`) sums CUDA kernel time per
+name over one forward. A label may be given twice as `label#2` (interleaved runs: GPU clocks
+drift by a few per cent between minutes).
 `--sdpa` also times torch's SDPA alone on the forward's attention shape per backend, for 24, 12
 and 6 heads, with and without the key-padding mask that Ulysses' text padding brings. Run it with
 CUDA_VISIBLE_DEVICES to pick the GPU; `cpu` as the first argument is a smoke test that needs a
@@ -54,6 +58,7 @@ VARIANTS: dict[str, tuple[str, bool, dict[str, Any]]] = {
     "launch_skipguard": ("native", True, {"_stance": True}),
     "launch_cpp": ("native", True, {"cpp_wrapper": True}),
     "launch_cudagraph": ("native", True, {"_mode": "reduce-overhead"}),
+    "native_dyn_gelu": ("native", True, {"_gelu": True}),
 }
 _INDUCTOR_KEYS = ("max_autotune_gemm", "coordinate_descent_tuning", "cpp_wrapper")
 
@@ -70,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bench.run import versions
-    from serve_app.pipeline import rope
+    from serve_app.pipeline import gelu, rope
     from serve_app.pipeline.synthetic import build_component, variant_dir
 
     device = torch.device(args.device)
@@ -119,9 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     rope.install_real_rope()
     reference = None
     for label in [v for v in args.variants.split(",") if v]:
-        backend, dynamic, options = VARIANTS[label]
+        backend, dynamic, options = VARIANTS[label.split("#")[0]]  # "name#2": a second run
         options = dict(options)
         stance, mode = options.pop("_stance", False), options.pop("_mode", None)
+        fused_gelu = options.pop("_gelu", False)
         try:
             torch._dynamo.reset()
             for key, value in {**defaults, **options}.items():
@@ -129,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             for block in transformer.transformer_blocks:
                 block._compiled_call_impl = None
             transformer.set_attention_backend(backend)
+            (gelu.install_gelu_epilogue if fused_gelu else gelu.uninstall_gelu_epilogue)(
+                transformer
+            )
             transformer.compile_repeated_blocks(
                 fullgraph=True, dynamic=dynamic, **({"mode": mode} if mode else {})
             )
@@ -150,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             }  # fmt: skip
             if label.startswith("launch"):
                 entry.update(_launch_costs(forward, inputs, sync))
-            if on_gpu and label in ("native_dyn", "launch_base"):
+            if on_gpu and label.split("#")[0] in ("native_dyn", "native_dyn_gelu", "launch_base"):
                 entry["kernels_ms"] = _kernels(forward, sync)
         except Exception as exc:  # a variant this torch cannot run: recorded, the rest go on
             entry = {"error": f"{type(exc).__name__}: {exc}"[:600]}

@@ -1,5 +1,7 @@
 """Speed switches on the loaded transformer: fp8 quantization, the attention backend,
-then regional compile (which must see the quantized layers). docs/gpu.md has their effect."""
+then regional compile (which must see the quantized layers) with the rewrites it fuses better
+(real-valued RoPE; on CUDA the feed-forward GELU in the GEMM epilogue). docs/gpu.md has their
+effect."""
 
 from __future__ import annotations
 
@@ -54,6 +56,11 @@ def apply_speed_switches(
         else:
             if install_real_rope():
                 notes.append("rotary embedding: real arithmetic (fused by compile)")
+            if _on_cuda(transformer):
+                from serve_app.pipeline.gelu import install_gelu_epilogue
+
+                if fused := install_gelu_epilogue(transformer):
+                    notes.append(f"feed-forward GELU: in the GEMM epilogue of {fused} linears")
             if model.compile_cpp_wrapper and find_cxx() is None:
                 # A speed switch only (docs/gpu.md): serve without it rather than fail mid-compile.
                 notes.append(
@@ -78,3 +85,7 @@ def apply_speed_switches(
 
 def _spans_devices(module: Any) -> bool:
     return len({p.device for p in module.parameters()}) > 1
+
+
+def _on_cuda(module: Any) -> bool:
+    return any(str(p.device).startswith("cuda") for p in module.parameters())

@@ -14,8 +14,13 @@ from tests.pipeline.test_planning import model
 
 class FakeTransformer:
     def __init__(self, devices: list[str], hooked: bool = False) -> None:
+        from diffusers.models.activations import GELU
+
         self._params = [torch.zeros(1, device="cpu") for _ in devices]
         self._devices = devices
+        # What install_gelu_epilogue looks for: the feed-forwards' tanh GELU (and another kind).
+        self.gelus = [GELU(4, 8, approximate="tanh"), GELU(4, 8, approximate="none")]
+        self.gelus = [g.bfloat16() for g in self.gelus]
         if hooked:
             self._hf_hook = object()
         self.backend: str | None = None
@@ -27,6 +32,9 @@ class FakeTransformer:
                 self.device = device
 
         return [P(d) for d in self._devices]
+
+    def modules(self) -> Any:
+        return iter(self.gelus)
 
     def set_attention_backend(self, name: str) -> None:
         self.backend = name
@@ -58,7 +66,18 @@ def test_speed_switches_apply_to_the_transformer(restore_compile_globals: None) 
     assert transformer.compiled == {"fullgraph": True, "dynamic": True}
     assert any("compile" in n for n in notes)
     assert "rotary embedding: real arithmetic (fused by compile)" in notes
+    assert "feed-forward GELU: in the GEMM epilogue of 1 linears" in notes
+    assert [type(g).__name__ for g in transformer.gelus] == ["EpilogueGELU", "GELU"]
     assert not torch._inductor.config.cpp_wrapper
+
+
+def test_gelu_epilogue_only_on_cuda(restore_compile_globals: None) -> None:
+    # On CPU torch's _addmm_activation is the erf GELU, not the model's tanh one.
+    transformer = FakeTransformer(["cpu"])
+    notes = apply_speed_switches(transformer, model(compile=True))
+    assert transformer.compiled is not None
+    assert not any("GELU" in n for n in notes)
+    assert [type(g).__name__ for g in transformer.gelus] == ["GELU", "GELU"]
 
 
 def test_cpp_wrapper_switch_sets_inductor_before_compiling(restore_compile_globals: None) -> None:

@@ -1,0 +1,110 @@
+"""The feed-forward's first linear and its tanh GELU as one cuBLASLt GEMM (bias + GELU epilogue).
+
+Each of the transformer's 120 feed-forwards (image and text stream of 60 blocks) starts with
+diffusers' `GELU` module: a linear to 4x the width, then `gelu(approximate="tanh")`. Compiled,
+that is a cuBLAS GEMM writing the 12288-wide hidden state, then an inductor kernel reading it
+back and writing it again: for the standard edit's 8192 image tokens 2 x 200 MB of memory traffic
+per block, ~8 ms of a ~300 ms forward on an H200 (bench.forward_variants). cuBLASLt computes the
+same tanh GELU in the GEMM's epilogue, on the float32 accumulator before the one rounding to
+bf16 (torch's `_addmm_activation`, which inductor calls as it is). The values differ from the
+two-kernel form by bf16 rounding only (tests/gpu).
+
+Used where it is the same function: CUDA tensors (on CPU torch's `_addmm_activation` applies
+the exact erf GELU, not tanh), a plain `nn.Linear` with a bias (a LoRA-wrapped or fp8-quantized
+projection takes diffusers' path), half-precision weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Where `_addmm_activation(use_gelu=True)` is the tanh GELU (its CUDA kernel's epilogue).
+_DEVICE_TYPES = frozenset({"cuda"})
+
+
+def _gelu_class() -> type:
+    from diffusers.models.activations import GELU
+
+    return GELU
+
+
+def takes_epilogue(module: Any) -> bool:
+    """Whether `module` (a diffusers GELU) computes what `gelu_linear` does on CUDA: tanh GELU
+    of a plain half-precision `nn.Linear` with a bias."""
+    import torch
+
+    proj = getattr(module, "proj", None)
+    return (
+        getattr(module, "approximate", None) == "tanh"
+        and type(proj) is torch.nn.Linear  # a subclass or wrapper (LoRA) is not
+        and proj.bias is not None
+        and type(proj.weight) is torch.nn.Parameter  # no tensor subclass (torchao fp8)
+        and proj.weight.dtype in (torch.bfloat16, torch.float16)
+    )
+
+
+def fusable(
+    module: Any, hidden_states: Any, *, device_types: frozenset[str] = _DEVICE_TYPES
+) -> bool:
+    """Whether this call of `module` can run as one GEMM with a GELU epilogue."""
+    return (
+        takes_epilogue(module)
+        and hidden_states.dtype == module.proj.weight.dtype
+        and hidden_states.device.type in device_types
+    )
+
+
+def gelu_linear(module: Any, hidden_states: Any) -> Any:
+    """`gelu(proj(hidden_states), approximate="tanh")` as one `_addmm_activation` call."""
+    import torch
+
+    proj = module.proj
+    flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+    out = torch._addmm_activation(proj.bias, flat, proj.weight.t(), use_gelu=True)
+    return out.view(*hidden_states.shape[:-1], proj.out_features)
+
+
+class EpilogueGELU(_gelu_class()):  # type: ignore[misc]
+    """diffusers' GELU whose forward takes `gelu_linear` where `fusable` (same weights, same
+    state dict: only the class of each instance changes)."""
+
+    device_types: frozenset[str] = _DEVICE_TYPES
+
+    def forward(self, hidden_states: Any) -> Any:
+        if fusable(self, hidden_states, device_types=self.device_types):
+            return gelu_linear(self, hidden_states)
+        return super().forward(hidden_states)
+
+
+def install_gelu_epilogue(transformer: Any) -> int:
+    """Switch the GELUs of `transformer` that `takes_epilogue` to `EpilogueGELU` (none where
+    fp8 quantized the linears); returns how many. A LoRA loaded later wraps the projection,
+    and those calls take diffusers' path again (`fusable`)."""
+    base = _gelu_class()
+    count = 0
+    for module in transformer.modules():
+        if type(module) is base and takes_epilogue(module):
+            module.__class__ = EpilogueGELU
+            count += 1
+    return count
+
+
+def uninstall_gelu_epilogue(transformer: Any) -> int:
+    """Undo `install_gelu_epilogue` (benchmarks compare both forms in one process)."""
+    base = _gelu_class()
+    count = 0
+    for module in transformer.modules():
+        if type(module) is EpilogueGELU:
+            module.__class__ = base
+            count += 1
+    return count
+
+
+__all__ = [
+    "EpilogueGELU",
+    "fusable",
+    "gelu_linear",
+    "install_gelu_epilogue",
+    "takes_epilogue",
+    "uninstall_gelu_epilogue",
+]
