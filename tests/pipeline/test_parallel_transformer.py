@@ -61,21 +61,46 @@ def _step(transformer: Any, inputs: dict[str, Any], encode: Any) -> tuple[Any, A
     return cond, uncond
 
 
+def _tail(length: int, degree: int) -> bool:
+    """Whether a text of `length` tokens, padded for Ulysses `degree`, has its padding in the
+    last rank's share (the case the attention takes without a mask)."""
+    pad = -length % degree
+    return 0 < pad <= (length + pad) // degree
+
+
 def _blank(pipe: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     return torch.full((1, 1, 32), float("nan"))  # NaN: any use of it would show in the output
 
 
 def _rank_main(
-    rank: int, plan: ParallelPlan, port: int, results: Any, *, split: bool = False
+    rank: int,
+    plan: ParallelPlan,
+    port: int,
+    results: Any,
+    *,
+    split: bool = False,
+    skip_padding: bool = False,
 ) -> None:
-    """One true-CFG step on this rank; puts (rank, cond, uncond, split steps, prompts encoded).
-    `split`: each CFG group encodes only its own branch's prompt."""
+    """One true-CFG step on this rank; puts (rank, cond, uncond, split steps, prompts encoded,
+    attentions run without the padded keys). `split`: each CFG group encodes only its own
+    branch's prompt; `skip_padding`: the runner's pre-hook turns the text mask into key_padding."""
+    from serve_app.pipeline.parallel import attention
     from serve_app.pipeline.parallel.group import init_rank_group, leave_rank_group
     from serve_app.pipeline.parallel.transformer import (
         CfgSplitTransformer,
         PromptRecorder,
         enable_ulysses,
+        skip_text_padding,
     )
+
+    tail_calls: list[int] = []
+    op = attention.tail_padded_attention_op
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        tail_calls.append(1)
+        return op(*args, **kwargs)
+
+    attention.tail_padded_attention_op = counted  # type: ignore[assignment]
 
     group = init_rank_group(plan, rank=rank, master_addr="127.0.0.1", master_port=port,
                             timeout_s=60)  # fmt: skip
@@ -84,6 +109,8 @@ def _rank_main(
         enable_ulysses(inner, group)
         recorder = PromptRecorder(multiple=plan.ulysses, branch=group.cfg_index, blank=_blank)
         recorder.reset(split=split)
+        if skip_padding:
+            skip_text_padding(inner, recorder)
         transformer = (
             CfgSplitTransformer(inner, group=group, recorder=recorder) if plan.cfg > 1 else inner
         )
@@ -104,6 +131,7 @@ def _rank_main(
                 uncond.numpy().copy(),
                 getattr(transformer, "split_steps", 0),
                 encoded,
+                len(tail_calls),
             )
         )
     finally:
@@ -139,18 +167,26 @@ def _run_ranks(target: Any, plan: ParallelPlan) -> list[Any]:
 
 
 @pytest.mark.parametrize(
-    "plan",
-    [ParallelPlan(cfg=2, ulysses=1), ParallelPlan(cfg=1, ulysses=2), ParallelPlan(cfg=2, ulysses=2),
-     ParallelPlan(cfg=1, ulysses=4)],
-    ids=lambda p: f"cfg{p.cfg}-ulysses{p.ulysses}",
+    ("plan", "skip_padding"),
+    [(ParallelPlan(cfg=2, ulysses=1), False), (ParallelPlan(cfg=1, ulysses=2), False),
+     (ParallelPlan(cfg=2, ulysses=2), False), (ParallelPlan(cfg=1, ulysses=4), False),
+     (ParallelPlan(cfg=1, ulysses=2), True), (ParallelPlan(cfg=2, ulysses=2), True),
+     (ParallelPlan(cfg=1, ulysses=4), True)],
+    ids=lambda v: f"cfg{v.cfg}-ulysses{v.ulysses}" if isinstance(v, ParallelPlan)
+    else ("padded-keys-left-out" if v else "masked"),
 )  # fmt: skip
-def test_parallel_shapes_match_one_process(plan: ParallelPlan) -> None:
+def test_parallel_shapes_match_one_process(plan: ParallelPlan, skip_padding: bool) -> None:
     inputs = _inputs()
     ref_cond, ref_uncond = _step(_transformer(), inputs, lambda e: (e, None))
-    got = _run_ranks(_rank_main, plan)
-    for _rank, cond, uncond, split_steps, encoded in got:
+    got = _run_ranks(functools.partial(_rank_main, skip_padding=skip_padding), plan)
+    for rank, cond, uncond, split_steps, encoded, tail_calls in got:
         assert split_steps == (1 if plan.cfg == 2 else 0)
         assert encoded == [7, 5]  # without `split` every rank encodes both prompts
+        # 2 blocks x this rank's forwards whose padding fits the last rank's share of the text
+        # (U 4: the negative prompt's 3 of 8 do not; it keeps the mask)
+        lengths = [[7], [5]][plan.coords(rank)[0]] if plan.cfg == 2 else [7, 5]
+        expected = 2 * sum(_tail(n, plan.ulysses) for n in lengths) if skip_padding else 0
+        assert tail_calls == expected
         for out, ref in ((cond, ref_cond), (uncond, ref_uncond)):
             assert out.shape == tuple(ref.shape)
             got_t = torch.from_numpy(out)
@@ -164,8 +200,10 @@ def test_parallel_shapes_match_one_process(plan: ParallelPlan) -> None:
 def test_each_cfg_group_encodes_only_its_own_prompt(plan: ParallelPlan) -> None:
     inputs = _inputs()
     ref_cond, ref_uncond = _step(_transformer(), inputs, lambda e: (e, None))
-    got = _run_ranks(functools.partial(_rank_main, split=True), plan)
-    for rank, cond, uncond, _split_steps, encoded in got:
+    # As the ranks run it: the padded keys left out where there is Ulysses.
+    got = _run_ranks(functools.partial(_rank_main, split=True, skip_padding=True), plan)
+    for rank, cond, uncond, _split_steps, encoded, tail_calls in got:
+        assert tail_calls == (2 if plan.ulysses > 1 else 0)  # 7 and 5 pad by 1 for U 2
         # The prompt (7 tokens) on CFG group 0, the negative prompt (5) on group 1.
         assert encoded == ([7] if plan.coords(rank)[0] == 0 else [5])
         for out, ref in ((cond, ref_cond), (uncond, ref_uncond)):

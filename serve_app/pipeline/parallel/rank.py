@@ -12,6 +12,7 @@ from serve_app.pipeline.parallel.transformer import (
     CfgSplitTransformer,
     PromptRecorder,
     enable_ulysses,
+    skip_text_padding,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -39,6 +40,8 @@ class RankHooks:
                 f" {heads} attention heads"
             )
         enable_ulysses(pipe.transformer, self.group)
+        if self.group.plan.ulysses > 1:
+            skip_text_padding(pipe.transformer, self._recorder)
         self._recorder.install(pipe)
 
     def wrap(self, pipe: Any) -> None:

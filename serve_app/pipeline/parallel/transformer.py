@@ -3,9 +3,12 @@
 - `enable_ulysses`: diffusers' own context parallelism (`ContextParallelConfig(ulysses_degree=U)`
   on the ("ring", "ulysses") part of the mesh): every attention exchanges heads for tokens with an
   all-to-all, so each rank holds 1/U of the tokens. diffusers splits the text and the image streams
-  evenly, so both must divide by U: `PromptRecorder` pads the text stream with masked tokens
-  (the transformer's own `encoder_hidden_states_mask`, so the result is unchanged) and the runner
-  denoises at a size whose image tokens divide (`plan.ulysses_work_size`).
+  evenly, so both must divide by U: `PromptRecorder` pads the text stream at its end and the
+  runner denoises at a size whose image tokens divide (`plan.ulysses_work_size`). The padded
+  tokens are left out of every attention: with the native backend by `TailPaddedAttnProcessor`
+  (`attention.py`: no mask, the padded keys cut off after the all-to-all; `skip_text_padding`
+  turns the mask into its `key_padding`), otherwise by the transformer's own
+  `encoder_hidden_states_mask`. Either way the result is unchanged.
 - `CfgSplitTransformer`: true CFG runs each step as two transformer calls ("cond", then "uncond")
   with the same latents. With CFG degree 2, CFG group 0 computes the conditional pass and group 1
   the unconditional one at the same time, during the "cond" call; one all-gather over the "cfg"
@@ -34,6 +37,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from serve_app.pipeline.parallel.attention import (
+    install_tail_padding,
+    padding_marker,
+    uses_native_attention,
+)
 from serve_app.pipeline.parallel.group import RankGroup, one_device_per_rank
 from serve_app.pipeline.parallel.plan import padded_length
 
@@ -49,9 +57,34 @@ def enable_ulysses(transformer: Any, group: RankGroup) -> None:
         return
     from diffusers import ContextParallelConfig
 
+    install_tail_padding(transformer)  # first: enable_parallelism configures the processors
     config = ContextParallelConfig(ulysses_degree=group.plan.ulysses, mesh=group.ulysses_mesh)
     with one_device_per_rank():
         transformer.enable_parallelism(config=config)
+
+
+def skip_text_padding(transformer: Any, recorder: PromptRecorder) -> None:
+    """A forward pre-hook on `transformer`: where the text mask it is given only hides the end
+    padding `recorder` added, and the attention is native, the call gets `key_padding` instead
+    of the mask (`attention.py`), so no attention is masked."""
+    native: list[bool] = []  # known at the first forward, after the speed switches
+
+    def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        mask = kwargs.get("encoder_hidden_states_mask")
+        pad = recorder.tail_padding(mask)
+        # The padding must lie in the last rank's share of the text: then, after the all-to-all,
+        # it ends the sequence. (Only a text shorter than U x (U - 1) tokens has more.)
+        if not pad or mask is None or pad > mask.shape[1] // recorder.multiple:
+            return None
+        if not native:
+            native.append(uses_native_attention(module))
+        if not native[0]:
+            return None
+        extra = dict(kwargs.get("attention_kwargs") or {})
+        extra["key_padding"] = padding_marker(pad, mask.device)
+        return args, {**kwargs, "encoder_hidden_states_mask": None, "attention_kwargs": extra}
+
+    transformer.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 BlankPrompt = Callable[[Any, tuple[Any, ...], dict[str, Any]], torch.Tensor]
@@ -79,6 +112,8 @@ class PromptRecorder:
         self.multiple = multiple
         self.branch = branch
         self.calls: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        # id(a padded mask) -> how many padded tokens end it (masks of this edit, kept in calls)
+        self._tail_pads: dict[int, int] = {}
         self.placeholders: list[torch.Tensor] = []  # what this rank did not encode, this edit
         self._split = False
         self._blank = blank
@@ -98,7 +133,10 @@ class PromptRecorder:
                 embeds, mask = self._blank(pipe, args, kwargs), None
             else:
                 embeds, mask = original(*args, **kwargs)
+            unpadded, unmasked = embeds.shape[1], mask is None
             embeds, mask = pad_text(embeds, mask, multiple=self.multiple)
+            if unmasked and mask is not None:  # only the padding is masked: it ends the text
+                self._tail_pads[id(mask)] = embeds.shape[1] - unpadded
             if skip:
                 self.placeholders.append(embeds)  # as padded: what the pipeline passes on
             self.calls.append((embeds, mask))
@@ -111,6 +149,7 @@ class PromptRecorder:
         then the negative prompt), so this rank encodes its own branch's only."""
         self.calls.clear()
         self.placeholders.clear()
+        self._tail_pads.clear()
         self._split = split
 
     def check_real(self, embeds: Any) -> None:
@@ -121,6 +160,11 @@ class PromptRecorder:
                 "internal error: a CFG branch ran on the placeholder of a prompt this rank did"
                 " not encode (the edit's true CFG was mispredicted)"
             )
+
+    def tail_padding(self, mask: torch.Tensor | None) -> int:
+        """How many padded tokens end the text that `mask` (one this recorder returned this edit)
+        hides, where it hides nothing else; 0 otherwise."""
+        return 0 if mask is None else self._tail_pads.get(id(mask), 0)
 
     @property
     def negative(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
