@@ -117,6 +117,14 @@ class Subclass(torch.Tensor):
     """Stands in for a quantized weight (torchao's float8 tensors are Tensor subclasses)."""
 
 
+def quantized_gelu() -> GELU:
+    module = gelu()
+    module.proj.weight = torch.nn.Parameter(
+        module.proj.weight.detach().as_subclass(Subclass), requires_grad=False
+    )
+    return module
+
+
 def test_not_fusable_where_it_would_not_be_the_same_function() -> None:
     x = inputs()
     assert fusable(gelu(), x, device_types=CPU)
@@ -129,19 +137,11 @@ def test_not_fusable_where_it_would_not_be_the_same_function() -> None:
     no_bias.proj = torch.nn.Linear(16, 64, bias=False).bfloat16()
     assert not fusable(no_bias, x, device_types=CPU)
 
-    quantized = gelu()
-    quantized.proj.weight = torch.nn.Parameter(
-        quantized.proj.weight.detach().as_subclass(Subclass), requires_grad=False
-    )
-    assert not fusable(quantized, x, device_types=CPU)
+    assert not fusable(quantized_gelu(), x, device_types=CPU)
 
 
 def test_install_skips_what_would_not_fuse() -> None:
-    quantized = gelu()
-    quantized.proj.weight = torch.nn.Parameter(
-        quantized.proj.weight.detach().as_subclass(Subclass), requires_grad=False
-    )
-    kinds = [gelu(), gelu(torch.float32), gelu(approximate="none"), quantized]
+    kinds = [gelu(), gelu(torch.float32), gelu(approximate="none"), quantized_gelu()]
     holder = torch.nn.ModuleList(kinds)
     assert install_gelu_epilogue(holder) == 1
     assert [type(m).__name__ for m in holder] == ["EpilogueGELU", "GELU", "GELU", "GELU"]
