@@ -23,6 +23,7 @@ from tests.integration.conftest import (
 )
 
 API_KEY = "sk-clients-test"
+MAX_STEPS = 400
 ROOT = Path(__file__).resolve().parents[3]
 # Screenshots and other things a person may want to look at after a run (git-ignored; CI keeps
 # the folder as its artifacts).
@@ -35,6 +36,8 @@ def keyed_server(
 ) -> Iterator[Server]:
     args = copy.deepcopy(TEST_ARGS)
     args["model"]["path"] = str(tmp_path_factory.mktemp("tiny") / "model")
+    # Room for an edit long enough to be stopped mid-way on any machine (the playground's Stop).
+    args["generation"]["max_steps"] = MAX_STEPS
     srv = deploy_app(
         serve_cluster, "clients", args=args, deployments=[ingress_with_api_keys(API_KEY)]
     )

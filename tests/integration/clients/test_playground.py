@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.integration.clients.conftest import API_KEY, artifacts_dir
+from tests.integration.clients.conftest import API_KEY, MAX_STEPS, artifacts_dir
 from tests.integration.conftest import Server
 
 pytestmark = pytest.mark.integration
@@ -292,7 +292,9 @@ def test_stop_cancels_the_edit_and_the_next_one_works(tab: Tab, pictures: list[P
     tab.open()
     tab.enter_key()
     tab.page.set_input_files("#file-input", [str(pictures[0])])
-    tab.set_fields(prompt="slowly", size="64x64", steps="8", partials="3")
+    # The first of 3 previews comes after a quarter of the steps: the other 300 (~15-60 s of CPU)
+    # leave Stop enabled for the click, however fast the machine (8 steps could finish first).
+    tab.set_fields(prompt="slowly", size="64x64", steps=str(MAX_STEPS), partials="3")
     tab.page.click("#submit")
     tab.page.wait_for_selector("#previews img", timeout=EDIT_TIMEOUT_MS)
     tab.page.click("#stop")
