@@ -66,7 +66,7 @@ class ModelInfo:
     placement_table: str = ""
     # "Qwen-Image-Edit", "Qwen-Image-Edit-2509" or "Qwen-Image-Edit-2511".
     variant: str = ""
-    # A replica over several ranks: {"gpus", "cfg", "ulysses", "ranks": [{rank, node, gpus,
+    # A replica over several ranks: {"gpus", "cfg", "ulysses", "ranks": [{rank, node, node_id, gpus,
     # device, cfg_group, ulysses_rank, ...}]}; {} for one process.
     parallel: dict[str, Any] = field(default_factory=dict)
     # The pipeline's text tokenizer as `tokenizers` JSON (Qwen2.5-VL's, or the tiny model's), so

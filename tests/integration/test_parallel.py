@@ -168,19 +168,23 @@ def test_ready_shows_the_ranks(cfg2: tuple[Server, dict[str, Any]]) -> None:
     assert len({r["pid"] for r in parallel["ranks"]}) == 2  # one process per rank
 
 
-def test_streaming_previews_come_from_rank_zero(cfg2: tuple[Server, dict[str, Any]]) -> None:
-    client = OpenAI(base_url=f"{cfg2[0].url}/v1", api_key="unused", max_retries=0)
-    events = list(
-        client.images.edit(
-            image=("in.png", _png(random_image(32, 32)), "image/png"),
-            prompt="add a hat",
-            size="64x64",
-            stream=True,
-            partial_images=1,
-            extra_body={"num_inference_steps": 4},
-        )
+def _streamed_event_types(server: Server) -> list[str]:
+    """A streaming edit with one preview, through the official client: its events' types."""
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    events = client.images.edit(
+        image=("in.png", _png(random_image(32, 32)), "image/png"),
+        prompt="add a hat",
+        size="64x64",
+        stream=True,
+        partial_images=1,
+        extra_body={"num_inference_steps": 4},
     )
-    assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
+    return [e.type for e in events]
+
+
+def test_streaming_previews_come_from_rank_zero(cfg2: tuple[Server, dict[str, Any]]) -> None:
+    want = ["image_edit.partial_image", "image_edit.completed"]
+    assert _streamed_event_types(cfg2[0]) == want
 
 
 def _rank_actors() -> list[tuple[str, str]]:

@@ -105,6 +105,7 @@ def _describe_rank(rank: int, plan: ParallelPlan) -> dict[str, Any]:
     return {
         "rank": rank,
         "node": _node_ip(),
+        "node_id": _node_id(),
         "gpus": gpus,
         "device": _device_name(),
         "cfg_group": cfg_index,
@@ -120,6 +121,16 @@ def _node_ip() -> str:
         return str(ray.util.get_node_ip_address())
     except Exception:
         return "127.0.0.1"
+
+
+def _node_id() -> str:
+    """Ray's id of this rank's node: two nodes may share an address (several raylets per host)."""
+    import ray
+
+    try:
+        return str(ray.get_runtime_context().get_node_id())
+    except Exception:
+        return ""
 
 
 def _device_name() -> str:
@@ -301,9 +312,9 @@ class ParallelEngine:
                     local.result()
             described = [local.result(), *ray.get(refs)]
         for row in described:
-            logger.info("rank %(rank)d: node %(node)s, GPUs %(gpus)s (%(device)s), cfg group"
-                        " %(cfg_group)d, ulysses rank %(ulysses_rank)d, ready in %(ready_s)s s",
-                        row)  # fmt: skip
+            logger.info("rank %(rank)d: node %(node)s (%(node_id).8s), GPUs %(gpus)s (%(device)s),"
+                        " cfg group %(cfg_group)d, ulysses rank %(ulysses_rank)d, ready in"
+                        " %(ready_s)s s", row)  # fmt: skip
         return described
 
     def run(
