@@ -43,7 +43,8 @@ def serve_on_two_nodes(port: int, args: dict[str, Any], *, timeout_s: float = 30
     cluster.add_node(**NODE)
     try:
         ray.init(address=cluster.address, log_to_driver=False)
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        # One HTTP proxy, on the head: the two nodes share this machine's ports.
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(args), name="nodes", route_prefix="/", blocking=False)
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + timeout_s
         while not _ready(url):
