@@ -29,7 +29,6 @@ from tests.integration.test_parallel import (
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-READY_TIMEOUT_S = 300
 
 
 @pytest.fixture(scope="module")

@@ -15,21 +15,13 @@ from __future__ import annotations
 import json
 import sys
 import time
-import urllib.error
-import urllib.request
 from typing import Any
+
+from tests.integration.conftest import _get
 
 # Each node: its CPUs for the replicas of one application, and a small object store (the
 # default takes 30 % of the machine's memory per node).
 NODE: dict[str, Any] = {"num_cpus": 2, "object_store_memory": 300 * 1024**2}
-
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/ready", timeout=5) as resp:
-            return int(resp.status) == 200
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 def serve_on_two_nodes(port: int, args: dict[str, Any], *, timeout_s: float = 300.0) -> None:
@@ -47,7 +39,7 @@ def serve_on_two_nodes(port: int, args: dict[str, Any], *, timeout_s: float = 30
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(args), name="nodes", route_prefix="/", blocking=False)
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + timeout_s
-        while not _ready(url):
+        while _get(f"{url}/ready")[0] != 200:
             if time.monotonic() > deadline:
                 print(f"failed: /ready not 200 in {timeout_s:.0f} s", flush=True)
                 return
