@@ -1,16 +1,20 @@
 """What else one compiled forward could gain: attention backends, compile options, launch costs.
 
     python -m bench.forward_variants [--variants native_dyn,native_static,...] [--sdpa]
-                                     [--out bench/results/forward-variants.json]
+                                     [--repeats 5] [--out bench/results/forward-variants.json]
 
 Builds the synthetic full-size 2511 transformer (random weights) on cuda:0 and times one forward
 of the standard edit's shape (8192 image + 219 text tokens) with CUDA synchronisation, median of
-5 after a warm-up, per variant (each recompiles `compile_repeated_blocks(fullgraph=True)`):
+`--repeats` (5) after a warm-up, per variant (each recompiles
+`compile_repeated_blocks(fullgraph=True)`):
 
 - `native_dyn`: what the shipped configs run (native attention, dynamic=True); `cudnn_dyn`,
   `flash_dyn`: diffusers' `_native_cudnn` / `_native_flash` backends instead;
 - `native_dyn_gelu`: as `native_dyn` with the feed-forwards' GELU in the GEMM's epilogue
   (`serve_app.pipeline.gelu`, what compile on CUDA runs);
+- `native_dyn_gelu_mod`: as `native_dyn_gelu` with the modulation tables
+  (`serve_app.pipeline.modulation`, what every replica runs; the table of a 50-step schedule
+  is made at the first call, each timed forward picks its rows);
 - `native_static`: dynamic=False (recompiles for every prompt length);
 - `native_dyn_maxat` (+`_cd`): inductor's max-autotune GEMM templates (and coordinate descent);
 - `launch_base`, `launch_skipguard` (torch.compiler.set_stance(skip_guard_eval_unsafe=True)),
@@ -19,9 +23,9 @@ of the standard edit's shape (8192 image + 219 text tokens) with CUDA synchronis
   `small_input_ms` (a 128-token image: the GPU has almost nothing to do, so this is the host's
   cost of launching one forward).
 
-`kernels` (for `native_dyn`, `native_dyn_gelu` and `launch_base`) sums CUDA kernel time per
-name over one forward. A label may be given twice as `label#2` (interleaved runs: GPU clocks
-drift by a few per cent between minutes).
+`kernels` (for `native_dyn`, `native_dyn_gelu`, `native_dyn_gelu_mod` and `launch_base`) sums
+CUDA kernel time per name over one forward. A label may be given twice as `label#2` (interleaved
+runs: GPU clocks drift by a few per cent between minutes).
 `--sdpa` also times torch's SDPA alone on the forward's attention shape per backend, for 24, 12
 and 6 heads, with and without the key-padding mask that Ulysses' text padding brings. Run it with
 CUDA_VISIBLE_DEVICES to pick the GPU; `cpu` as the first argument is a smoke test that needs a
@@ -59,6 +63,7 @@ VARIANTS: dict[str, tuple[str, bool, dict[str, Any]]] = {
     "launch_cpp": ("native", True, {"cpp_wrapper": True}),
     "launch_cudagraph": ("native", True, {"_mode": "reduce-overhead"}),
     "native_dyn_gelu": ("native", True, {"_gelu": True}),
+    "native_dyn_gelu_mod": ("native", True, {"_gelu": True, "_mod": True}),
 }
 _INDUCTOR_KEYS = ("max_autotune_gemm", "coordinate_descent_tuning", "cpp_wrapper")
 
@@ -67,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--sdpa", action="store_true")
+    parser.add_argument("--repeats", type=int, default=5, help="timed forwards per variant")
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--overrides", type=Path, default=None, help="transformer config JSON")
     parser.add_argument("--out", type=Path, default=None)
@@ -75,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bench.run import versions
-    from serve_app.pipeline import gelu, rope
+    from serve_app.pipeline import gelu, modulation, rope
     from serve_app.pipeline.synthetic import build_component, variant_dir
 
     device = torch.device(args.device)
@@ -97,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode():
             return transformer(**inputs)[0]
 
-    def timed(repeats: int = 5) -> tuple[float, list[float], Any]:
+    def timed(repeats: int = args.repeats) -> tuple[float, list[float], Any]:
         out = forward()
         sync()
         times = []
@@ -122,12 +128,14 @@ def main(argv: list[str] | None = None) -> int:
 
     defaults = {k: getattr(inductor, k) for k in _INDUCTOR_KEYS}
     rope.install_real_rope()
+    schedule = torch.linspace(1000, 0, 51, device=device)[:-1]
     reference = None
     for label in [v for v in args.variants.split(",") if v]:
         backend, dynamic, options = VARIANTS[label.split("#")[0]]  # "name#2": a second run
         options = dict(options)
         stance, mode = options.pop("_stance", False), options.pop("_mode", None)
         fused_gelu = options.pop("_gelu", False)
+        tabled = options.pop("_mod", False)
         try:
             torch._dynamo.reset()
             for key, value in {**defaults, **options}.items():
@@ -138,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
             (gelu.install_gelu_epilogue if fused_gelu else gelu.uninstall_gelu_epilogue)(
                 transformer
             )
+            if tabled:  # 50 timesteps, the forward's 0.5 (x 1000) among them
+                modulation.install_modulation_tables(transformer, lambda: schedule)
+            else:
+                modulation.uninstall_modulation_tables(transformer)
             transformer.compile_repeated_blocks(
                 fullgraph=True, dynamic=dynamic, **({"mode": mode} if mode else {})
             )
@@ -159,7 +171,12 @@ def main(argv: list[str] | None = None) -> int:
             }  # fmt: skip
             if label.startswith("launch"):
                 entry.update(_launch_costs(forward, inputs, sync))
-            if on_gpu and label.split("#")[0] in ("native_dyn", "native_dyn_gelu", "launch_base"):
+            if on_gpu and label.split("#")[0] in (
+                "native_dyn",
+                "native_dyn_gelu",
+                "native_dyn_gelu_mod",
+                "launch_base",
+            ):
                 entry["kernels_ms"] = _kernels(forward, sync)
         except Exception as exc:  # a variant this torch cannot run: recorded, the rest go on
             entry = {"error": f"{type(exc).__name__}: {exc}"[:600]}

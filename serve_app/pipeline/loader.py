@@ -102,7 +102,9 @@ def _finish(
     # Whole-GPU components need only their top-level accelerate hook (see strip_inner_hooks).
     for module in (loaded.transformer, pipe.text_encoder, pipe.vae):
         strip_inner_hooks(module)
-    notes = apply_speed_switches(loaded.transformer, model)
+    notes = apply_speed_switches(
+        loaded.transformer, model, schedule=lambda: getattr(pipe.scheduler, "timesteps", None)
+    )
     if rank_hooks is not None:
         rank_hooks.wrap(pipe)
         notes.append(

@@ -1,7 +1,7 @@
-"""Speed switches on the loaded transformer: fp8 quantization, the attention backend,
-then regional compile (which must see the quantized layers) with the rewrites it fuses better
-(real-valued RoPE; on CUDA the feed-forward GELU in the GEMM epilogue). docs/gpu.md has their
-effect."""
+"""Speed switches on the loaded transformer: fp8 quantization, the attention backend, the
+modulation tables (each block's timestep modulation made once per edit), then regional compile
+(which must see the quantized layers) with the rewrites it fuses better (real-valued RoPE; on CUDA
+the feed-forward GELU in the GEMM epilogue). docs/gpu.md has their effect."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from serve_app.common.config import ModelConfig
+from serve_app.pipeline.modulation import Schedule, install_modulation_tables, tables_fit
 from serve_app.pipeline.quantization import quantize_transformer
 from serve_app.pipeline.rope import install_real_rope
 
@@ -37,10 +38,11 @@ def apply_speed_switches(
     model: ModelConfig,
     *,
     find_cxx: Callable[[], str | None] = find_cxx_compiler,
+    schedule: Schedule | None = None,
 ) -> list[str]:
-    """Quantization, attention backend, then regional compile (which must see the quantized
-    layers), on the transformer; returns log notes. `find_cxx` finds the C++ compiler
-    (tests inject one)."""
+    """Quantization, attention backend, modulation tables (where `schedule` gives the
+    pipeline's timesteps), then regional compile (which must see the quantized layers), on the
+    transformer; returns log notes. `find_cxx` finds the C++ compiler (tests inject one)."""
     notes = []
     report = quantize_transformer(transformer, model.quantization)
     if report is not None:
@@ -48,6 +50,8 @@ def apply_speed_switches(
     if model.attention_backend:
         transformer.set_attention_backend(model.attention_backend)
         notes.append(f"attention backend: {model.attention_backend}")
+    if schedule is not None:
+        notes.append(_modulation_note(transformer, schedule))
     if model.compile:
         if hasattr(transformer, "_hf_hook") and _spans_devices(transformer):
             notes.append("compile skipped: the transformer is split across GPUs")
@@ -81,6 +85,13 @@ def apply_speed_switches(
     for note in notes:
         logger.log(logging.WARNING if note.startswith("warning") else logging.INFO, "%s", note)
     return notes
+
+
+def _modulation_note(transformer: Any, schedule: Schedule) -> str:
+    tables = install_modulation_tables(transformer, schedule)
+    if tables is None:
+        return f"modulation: per forward ({tables_fit(transformer) or 'installed before'})"
+    return f"modulation: {len(tables.modules)} projections made once per edit for all its steps"
 
 
 def _spans_devices(module: Any) -> bool:

@@ -8,16 +8,12 @@ Skipped without CUDA (conftest): `python -m pytest tests/gpu/test_gelu_gpu.py -v
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import pytest
 
+from tests.gpu.blocks import bf16, block_inputs, full_width_blocks, rel
+
 pytestmark = pytest.mark.gpu
-
-
-def rel(a: Any, b: Any) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm())
 
 
 @pytest.mark.gpus(1)
@@ -53,35 +49,21 @@ def test_compiled_blocks_call_the_fused_gemm_and_stay_close() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from serve_app.pipeline.gelu import install_gelu_epilogue
-    from serve_app.pipeline.synthetic import build_component, variant_dir
 
-    torch.manual_seed(0)
-    transformer = build_component(
-        variant_dir("2511"), "transformer", device_map={"": 0}, dtype=torch.bfloat16,
-        overrides={"num_layers": 4},  # full width, 4 of the 60 blocks
-    )  # fmt: skip
+    transformer = full_width_blocks(4)
     reference = copy.deepcopy(transformer).float()
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    side, text = 64, 219
-    args = {
-        "hidden_states": torch.randn(1, 2 * side * side, 64, device="cuda", generator=gen),
-        "encoder_hidden_states": torch.randn(1, text, 3584, device="cuda", generator=gen),
-        "encoder_hidden_states_mask": None,
-        "timestep": torch.tensor([0.5], device="cuda"),
-        "img_shapes": [[(1, side, side), (1, side, side)]],
-        "return_dict": False,
-    }
-    bf16 = {k: v.bfloat16() if torch.is_tensor(v) else v for k, v in args.items()}
+    args = {**block_inputs(), "timestep": torch.tensor([0.5], device="cuda")}
+    bf16_args = bf16(args)
     with torch.inference_mode():
         exact = reference(**args)[0]
         del reference
-        two_kernels = transformer(**bf16)[0]
+        two_kernels = transformer(**bf16_args)[0]
         assert install_gelu_epilogue(transformer) == 8
-        fused = transformer(**bf16)[0]
+        fused = transformer(**bf16_args)[0]
         transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
-        compiled = transformer(**bf16)[0]
+        compiled = transformer(**bf16_args)[0]
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            transformer(**bf16)
+            transformer(**bf16_args)
             torch.cuda.synchronize()
     calls = sum(e.count for e in prof.key_averages() if e.key == "aten::_addmm_activation")
     print(
