@@ -80,7 +80,6 @@ class ModulationTables:
         if schedule is None:  # not called by a pipeline: diffusers' path
             if self._source is not None:
                 self._clear()
-                self._source = None
             return None
         if self._source is None or self._source() is not schedule:
             self._make(module, schedule, timestep, hidden_states)
@@ -121,7 +120,7 @@ class ModulationTables:
         self._keys = keys
 
     def _clear(self) -> None:
-        self._keys = self._rows = None
+        self._source = self._keys = self._rows = None
         for mod in self.modules:
             mod.mod_table = None
             mod.mod_rows = None

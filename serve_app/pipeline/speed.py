@@ -88,9 +88,11 @@ def apply_speed_switches(
 
 
 def _modulation_note(transformer: Any, schedule: Schedule) -> str:
+    if reason := tables_fit(transformer):
+        return f"modulation: per forward ({reason})"
     tables = install_modulation_tables(transformer, schedule)
     if tables is None:
-        return f"modulation: per forward ({tables_fit(transformer) or 'installed before'})"
+        return "modulation: tables installed before"
     return f"modulation: {len(tables.modules)} projections made once per edit for all its steps"
 
 
