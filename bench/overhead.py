@@ -17,7 +17,9 @@ trip beyond the replica (Ray transfer both ways), queue, the replica outside the
 Unless --skip-micro, it first times the image codecs in this process on 1 MP images: encode of a
 noise image (what the tiny model returns), of a photo-like one and of a smooth one (real outputs
 lie between the last two), base64 (the stdlib's, and the ingress's spliced body), and decode of
-the upload (the ingress's, and Pillow's alone). `--json` writes everything, e.g.
+the upload (the ingress's, and Pillow's alone): first with glibc's default malloc
+(`micro_default_malloc` in the JSON), then as the ingress runs them, after
+`serve_app.common.malloc.keep_large_buffers()` (`micro`). `--json` writes everything, e.g.
 bench/results/cpu-tiny-overhead.json (the example header in docs/api.md).
 """
 
@@ -37,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.run import free_port, post_edit, serve_ingress, versions
+from bench.run import cluster_runtime_env, free_port, post_edit, serve_ingress, versions
 from serve_app.common.timing import parse_server_timing
 
 APP = "qwen-image-edit"
@@ -150,6 +152,17 @@ def micro(size: int, repeat: int = 7) -> dict[str, Any]:
     return out
 
 
+def micro_both_mallocs(size: int) -> dict[str, dict[str, Any]]:
+    """`micro` with glibc's default malloc, then after keep_large_buffers() (as the ingress and
+    the replica run; it cannot be undone in this process, so the default goes first)."""
+    from serve_app.common.malloc import keep_large_buffers
+
+    default = micro(size)
+    if not keep_large_buffers():
+        print("malloc: not glibc's; both tables use the default", file=sys.stderr)
+    return {"default malloc": default, "kept buffers (as served)": micro(size)}
+
+
 # ---------------------------------------------------------------------------------------
 # The app over HTTP
 
@@ -169,7 +182,9 @@ def start(size: int, steps: int) -> str:
     from serve_app.app import build_app
 
     port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env=cluster_runtime_env()
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(app_args(size, steps)), name=APP, route_prefix="/")
     return f"http://127.0.0.1:{port}"
@@ -227,13 +242,13 @@ def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
 def report(
     runs: list[dict[str, float]], parts: dict[str, float], micro_out: dict[str, Any] | None
 ) -> None:
-    if micro_out:
-        print("\ncodecs in-process, 1 image (median ms):")
+    for title, table in (micro_out or {}).items():
+        print(f"\ncodecs in-process, 1 image, {title} (median ms):")
         print(
             "  image   png encode  png bytes  base64  b64 body  upload bytes  upload decode"
             "  (Pillow)"
         )
-        for kind, m in micro_out.items():
+        for kind, m in table.items():
             print(
                 f"  {kind:7s} {m['png_encode_ms']:10.1f} {m['png_bytes']:10d} {m['base64_ms']:7.1f}"
                 f" {m['b64_body_ms']:9.1f} {m['upload_png_bytes']:13d} {m['png_decode_ms']:14.1f}"
@@ -268,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    micro_out = None if args.skip_micro else micro(args.size)
+    micro_out = None if args.skip_micro else micro_both_mallocs(args.size)
     reference = (photo_image if args.reference == "photo" else smooth_image)(args.size)
     png = png_bytes(reference)
     url = start(args.size, args.steps)
@@ -290,12 +305,14 @@ def main(argv: list[str] | None = None) -> int:
             "date": time.strftime("%Y-%m-%d"),
             "versions": versions(),
             "serve_ingress": serve_ingress(),
+            "cluster_env": cluster_runtime_env()["env_vars"],
             "reference": args.reference,
             "upload_bytes": len(png),
             "runs": runs,
             "median_s": median_of(runs),
             "breakdown_median_s": parts,
-            "micro": micro_out,
+            "micro": micro_out["kept buffers (as served)"] if micro_out else None,
+            "micro_default_malloc": micro_out["default malloc"] if micro_out else None,
         }
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     return 0

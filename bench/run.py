@@ -152,6 +152,15 @@ def serve_ingress() -> dict[str, bool]:
     }
 
 
+def cluster_runtime_env() -> dict[str, Any]:
+    """The environment the launcher and the container image give every process of a Ray cluster
+    (Serve's HTTP proxy included): glibc's malloc tuned for multi-MB buffers. As a job's
+    runtime_env it reaches the cluster's workers and actors, not this client."""
+    from serve_app.common.malloc import CLUSTER_ENV
+
+    return {"env_vars": dict(CLUSTER_ENV)}
+
+
 class GpuSampler:
     """Peak `nvidia-smi` memory.used per GPU while running; no CUDA context in this process."""
 
@@ -616,13 +625,15 @@ def main(argv: list[str] | None = None) -> int:
     png = reference_png()
     sampler = GpuSampler().start()
     port = free_port()
-    ray.init(include_dashboard=False, log_to_driver=False)
+    # The cluster's processes start as the launcher's and the image's do (not this client).
+    ray.init(include_dashboard=False, log_to_driver=False, runtime_env=cluster_runtime_env())
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     info = {
         "versions": versions(),
         "serve_ingress": serve_ingress(),
+        "cluster_env": cluster_runtime_env()["env_vars"],
         "date": time.strftime("%Y-%m-%d"),
     }
     summary = []

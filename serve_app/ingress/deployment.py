@@ -15,6 +15,7 @@ from typing import Any
 from starlette.types import ASGIApp
 
 from serve_app.common.config import AppConfig
+from serve_app.common.malloc import keep_large_buffers
 from serve_app.common.metrics import RayIngressMetrics
 from serve_app.ingress.auth import load_api_keys
 from serve_app.ingress.model_client import ModelHandle
@@ -53,6 +54,7 @@ class Ingress:
         model_deployment: str,
     ) -> None:
         cfg = config if isinstance(config, AppConfig) else AppConfig.model_validate(config)
+        keep_large_buffers()  # every edit's multi-MB images and bodies reuse faulted-in pages
         self._api_keys = load_api_keys(cfg.auth)
         keys = self._api_keys
         logger.info("API keys: %s", f"{len(keys)} configured" if keys else "off (no key set)")

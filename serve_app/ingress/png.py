@@ -3,11 +3,13 @@
 Pillow spends most of a 1 MP PNG encode choosing a filter per row (it tries all five): ~125 ms
 for a photo-like image on a slow CPU core, about as long as the rest of the serving overhead
 together. Here every row gets the Up filter (one numpy subtraction), and the filtered rows are
-deflated with zlib's run-length strategy, which on filtered photo-like data is both faster and
-smaller than level 1's match search (a photo-like 1 MP image: 1.84 MB in ~30 ms on one core;
-noise: 3.1 MB either way). The rows are cut into bands deflated on parallel threads (zlib drops
-the GIL) and joined into one zlib stream, as pigz does: every band but the last ends on a byte
-boundary with a sync flush, and run-length matches never reach back into an earlier band.
+deflated by ISA-L (the `isal` package: Intel's SIMD deflate) at its level 1. On noise, photo-like
+and smooth 1 MP images it is several times faster than zlib's run-length strategy (what this
+writer used before), at the same size or smaller (`python -m bench.overhead`; docs/gpu.md has the
+figures). The rows are cut into bands deflated on parallel threads (ISA-L drops the GIL) and
+joined into one zlib stream, as pigz does: every band but the last ends on a byte boundary with a
+sync flush, and each band has its own compressor, so no match reaches back into an earlier band.
+ISA-L's SIMD checksums (Adler-32, CRC-32) finish the file.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from __future__ import annotations
 import os
 import struct
 import threading
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from isal import isal_zlib
 
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _COLOR_TYPE = {1: 0, 3: 2, 4: 6}  # channels -> PNG colour type: gray, RGB, RGBA
@@ -50,9 +52,9 @@ def _executor() -> ThreadPoolExecutor:
 
 def _chunk(kind: bytes, *parts: bytes) -> list[bytes]:
     """A PNG chunk as parts to join (the IDAT data is joined only once, into the file)."""
-    crc = zlib.crc32(kind)
+    crc = isal_zlib.crc32(kind)
     for part in parts:
-        crc = zlib.crc32(part, crc)
+        crc = isal_zlib.crc32(part, crc)
     length = sum(len(p) for p in parts)
     return [struct.pack(">I", length), kind, *parts, struct.pack(">I", crc)]
 
@@ -70,9 +72,10 @@ def _up_filtered(array: np.ndarray) -> np.ndarray:
 
 def _deflate_band(band: np.ndarray, *, last: bool) -> bytes:
     # Raw deflate (no zlib header): the bands are joined under one header and checksum.
-    compressor = zlib.compressobj(1, zlib.DEFLATED, -15, 8, zlib.Z_RLE)
+    # (ISA-L's level 0 is no faster on noise and writes ~23 % more than it reads.)
+    compressor = isal_zlib.compressobj(1, isal_zlib.DEFLATED, -15, 8)
     body = compressor.compress(band.data)
-    return body + compressor.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+    return body + compressor.flush(isal_zlib.Z_FINISH if last else isal_zlib.Z_SYNC_FLUSH)
 
 
 def _zlib_stream(filtered: np.ndarray) -> list[bytes]:
@@ -82,13 +85,13 @@ def _zlib_stream(filtered: np.ndarray) -> list[bytes]:
     slices = [filtered[i : i + rows_per_band] for i in range(0, filtered.shape[0], rows_per_band)]
     if len(slices) == 1:
         deflated = [_deflate_band(slices[0], last=True)]
-        checksum = zlib.adler32(filtered.data)
+        checksum = isal_zlib.adler32(filtered.data)
     else:
         futures = [
             _executor().submit(_deflate_band, band, last=i == len(slices) - 1)
             for i, band in enumerate(slices)
         ]
-        checksum = zlib.adler32(filtered.data)  # while the bands deflate
+        checksum = isal_zlib.adler32(filtered.data)  # while the bands deflate
         deflated = [f.result() for f in futures]
     # 0x78 0x01: deflate with a 32 KiB window, fastest-level hint; (0x7801 % 31 == 0).
     return [b"\x78\x01", *deflated, struct.pack(">I", checksum)]

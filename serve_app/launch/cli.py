@@ -8,7 +8,8 @@ What `make run` runs (CONFIG defaults to deploy/local.yaml, the tiny model on CP
 2. Checks, before Ray starts: the HTTP port must be free, and the replicas the config asks for
    must fit the CPUs and GPUs this machine has. Each failure is one message with the numbers.
 3. `serve run CONFIG` in its own session (serve_app.launch.supervise), on a local Ray cluster whose
-   ports all listen on loopback only; Ray's token auth stays off for this local cluster.
+   ports all listen on loopback only; Ray's token auth stays off for this local cluster, and its
+   processes start with glibc's malloc tuned for multi-MB images (serve_app.common.malloc).
 4. A ready-to-paste curl once /ready answers 200.
 5. SIGINT (Ctrl-C, or from a script) or SIGTERM (`make`, `timeout`, `docker stop`, service
    managers) stops Serve, then Ray: `--stop-timeout` seconds (30) for a graceful shutdown, then
@@ -36,6 +37,7 @@ from typing import Any
 import yaml
 
 from serve_app.common.config import ENV_DEVICE_MAP, ENV_MODEL_DIR
+from serve_app.common.malloc import CLUSTER_ENV
 from serve_app.launch import loopback
 from serve_app.launch.preflight import (
     client_url,
@@ -196,6 +198,9 @@ def _child_env(
         child.setdefault(name, value)
     if own_cluster:
         child.update(_RAY_LOOPBACK)
+        # Every process of the cluster, Serve's HTTP proxy included; a value of your own wins.
+        for name, value in CLUSTER_ENV.items():
+            child.setdefault(name, value)
     return child
 
 

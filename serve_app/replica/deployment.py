@@ -25,6 +25,7 @@ from serve_app.common.errors import (
     TimeoutError_,
 )
 from serve_app.common.jobs import EditJob, EditOutput, ModelInfo, PartialImage
+from serve_app.common.malloc import keep_large_buffers
 from serve_app.common.metrics import ModelMetrics
 from serve_app.engine import (
     EditStopped,
@@ -73,6 +74,7 @@ class ImageEditModel:
         metrics: ModelMetrics | None = None,
     ) -> None:
         cfg = config if isinstance(config, AppConfig) else AppConfig.model_validate(config)
+        keep_large_buffers()  # every edit's output arrays reuse faulted-in pages
         self._config = cfg
         self._metrics = metrics if metrics is not None else _default_metrics()
         self._engine = engine_factory(cfg.model, cfg.generation)

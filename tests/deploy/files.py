@@ -173,3 +173,12 @@ def dockerfile_pip_install() -> str:
     text = DOCKERFILE.read_text().replace("\\\n", " ")
     (command,) = re.findall(r"pip install [^&\n]*", text)
     return command
+
+
+def dockerfile_env() -> dict[str, str]:
+    """The Dockerfile's `ENV NAME=value ...` settings, continuation lines joined."""
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    settings: dict[str, str] = {}
+    for line in re.findall(r"^ENV (.*)$", text, re.MULTILINE):
+        settings.update(pair.split("=", 1) for pair in line.split())
+    return settings

@@ -22,6 +22,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 from ray.serve.config import AutoscalingConfig
 
+from serve_app.common import malloc
 from serve_app.common.config import ENV_MODEL_DIR, load_config
 from tests.deploy.files import (
     AUTOSCALING,
@@ -40,6 +41,7 @@ from tests.deploy.files import (
     deployment,
     differences,
     dockerfile_base,
+    dockerfile_env,
     dockerfile_python,
     env,
     gpu_groups,
@@ -308,6 +310,13 @@ def test_dockerfile_base_matches_the_pinned_ray_and_python() -> None:
     assert base["ray"] == constraints()["ray"]
     supported = Requirement(f"python{pyproject()['project']['requires-python']}").specifier
     assert supported.contains(dockerfile_python())
+
+
+def test_dockerfile_tunes_malloc_as_the_launcher_does() -> None:
+    # Every process of the container, Serve's HTTP proxy included, starts with the settings
+    # that the replicas also set in themselves (serve_app.common.malloc).
+    assert dockerfile_env()["GLIBC_TUNABLES"] == malloc.GLIBC_TUNABLES
+    assert malloc.CLUSTER_ENV == {"GLIBC_TUNABLES": malloc.GLIBC_TUNABLES}
 
 
 def test_dockerfile_installs_the_package_without_weights() -> None:

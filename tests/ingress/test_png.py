@@ -53,7 +53,7 @@ def test_lossless_for_every_layout(shape: tuple[int, ...]) -> None:
 def test_bands_join_into_one_valid_zlib_stream(
     monkeypatch: pytest.MonkeyPatch, threads: int
 ) -> None:
-    # Smooth with noise: run-length matches inside each band, literals across band edges.
+    # Smooth with noise: matches inside each band, literals across band edges.
     monkeypatch.setattr(png, "_threads", lambda: threads)
     monkeypatch.setattr(png, "_MIN_BAND_BYTES", 4096)
     monkeypatch.setattr(png, "_pool", None)

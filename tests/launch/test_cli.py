@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from serve_app.common import malloc
 from serve_app.launch import cli as launch
 from serve_app.launch.cli import banner, load_env_file
 
@@ -104,6 +105,18 @@ def test_child_env_for_the_tiny_demo_and_for_real_weights() -> None:
     gpu = launch._child_env(env, real, own_cluster=False)
     assert gpu["QWEN_MODEL_DIR"] == "/m" and gpu["DEVICE_MAP"] == "balanced"
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in gpu  # joining a cluster: its own network
+
+
+def test_child_env_tunes_malloc_in_its_own_cluster_only() -> None:
+    local = yaml.safe_load((ROOT / "deploy/local.yaml").read_text())
+    own = launch._child_env({}, local, own_cluster=True)
+    assert own["GLIBC_TUNABLES"] == malloc.GLIBC_TUNABLES  # every process, Serve's proxy too
+    mine = launch._child_env(
+        {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, local, own_cluster=True
+    )
+    assert mine["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"  # a setting of your own wins
+    joined = launch._child_env({}, local, own_cluster=False)
+    assert "GLIBC_TUNABLES" not in joined  # another cluster's processes are already running
 
 
 def test_port_and_host_overrides() -> None:
