@@ -626,14 +626,15 @@ def main(argv: list[str] | None = None) -> int:
     sampler = GpuSampler().start()
     port = free_port()
     # The cluster's processes start as the launcher's and the image's do (not this client).
-    ray.init(include_dashboard=False, log_to_driver=False, runtime_env=cluster_runtime_env())
+    cluster_env = cluster_runtime_env()
+    ray.init(include_dashboard=False, log_to_driver=False, runtime_env=cluster_env)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     info = {
         "versions": versions(),
         "serve_ingress": serve_ingress(),
-        "cluster_env": cluster_runtime_env()["env_vars"],
+        "cluster_env": cluster_env["env_vars"],
         "date": time.strftime("%Y-%m-%d"),
     }
     summary = []

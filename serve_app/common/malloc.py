@@ -24,7 +24,6 @@ its top) instead of going back to the kernel, a few edits' worth of buffers per 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 logger = logging.getLogger("ray.serve")
@@ -56,11 +55,11 @@ def keep_large_buffers() -> bool:
 
 
 def _tune() -> bool:
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt  # glibc (and uClibc); absent on macOS and musl
-    except (OSError, AttributeError, TypeError):
+        # The symbols this process already has (its C library among them): no library search,
+        # which on Linux would run `ldconfig -p` at every replica's start.
+        mallopt = ctypes.CDLL(None).mallopt  # glibc (and uClibc); absent on macOS and musl
+    except (OSError, AttributeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
