@@ -15,6 +15,12 @@ of the standard edit's shape (8192 image + 219 text tokens) with CUDA synchronis
 - `native_dyn_gelu_mod`: as `native_dyn_gelu` with the modulation tables
   (`serve_app.pipeline.modulation`, what every replica runs; the table of a 50-step schedule
   is made at the first call, each timed forward picks its rows);
+- `native_dyn_gelu_mod_stackrope`: as `native_dyn_gelu_mod` with the rotary embedding's pairs
+  joined by `stack`, as `serve_app.pipeline.rope` wrote it before (the same values);
+- `fp8_dyn_mod`, `fp8_dyn_mod_sig`: the transformer quantized as `quantization: fp8` does
+  (torchao), with the modulation tables; `_sig` computes the feed-forwards' tanh GELU as
+  x * sigmoid(2u) (`serve_app.pipeline.gelu.SigmoidGELU`, what compile on CUDA runs with fp8).
+  Quantizing cannot be undone: fp8 variants come after every bf16 one;
 - `native_static`: dynamic=False (recompiles for every prompt length);
 - `native_dyn_maxat` (+`_cd`): inductor's max-autotune GEMM templates (and coordinate descent);
 - `launch_base`, `launch_skipguard` (torch.compiler.set_stance(skip_guard_eval_unsafe=True)),
@@ -64,7 +70,40 @@ VARIANTS: dict[str, tuple[str, bool, dict[str, Any]]] = {
     "launch_cudagraph": ("native", True, {"_mode": "reduce-overhead"}),
     "native_dyn_gelu": ("native", True, {"_gelu": True}),
     "native_dyn_gelu_mod": ("native", True, {"_gelu": True, "_mod": True}),
+    "native_dyn_gelu_mod_stackrope": (
+        "native",
+        True,
+        {"_gelu": True, "_mod": True, "_stack": True},
+    ),
+    "fp8_dyn_mod": ("native", True, {"_fp8": True, "_mod": True}),
+    "fp8_dyn_mod_sig": ("native", True, {"_fp8": True, "_mod": True, "_sig": True}),
 }
+_PROFILED = (
+    "native_dyn",
+    "native_dyn_gelu",
+    "native_dyn_gelu_mod",
+    "native_dyn_gelu_mod_stackrope",
+    "fp8_dyn_mod",
+    "fp8_dyn_mod_sig",
+)
+
+
+def _stacked_rope(
+    x: Any, freqs_cis: Any, use_real: bool = True, use_real_unbind_dim: int = -1
+) -> Any:
+    """The rotary embedding as `serve_app.pipeline.rope` wrote it before (pairs joined by stack)."""
+    import torch
+
+    from serve_app.pipeline import rope
+
+    if use_real or not torch.is_complex(freqs_cis):
+        return rope.apply_rotary_emb_real(x, freqs_cis, use_real, use_real_unbind_dim)
+    freqs = torch.view_as_real(freqs_cis).unsqueeze(1)
+    cos, sin = freqs[..., 0], freqs[..., 1]
+    a, b = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(3).type_as(x)
+
+
 _INDUCTOR_KEYS = ("max_autotune_gemm", "coordinate_descent_tuning", "cpp_wrapper")
 
 
@@ -79,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
+    from diffusers.models.transformers import transformer_qwenimage as qwen
 
     from bench.run import versions
     from serve_app.pipeline import gelu, modulation, rope
@@ -130,22 +170,36 @@ def main(argv: list[str] | None = None) -> int:
     rope.install_real_rope()
     schedule = torch.linspace(1000, 0, 51, device=device)[:-1]
     reference = None
+    quantized = False
     for label in [v for v in args.variants.split(",") if v]:
         backend, dynamic, options = VARIANTS[label.split("#")[0]]  # "name#2": a second run
         options = dict(options)
         stance, mode = options.pop("_stance", False), options.pop("_mode", None)
         fused_gelu = options.pop("_gelu", False)
         tabled = options.pop("_mod", False)
+        fp8, sigmoid_gelu = options.pop("_fp8", False), options.pop("_sig", False)
+        qwen.apply_rotary_emb_qwen = (  # type: ignore[assignment]
+            _stacked_rope if options.pop("_stack", False) else rope.apply_rotary_emb_real
+        )
         try:
+            if quantized and not fp8:
+                raise ValueError("bf16 variants must come before the fp8 ones")
+            if fp8 and not quantized:
+                from serve_app.pipeline.quantization import quantize_transformer
+
+                quantize_transformer(transformer, "fp8")
+                quantized = True
             torch._dynamo.reset()
             for key, value in {**defaults, **options}.items():
                 setattr(inductor, key, value)
             for block in transformer.transformer_blocks:
                 block._compiled_call_impl = None
             transformer.set_attention_backend(backend)
-            (gelu.install_gelu_epilogue if fused_gelu else gelu.uninstall_gelu_epilogue)(
-                transformer
-            )
+            gelu.uninstall_gelu_epilogue(transformer)
+            if fused_gelu:
+                gelu.install_gelu_epilogue(transformer)
+            if sigmoid_gelu:
+                gelu.install_sigmoid_gelu(transformer)
             if tabled:  # 50 timesteps, the forward's 0.5 (x 1000) among them
                 modulation.install_modulation_tables(transformer, lambda: schedule)
             else:
@@ -171,12 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             }  # fmt: skip
             if label.startswith("launch"):
                 entry.update(_launch_costs(forward, inputs, sync))
-            if on_gpu and label.split("#")[0] in (
-                "native_dyn",
-                "native_dyn_gelu",
-                "native_dyn_gelu_mod",
-                "launch_base",
-            ):
+            if on_gpu and label.split("#")[0] in (*_PROFILED, "launch_base"):
                 entry["kernels_ms"] = _kernels(forward, sync)
         except Exception as exc:  # a variant this torch cannot run: recorded, the rest go on
             entry = {"error": f"{type(exc).__name__}: {exc}"[:600]}
@@ -243,7 +292,9 @@ def _kernels(forward: Callable[[], Any], sync: Any, *, top: int = 14) -> dict[st
         forward()
         sync()
     events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
-    table = {e.key[:80]: round(e.device_time_total / 1000, 2) for e in events[:top]}
+    table: dict[str, float] = {}
+    for e in events[:top]:  # whole names: inductor's kernels share long prefixes
+        table[e.key] = round(table.get(e.key, 0.0) + e.device_time_total / 1000, 2)
     table["(all)"] = round(sum(e.device_time_total for e in events) / 1000, 2)
     return table
 

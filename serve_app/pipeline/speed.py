@@ -1,7 +1,8 @@
 """Speed switches on the loaded transformer: fp8 quantization, the attention backend, the
 modulation tables (each block's timestep modulation made once per edit), then regional compile
 (which must see the quantized layers) with the rewrites it fuses better (real-valued RoPE; on CUDA
-the feed-forward GELU in the GEMM epilogue). docs/gpu.md has their effect."""
+the feed-forward GELU in the GEMM epilogue, or in its sigmoid form after an fp8 GEMM).
+docs/gpu.md has their effect."""
 
 from __future__ import annotations
 
@@ -61,10 +62,12 @@ def apply_speed_switches(
             if install_real_rope():
                 notes.append("rotary embedding: real arithmetic (fused by compile)")
             if _on_cuda(transformer):
-                from serve_app.pipeline.gelu import install_gelu_epilogue
+                from serve_app.pipeline.gelu import install_gelu_epilogue, install_sigmoid_gelu
 
                 if fused := install_gelu_epilogue(transformer):
                     notes.append(f"feed-forward GELU: in the GEMM epilogue of {fused} linears")
+                if rest := install_sigmoid_gelu(transformer):
+                    notes.append(f"feed-forward GELU: as x * sigmoid(2u) after {rest} linears")
             if model.compile_cpp_wrapper and find_cxx() is None:
                 # A speed switch only (docs/gpu.md): serve without it rather than fail mid-compile.
                 notes.append(

@@ -73,3 +73,34 @@ def test_compiled_blocks_call_the_fused_gemm_and_stay_close() -> None:
     assert calls == 8  # image and text feed-forward of each block
     assert rel(fused, exact) <= rel(two_kernels, exact) * 1.05
     assert rel(compiled, exact) <= rel(two_kernels, exact) * 1.2
+
+
+@pytest.mark.gpus(1)
+def test_compiled_sigmoid_form_is_the_tanh_gelu() -> None:
+    # What fp8's feed-forwards run: the GELU after the GEMM as x * sigmoid(2u), compiled.
+    import torch
+    import torch.nn.functional as F
+    from diffusers.models.activations import GELU
+
+    from serve_app.pipeline.gelu import SigmoidGELU
+
+    torch.manual_seed(0)
+    gate = torch.randn(8192, 12288, device="cuda", dtype=torch.bfloat16) * 3
+    tanh_form = GELU(8, 8, approximate="tanh").to("cuda")
+    sigmoid_form = copy.deepcopy(tanh_form)
+    sigmoid_form.__class__ = SigmoidGELU
+    with torch.inference_mode():
+        want = torch.compile(tanh_form.gelu, fullgraph=True)(gate)
+        got = torch.compile(sigmoid_form.gelu, fullgraph=True)(gate)
+        truth = F.gelu(gate.double(), approximate="tanh")
+    print(f"sigmoid form {rel(got, truth):.2e}, tanh form {rel(want, truth):.2e} vs float64")
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert rel(got, truth) <= rel(want, truth) * 1.01
+    # Element by element: never farther from float64 than the tanh form, or than one bf16
+    # rounding. Far below zero 1 + tanh(u) cancels to 0 even in float64, where the sigmoid form
+    # keeps a tiny value (e.g. -8e-21): hence the 1e-12 floor.
+    err_got, err_want = (got.double() - truth).abs(), (want.double() - truth).abs()
+    assert bool((err_got <= torch.maximum(err_want, truth.abs() * 2**-8 + 1e-12)).all())
+    differ = (got != want).float().mean().item()
+    print(f"bf16 outputs that differ (by one rounding): {differ:.4f}, rel {rel(got, want):.2e}")
+    assert rel(got, want) < 2e-3

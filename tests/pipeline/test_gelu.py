@@ -16,9 +16,12 @@ from diffusers.models.activations import GELU
 
 from serve_app.pipeline.gelu import (
     EpilogueGELU,
+    SigmoidGELU,
     fusable,
     gelu_linear,
     install_gelu_epilogue,
+    install_sigmoid_gelu,
+    tanh_gelu_by_sigmoid,
     uninstall_gelu_epilogue,
 )
 from serve_app.pipeline.synthetic import build_component, variant_dir
@@ -158,3 +161,60 @@ def test_a_lora_wrapped_projection_keeps_diffusers_path() -> None:
     holder = inject_adapter_in_model(LoraConfig(r=2, target_modules=["proj"]), Holder())
     assert type(holder.ff.proj) is not torch.nn.Linear
     assert not fusable(holder.ff, inputs(), device_types=CPU)
+
+
+def test_the_sigmoid_form_is_the_tanh_gelu() -> None:
+    # 0.5 * (1 + tanh(u)) == sigmoid(2u): against float64, as close as torch's own float32 form.
+    x = torch.cat([torch.linspace(-12, 12, 20001), torch.tensor([-100.0, -30.0, 0.0, 30.0, 100.0])])
+    want = F.gelu(x.double(), approximate="tanh")
+    got = tanh_gelu_by_sigmoid(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, atol=2e-7, rtol=2e-6)
+    torch_own = (F.gelu(x, approximate="tanh").double() - want).abs().max()
+    assert (got.double() - want).abs().max() <= max(torch_own, 1e-6)
+    # bf16 in, bf16 out: rounded like diffusers' form (at most one bf16 step apart).
+    xb = (torch.randn(4096, generator=torch.Generator().manual_seed(3)) * 4).bfloat16()
+    got_b, want_b = tanh_gelu_by_sigmoid(xb), F.gelu(xb.float(), approximate="tanh").bfloat16()
+    assert got_b.dtype == torch.bfloat16
+    torch.testing.assert_close(got_b.float(), want_b.float(), atol=1e-6, rtol=2**-7)
+
+
+def test_sigmoid_gelu_takes_the_sigmoid_form_on_its_devices_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    module = gelu()
+    module.__class__ = SigmoidGELU
+    x = inputs()
+    calls: list[int] = []
+
+    def counted(gate: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return tanh_gelu_by_sigmoid(gate)
+
+    monkeypatch.setattr("serve_app.pipeline.gelu.tanh_gelu_by_sigmoid", counted)
+    with torch.inference_mode():
+        on_cpu = module(x)  # CPU tensors: diffusers' F.gelu
+        assert calls == []
+        monkeypatch.setattr(module, "device_types", CPU)
+        taken = module(x)
+    assert calls == [1]
+    torch.testing.assert_close(taken.float(), on_cpu.float(), atol=0.02, rtol=0.02)
+    erf = gelu(approximate="none")
+    erf.__class__ = SigmoidGELU
+    monkeypatch.setattr(erf, "device_types", CPU)
+    with torch.inference_mode():
+        erf(x)
+    assert calls == [1]  # the erf GELU is another function: diffusers' path
+
+
+def test_install_sigmoid_gelu_takes_the_tanh_gelus_the_epilogue_left() -> None:
+    kinds = [gelu(), gelu(approximate="none"), quantized_gelu(), gelu(torch.float32)]
+    holder = torch.nn.ModuleList(kinds)
+    assert install_gelu_epilogue(holder) == 1
+    assert install_sigmoid_gelu(holder) == 2
+    assert install_sigmoid_gelu(holder) == 0  # once only
+    names = [type(m).__name__ for m in holder]
+    assert names == ["EpilogueGELU", "GELU", "SigmoidGELU", "SigmoidGELU"]
+    assert isinstance(holder[0], SigmoidGELU)  # a LoRA loaded later takes the sigmoid form
+    assert uninstall_gelu_epilogue(holder) == 3
+    assert all(type(m) is GELU for m in holder)

@@ -42,6 +42,19 @@ def test_same_values_as_the_complex_form(patched: None, dtype: torch.dtype) -> N
     torch.testing.assert_close(got, want, atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bit_for_bit_the_stacked_product(patched: None, dtype: torch.dtype) -> None:
+    # The form before (the pairs' two results joined by stack), which inductor fused worse:
+    # the pointwise rewrite computes the same float32 operations, so the same bits.
+    x = torch.randn(2, 37, 4, 128, generator=torch.Generator().manual_seed(4)).to(dtype)
+    f = freqs(37, 64)
+    real = torch.view_as_real(f).unsqueeze(1)
+    cos, sin = real[..., 0], real[..., 1]
+    a, b = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    stacked = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(3).type_as(x)
+    assert torch.equal(apply_rotary_emb_real(x, f, use_real=False), stacked)
+
+
 def test_real_branch_is_passed_through(patched: None) -> None:
     x = torch.randn(1, 2, 5, 8)  # [B, H, S, D] in that branch
     cos, sin = torch.randn(5, 8), torch.randn(5, 8)

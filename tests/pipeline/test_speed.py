@@ -12,6 +12,10 @@ from serve_app.pipeline.speed import apply_speed_switches, find_cxx_compiler
 from tests.pipeline.test_planning import model
 
 
+class Float8Like(torch.Tensor):
+    """Stands in for torchao's float8 weights (a Tensor subclass)."""
+
+
 class FakeTransformer:
     def __init__(self, devices: list[str], hooked: bool = False) -> None:
         from diffusers.models.activations import GELU
@@ -21,6 +25,10 @@ class FakeTransformer:
         # What install_gelu_epilogue looks for: the feed-forwards' tanh GELU (and another kind).
         self.gelus = [GELU(4, 8, approximate="tanh"), GELU(4, 8, approximate="none")]
         self.gelus = [g.bfloat16() for g in self.gelus]
+        # As fp8 leaves it: the projection's weight a tensor subclass (torchao's float8).
+        self.fp8_gelu = GELU(4, 8, approximate="tanh").bfloat16()
+        weight = self.fp8_gelu.proj.weight.detach().as_subclass(Float8Like)
+        self.fp8_gelu.proj.weight = torch.nn.Parameter(weight, requires_grad=False)
         if hooked:
             self._hf_hook = object()
         self.backend: str | None = None
@@ -34,7 +42,7 @@ class FakeTransformer:
         return [P(d) for d in self._devices]
 
     def modules(self) -> Any:
-        return iter(self.gelus)
+        return iter([*self.gelus, self.fp8_gelu])
 
     def set_attention_backend(self, name: str) -> None:
         self.backend = name
@@ -68,6 +76,9 @@ def test_speed_switches_apply_to_the_transformer(restore_compile_globals: None) 
     assert "rotary embedding: real arithmetic (fused by compile)" in notes
     assert "feed-forward GELU: in the GEMM epilogue of 1 linears" in notes
     assert [type(g).__name__ for g in transformer.gelus] == ["EpilogueGELU", "GELU"]
+    # fp8's projection (a tensor subclass) keeps its GEMM; its tanh GELU takes the sigmoid form.
+    assert "feed-forward GELU: as x * sigmoid(2u) after 1 linears" in notes
+    assert type(transformer.fp8_gelu).__name__ == "SigmoidGELU"
     assert not torch._inductor.config.cpp_wrapper
 
 
@@ -78,6 +89,7 @@ def test_gelu_epilogue_only_on_cuda(restore_compile_globals: None) -> None:
     assert transformer.compiled is not None
     assert not any("GELU" in n for n in notes)
     assert [type(g).__name__ for g in transformer.gelus] == ["GELU", "GELU"]
+    assert type(transformer.fp8_gelu).__name__ == "GELU"
 
 
 def test_cpp_wrapper_switch_sets_inductor_before_compiling(restore_compile_globals: None) -> None:
