@@ -11,7 +11,7 @@ two-kernel form by bf16 rounding only (tests/gpu).
 
 Used where it is the same function: CUDA tensors (on CPU torch's `_addmm_activation` applies
 the exact erf GELU, not tanh), a plain `nn.Linear` with a bias (a LoRA-wrapped or fp8-quantized
-projection takes diffusers' path), half-precision weights.
+projection keeps its own GEMM), half-precision weights.
 
 Where the epilogue cannot take the GELU (fp8-quantized or LoRA-wrapped projections), the tanh
 GELU runs after the GEMM as x * sigmoid(2u) instead of 0.5 x (1 + tanh(u)), u = sqrt(2/pi)
