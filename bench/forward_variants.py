@@ -17,6 +17,10 @@ of the standard edit's shape (8192 image + 219 text tokens) with CUDA synchronis
   is made at the first call, each timed forward picks its rows);
 - `native_dyn_gelu_mod_stackrope`: as `native_dyn_gelu_mod` with the rotary embedding's pairs
   joined by `stack`, as `serve_app.pipeline.rope` wrote it before (the same values);
+- `native_dyn_gelu_mod_joint`, `fp8_dyn_mod_sig_joint`: as `native_dyn_gelu_mod` and
+  `fp8_dyn_mod_sig` with the text and image streams joined before the QK norm by the Triton
+  kernel (`serve_app.pipeline.joint_qk`, `norm_rope_kernel`: what compile on CUDA runs);
+  `native_dyn_gelu_mod_jointpt`: joined by the same steps as PyTorch operations;
 - `fp8_dyn_mod`, `fp8_dyn_mod_sig`: the transformer quantized as `quantization: fp8` does
   (torchao), with the modulation tables; `_sig` computes the feed-forwards' tanh GELU as
   x * sigmoid(2u) (`serve_app.pipeline.gelu.SigmoidGELU`, what compile on CUDA runs with fp8).
@@ -75,16 +79,30 @@ VARIANTS: dict[str, tuple[str, bool, dict[str, Any]]] = {
         True,
         {"_gelu": True, "_mod": True, "_stack": True},
     ),
+    "native_dyn_gelu_mod_joint": ("native", True, {"_gelu": True, "_mod": True, "_joint": True}),
+    "native_dyn_gelu_mod_jointpt": (
+        "native",
+        True,
+        {"_gelu": True, "_mod": True, "_joint": True, "_pt": True},
+    ),
     "fp8_dyn_mod": ("native", True, {"_fp8": True, "_mod": True}),
     "fp8_dyn_mod_sig": ("native", True, {"_fp8": True, "_mod": True, "_sig": True}),
+    "fp8_dyn_mod_sig_joint": (
+        "native",
+        True,
+        {"_fp8": True, "_mod": True, "_sig": True, "_joint": True},
+    ),
 }
 _PROFILED = (
     "native_dyn",
     "native_dyn_gelu",
     "native_dyn_gelu_mod",
     "native_dyn_gelu_mod_stackrope",
+    "native_dyn_gelu_mod_joint",
+    "native_dyn_gelu_mod_jointpt",
     "fp8_dyn_mod",
     "fp8_dyn_mod_sig",
+    "fp8_dyn_mod_sig_joint",
 )
 
 
@@ -121,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers.models.transformers import transformer_qwenimage as qwen
 
     from bench.run import versions
-    from serve_app.pipeline import gelu, modulation, rope
+    from serve_app.pipeline import gelu, joint_qk, modulation, rope
     from serve_app.pipeline.synthetic import build_component, variant_dir
 
     device = torch.device(args.device)
@@ -178,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         fused_gelu = options.pop("_gelu", False)
         tabled = options.pop("_mod", False)
         fp8, sigmoid_gelu = options.pop("_fp8", False), options.pop("_sig", False)
+        joined, joined_pt = options.pop("_joint", False), options.pop("_pt", False)
         qwen.apply_rotary_emb_qwen = (  # type: ignore[assignment]
             _stacked_rope if options.pop("_stack", False) else rope.apply_rotary_emb_real
         )
@@ -195,6 +214,12 @@ def main(argv: list[str] | None = None) -> int:
             for block in transformer.transformer_blocks:
                 block._compiled_call_impl = None
             transformer.set_attention_backend(backend)
+            joint_qk.uninstall_joint_qk(transformer)
+            joint_qk.disable_kernel()
+            if joined:
+                joint_qk.install_joint_qk(transformer)
+                if not joined_pt:
+                    joint_qk.enable_kernel()
             gelu.uninstall_gelu_epilogue(transformer)
             if fused_gelu:
                 gelu.install_gelu_epilogue(transformer)

@@ -33,7 +33,15 @@ def apply_rotary_emb_real(
     if use_real or not torch.is_complex(freqs_cis):
         assert _original is not None, "install_real_rope() first"
         return _original(x, freqs_cis, use_real, use_real_unbind_dim)
-    freqs = torch.view_as_real(freqs_cis).unsqueeze(1)  # [S, 1, D/2, (cos, sin)]
+    return rotate_real(x, torch.view_as_real(freqs_cis))
+
+
+def rotate_real(x: Any, freqs: Any) -> Any:
+    """The rotary embedding of `x` [B, S, H, D] by `freqs` [S, D/2, (cos, sin)], the real view
+    of diffusers' complex frequencies (so callers may join several sequences' tables first)."""
+    import torch
+
+    freqs = freqs.unsqueeze(1)  # [S, 1, D/2, (cos, sin)]
     pairs = (*freqs.shape[:-1], 2)
     cos = freqs[..., :1].expand(pairs).flatten(-2)  # [S, 1, D]: c0 c0 c1 c1 ...
     sin = freqs[..., 1:].expand(pairs).flatten(-2)
@@ -67,4 +75,4 @@ def uninstall_real_rope() -> None:
         qwen.apply_rotary_emb_qwen = _original
 
 
-__all__ = ["apply_rotary_emb_real", "install_real_rope", "uninstall_real_rope"]
+__all__ = ["apply_rotary_emb_real", "install_real_rope", "rotate_real", "uninstall_real_rope"]

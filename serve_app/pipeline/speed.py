@@ -1,7 +1,8 @@
 """Speed switches on the loaded transformer: fp8 quantization, the attention backend, the
 modulation tables (each block's timestep modulation made once per edit), then regional compile
 (which must see the quantized layers) with the rewrites it fuses better (real-valued RoPE; on CUDA
-the feed-forward GELU in the GEMM epilogue, or in its sigmoid form after an fp8 GEMM).
+the feed-forward GELU in the GEMM epilogue, or in its sigmoid form after an fp8 GEMM, and the
+joint attention's query and key from one Triton kernel).
 docs/gpu.md has their effect."""
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ def apply_speed_switches(
                     notes.append(f"feed-forward GELU: in the GEMM epilogue of {fused} linears")
                 if rest := install_sigmoid_gelu(transformer):
                     notes.append(f"feed-forward GELU: as x * sigmoid(2u) after {rest} linears")
+                if joined := _join_query_key(transformer):
+                    notes.append(
+                        f"joint attention: query and key normed, rotated and joined by one Triton"
+                        f" kernel in {joined} attentions"
+                    )
             if model.compile_cpp_wrapper and find_cxx() is None:
                 # A speed switch only (docs/gpu.md): serve without it rather than fail mid-compile.
                 notes.append(
@@ -97,6 +103,20 @@ def _modulation_note(transformer: Any, schedule: Schedule) -> str:
     if tables is None:
         return "modulation: tables installed before"
     return f"modulation: {len(tables.modules)} projections made once per edit for all its steps"
+
+
+def _join_query_key(transformer: Any) -> int:
+    """The streams joined before the QK norm by the Triton kernel (`joint_qk`); returns how many
+    attentions run it (0 where Triton is missing)."""
+    from serve_app.pipeline.joint_qk import JointQKAttnProcessor, enable_kernel, install_joint_qk
+
+    if not enable_kernel():
+        return 0
+    install_joint_qk(transformer)  # Ulysses' processor (parallel/attention.py) is one already
+    return sum(
+        isinstance(getattr(m, "processor", None), JointQKAttnProcessor)
+        for m in transformer.modules()
+    )
 
 
 def _spans_devices(module: Any) -> bool:

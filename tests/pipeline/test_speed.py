@@ -16,6 +16,18 @@ class Float8Like(torch.Tensor):
     """Stands in for torchao's float8 weights (a Tensor subclass)."""
 
 
+class FakeAttention:
+    def __init__(self) -> None:
+        from diffusers.models.transformers.transformer_qwenimage import (
+            QwenDoubleStreamAttnProcessor2_0,
+        )
+
+        self.processor: Any = QwenDoubleStreamAttnProcessor2_0()
+
+    def set_processor(self, processor: Any) -> None:
+        self.processor = processor
+
+
 class FakeTransformer:
     def __init__(self, devices: list[str], hooked: bool = False) -> None:
         from diffusers.models.activations import GELU
@@ -29,6 +41,8 @@ class FakeTransformer:
         self.fp8_gelu = GELU(4, 8, approximate="tanh").bfloat16()
         weight = self.fp8_gelu.proj.weight.detach().as_subclass(Float8Like)
         self.fp8_gelu.proj.weight = torch.nn.Parameter(weight, requires_grad=False)
+        # What install_joint_qk looks for: an attention running diffusers' joint processor.
+        self.attention = FakeAttention()
         if hooked:
             self._hf_hook = object()
         self.backend: str | None = None
@@ -42,7 +56,7 @@ class FakeTransformer:
         return [P(d) for d in self._devices]
 
     def modules(self) -> Any:
-        return iter([*self.gelus, self.fp8_gelu])
+        return iter([*self.gelus, self.fp8_gelu, self.attention])
 
     def set_attention_backend(self, name: str) -> None:
         self.backend = name
@@ -56,11 +70,13 @@ def restore_compile_globals() -> Iterator[None]:
     """apply_speed_switches patches process-wide state (diffusers' RoPE, inductor's config)."""
     import torch._inductor.config
 
+    from serve_app.pipeline.joint_qk import disable_kernel
     from serve_app.pipeline.rope import uninstall_real_rope
 
     cpp_wrapper = torch._inductor.config.cpp_wrapper
     yield
     uninstall_real_rope()
+    disable_kernel()
     torch._inductor.config.cpp_wrapper = cpp_wrapper
 
 
@@ -79,6 +95,12 @@ def test_speed_switches_apply_to_the_transformer(restore_compile_globals: None) 
     # fp8's projection (a tensor subclass) keeps its GEMM; its tanh GELU takes the sigmoid form.
     assert "feed-forward GELU: as x * sigmoid(2u) after 1 linears" in notes
     assert type(transformer.fp8_gelu).__name__ == "SigmoidGELU"
+    # The joint attention's query and key from the Triton kernel (triton comes with torch).
+    assert type(transformer.attention.processor).__name__ == "JointQKAttnProcessor"
+    assert (
+        "joint attention: query and key normed, rotated and joined by one Triton kernel in 1 attentions"
+        in notes
+    )
     assert not torch._inductor.config.cpp_wrapper
 
 
@@ -90,6 +112,7 @@ def test_gelu_epilogue_only_on_cuda(restore_compile_globals: None) -> None:
     assert not any("GELU" in n for n in notes)
     assert [type(g).__name__ for g in transformer.gelus] == ["GELU", "GELU"]
     assert type(transformer.fp8_gelu).__name__ == "GELU"
+    assert type(transformer.attention.processor).__name__ == "QwenDoubleStreamAttnProcessor2_0"
 
 
 def test_cpp_wrapper_switch_sets_inductor_before_compiling(restore_compile_globals: None) -> None:

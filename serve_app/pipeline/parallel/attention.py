@@ -6,8 +6,10 @@ transformer's `encoder_hidden_states_mask`, which makes every attention a masked
 all-gathered in every layer and cuDNN's masked kernel takes ~1.5x the unmasked one's time on an
 H200 (bench.forward_variants --sdpa: ~23 ms per forward at U=2).
 
-`TailPaddedAttnProcessor` is diffusers' `QwenDoubleStreamAttnProcessor2_0` with one change when a
-call brings `key_padding`: it joins the streams as [image, text] instead of [text, image]. After
+`TailPaddedAttnProcessor` is the joint-attention processor (`pipeline/joint_qk.py`: diffusers'
+`QwenDoubleStreamAttnProcessor2_0` with the streams joined before the QK norm, on CUDA by one
+Triton kernel) with one change when a call brings `key_padding`: it joins the streams as
+[image, text] instead of [text, image]. After
 Ulysses' all-to-all each rank holds the whole sequence as the ranks' pieces one after the other,
 and the padding, at the end of the last rank's text, is then the end of the whole sequence: the
 attention takes the keys and values before it (a view, no copy) and no mask. Attention does not
@@ -29,6 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers.models.transformers import transformer_qwenimage as qwen
+
+from serve_app.pipeline.joint_qk import JointQKAttnProcessor, joint_qkv
 
 # key_padding's length is the padding + this, so it is never 0 or 1 (see the module docstring).
 MARKER_OFFSET = 2
@@ -79,8 +83,8 @@ def _no_backward(*args: Any, **kwargs: Any) -> Any:
     raise NotImplementedError("tail-padded attention is for inference")
 
 
-class TailPaddedAttnProcessor(qwen.QwenDoubleStreamAttnProcessor2_0):  # type: ignore[misc]
-    """diffusers' joint-attention processor plus the `key_padding` path (module docstring)."""
+class TailPaddedAttnProcessor(JointQKAttnProcessor):
+    """The joint-attention processor plus the `key_padding` path (module docstring)."""
 
     def __call__(  # type: ignore[override]
         self,
@@ -103,27 +107,10 @@ class TailPaddedAttnProcessor(qwen.QwenDoubleStreamAttnProcessor2_0):  # type: i
         if encoder_hidden_states_mask is not None or attention_mask is not None:
             raise ValueError("key_padding replaces the text mask; pass one or the other")
         seq_img = hidden_states.shape[1]
-        head_dim = attn.inner_dim // attn.heads
-        # As diffusers 0.42's processor: projections, QK norms, rotary embedding.
-        q, k, v = (
-            proj(hidden_states).unflatten(-1, (-1, head_dim))
-            for proj in (attn.to_q, attn.to_k, attn.to_v)
-        )
-        tq, tk, tv = (
-            proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
-            for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
-        )
-        q = attn.norm_q(q) if attn.norm_q is not None else q
-        k = attn.norm_k(k) if attn.norm_k is not None else k
-        tq = attn.norm_added_q(tq) if attn.norm_added_q is not None else tq
-        tk = attn.norm_added_k(tk) if attn.norm_added_k is not None else tk
-        if image_rotary_emb is not None:
-            img_freqs, txt_freqs = image_rotary_emb
-            rope = qwen.apply_rotary_emb_qwen  # looked up here: pipeline/rope.py may replace it
-            q, k = rope(q, img_freqs, use_real=False), rope(k, img_freqs, use_real=False)
-            tq, tk = rope(tq, txt_freqs, use_real=False), rope(tk, txt_freqs, use_real=False)
         # [image, text]: the padding ends the sequence, also after Ulysses' all-to-all.
-        query, key, value = (torch.cat(p, dim=1) for p in ((q, tq), (k, tk), (v, tv)))
+        query, key, value = joint_qkv(
+            attn, hidden_states, encoder_hidden_states, image_rotary_emb, text_first=False
+        )
         if self._parallel_config is None:
             out = tail_padded_attention_op(None, query, key, value, key_padding, _save_ctx=False)
         else:
@@ -148,8 +135,10 @@ def install_tail_padding(transformer: Any) -> int:
     count = 0
     for module in transformer.modules():
         processor = getattr(module, "processor", None)
-        if type(processor) is qwen.QwenDoubleStreamAttnProcessor2_0:
-            module.set_processor(TailPaddedAttnProcessor())
+        if type(processor) in (qwen.QwenDoubleStreamAttnProcessor2_0, JointQKAttnProcessor):
+            padded = TailPaddedAttnProcessor()
+            padded.__dict__.update(processor.__dict__)  # the attention backend, if one was set
+            module.set_processor(padded)
             count += 1
     return count
 
