@@ -33,9 +33,9 @@ of the standard edit's shape (8192 image + 219 text tokens) with CUDA synchronis
   `small_input_ms` (a 128-token image: the GPU has almost nothing to do, so this is the host's
   cost of launching one forward).
 
-`kernels` (for `native_dyn`, `native_dyn_gelu`, `native_dyn_gelu_mod` and `launch_base`) sums
-CUDA kernel time per name over one forward. A label may be given twice as `label#2` (interleaved
-runs: GPU clocks drift by a few per cent between minutes).
+`kernels_ms` (for `native_dyn`, the `native_dyn_gelu*` and `fp8_*` variants and `launch_base`)
+sums CUDA kernel time per name over one forward. A label may be given twice as `label#2`
+(interleaved runs: GPU clocks drift by a few per cent between minutes).
 `--sdpa` also times torch's SDPA alone on the forward's attention shape per backend, for 24, 12
 and 6 heads, with and without the key-padding mask that Ulysses' text padding brings. Run it with
 CUDA_VISIBLE_DEVICES to pick the GPU; `cpu` as the first argument is a smoke test that needs a
