@@ -19,7 +19,7 @@ normalized by its own module, as diffusers does, then joined.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from diffusers.models.normalization import RMSNorm
@@ -35,10 +35,8 @@ def enable_kernel() -> bool:
     """Compute the joined query and key with the Triton kernel on CUDA tensors (process-wide);
     False where Triton is missing (nothing changed)."""
     global _kernel
-    if norm_rope_kernel.joint_norm_rope_op() is None:
-        return False
-    _kernel = torch.ops.qwen_image_edit_serve.joint_norm_rope.default
-    return True
+    _kernel = norm_rope_kernel.joint_norm_rope_op()
+    return _kernel is not None
 
 
 def disable_kernel() -> None:
@@ -59,21 +57,45 @@ def joint_qkv(
     (`encoder_hidden_states`) streams, text first (diffusers' order) or image first."""
     head_dim = attn.inner_dim // attn.heads
 
-    def stream(x: torch.Tensor, projections: tuple[Any, ...]) -> list[torch.Tensor]:
-        return [p(x).unflatten(-1, (-1, head_dim)) for p in projections]
+    def stream(x: torch.Tensor, projections: tuple[Any, ...], norms: tuple[Any, Any],
+               freqs: Any) -> _Stream:  # fmt: skip
+        query, key, value = [p(x).unflatten(-1, (-1, head_dim)) for p in projections]
+        return _Stream(query, key, value, norms[0], norms[1], freqs)
 
     img_freqs, txt_freqs = image_rotary_emb if image_rotary_emb is not None else (None, None)
-    # (query, key, value, query norm, key norm, rotary frequencies) of each stream
-    image = (*stream(hidden_states, (attn.to_q, attn.to_k, attn.to_v)),
-             attn.norm_q, attn.norm_k, img_freqs)  # fmt: skip
-    text = (*stream(encoder_hidden_states, (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)),
-            attn.norm_added_q, attn.norm_added_k, txt_freqs)  # fmt: skip
-    first, second = (text, image) if text_first else (image, text)
-    query, key = (
-        _joined(first[i], second[i], first[i + 3], second[i + 3], first[5], second[5])
-        for i in range(2)
-    )
-    return query, key, torch.cat([first[2], second[2]], dim=1)
+    image = stream(hidden_states, (attn.to_q, attn.to_k, attn.to_v),
+                   (attn.norm_q, attn.norm_k), img_freqs)  # fmt: skip
+    text = stream(encoder_hidden_states, (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
+                  (attn.norm_added_q, attn.norm_added_k), txt_freqs)  # fmt: skip
+    a, b = (text, image) if text_first else (image, text)
+    query = _joined(a.query, b.query, a.query_norm, b.query_norm, a.freqs, b.freqs)
+    key = _joined(a.key, b.key, a.key_norm, b.key_norm, a.freqs, b.freqs)
+    return query, key, torch.cat([a.value, b.value], dim=1)
+
+
+class _Stream(NamedTuple):
+    """One stream's projections [B, S, H, D], its QK norms and rotary frequencies."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    query_norm: Any
+    key_norm: Any
+    freqs: Any
+
+
+def split_outputs(
+    attn: Any, out: torch.Tensor, *, first_len: int, text_first: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The joined attention output [B, S, H, D] through `attn`'s output projections: (image,
+    text), where the first `first_len` tokens are text (`text_first`) or image."""
+    out = out.flatten(2, 3)
+    first, second = out[:, :first_len].contiguous(), out[:, first_len:].contiguous()
+    image, text = (second, first) if text_first else (first, second)
+    image = attn.to_out[0](image)
+    if len(attn.to_out) > 1:
+        image = attn.to_out[1](image)  # dropout
+    return image, attn.to_add_out(text)
 
 
 def _joined(
@@ -156,18 +178,12 @@ class JointQKAttnProcessor(qwen.QwenDoubleStreamAttnProcessor2_0):  # type: igno
             image_mask = hidden_states.new_ones(hidden_states.shape[:2], dtype=torch.bool)
             attention_mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1)
             attention_mask = attention_mask[:, None, None, :]
-        seq_txt = encoder_hidden_states.shape[1]
         query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         out = dispatch_attention_fn(
             query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
             backend=self._attention_backend, parallel_config=self._parallel_config,
         )  # fmt: skip
-        out = out.flatten(2, 3).to(query.dtype)
-        img_out = attn.to_out[0](out[:, seq_txt:].contiguous())
-        if len(attn.to_out) > 1:
-            img_out = attn.to_out[1](img_out)  # dropout
-        txt_out = attn.to_add_out(out[:, :seq_txt].contiguous())
-        return img_out, txt_out
+        return split_outputs(attn, out.to(query.dtype), first_len=encoder_hidden_states.shape[1])
 
 
 def install_joint_qk(transformer: Any) -> int:
@@ -203,5 +219,6 @@ __all__ = [
     "enable_kernel",
     "install_joint_qk",
     "joint_qkv",
+    "split_outputs",
     "uninstall_joint_qk",
 ]

@@ -34,8 +34,8 @@ NUM_WARPS = 2
 
 @functools.cache
 def joint_norm_rope_op() -> Any:
-    """The registered op, or None where Triton cannot be imported (no kernel: the PyTorch form
-    runs instead)."""
+    """The registered op's overload (`torch.ops...joint_norm_rope.default`, what compiled code
+    calls), or None where Triton cannot be imported (no kernel: the PyTorch form runs instead)."""
     kernel = make_kernel()
     if kernel is None:
         return None
@@ -53,7 +53,8 @@ def joint_norm_rope_op() -> Any:
         weights, freqs = (first_weight, second_weight), (first_freqs, second_freqs)
         return launch(torch.library.wrap_triton(kernel), first, second, weights, freqs, eps=eps)
 
-    return joint_norm_rope
+    namespace, name = OP_NAME.split("::")
+    return getattr(getattr(torch.ops, namespace), name).default
 
 
 def launch(

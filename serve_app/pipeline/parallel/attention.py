@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.transformers import transformer_qwenimage as qwen
 
-from serve_app.pipeline.joint_qk import JointQKAttnProcessor, joint_qkv
+from serve_app.pipeline.joint_qk import JointQKAttnProcessor, joint_qkv, split_outputs
 
 # key_padding's length is the padding + this, so it is never 0 or 1 (see the module docstring).
 MARKER_OFFSET = 2
@@ -121,12 +121,7 @@ class TailPaddedAttnProcessor(JointQKAttnProcessor):
                 forward_op=tail_padded_attention_op, backward_op=_no_backward,
                 _parallel_config=self._parallel_config,
             )  # fmt: skip
-        out = out.flatten(2, 3).to(query.dtype)
-        img_out = attn.to_out[0](out[:, :seq_img].contiguous())
-        if len(attn.to_out) > 1:
-            img_out = attn.to_out[1](img_out)  # dropout
-        txt_out = attn.to_add_out(out[:, seq_img:].contiguous())
-        return img_out, txt_out
+        return split_outputs(attn, out.to(query.dtype), first_len=seq_img, text_first=False)
 
 
 def install_tail_padding(transformer: Any) -> int:
