@@ -28,7 +28,12 @@ Each scenario writes `<out-dir>/<name>.json`. Scenario keys: name, gpus (per rep
 compile (0/1), dynamic (compile_dynamic 0/1), cpp (compile_cpp_wrapper 0/1),
 fp8 (quantization fp8 0/1), backend (attention backend), variant (2509/2511), clients,
 rounds, steps, runs, ref (an earlier scenario's name: the first timed output, same seed and
-synthetic weights, is compared with that scenario's, relative L2 error of the pixels); for one
+synthetic weights, is compared with that scenario's, relative L2 error of the pixels); lora (a
+recipe, e.g. lightning-4: a synthetic LoRA of rank lora_rank, default 64, on each block's 12
+attention and feed-forward linears, served as its own model id with the recipe's scheduler,
+steps and no CFG; the timed requests name it and leave steps and CFG to the recipe), lora_mode
+(fused | hotswap: with hotswap the replica also serves the base model, and one edit right after
+a base edit is timed too); for one
 replica over several GPUs (one process per GPU, `model.parallel`): ranks (GPUs per replica; with
 gpus=1, or gpus=0 for CPU ranks), cfg and ulysses (degrees, default auto), base (a 1-GPU
 scenario's name: speedup and scaling efficiency against it), restart (1: redeploy after timing and
@@ -60,6 +65,7 @@ from bench.flops import image_tokens, prompt_tokens, transformer_flops
 from serve_app.common.timing import parse_server_timing
 
 APP = "qwen-image-edit"
+LORA_ID = "qwen-image-edit-lightning"
 PROMPT = "make the sky purple"
 SIZE = 1024
 GiB = 1024**3
@@ -91,6 +97,10 @@ class Scenario:
     # Another scenario's name: this one's first timed output is compared with that one's (same
     # seed, same synthetic weights), e.g. fp8 against bf16.
     ref: str | None = None
+    # A distilled-LoRA recipe (common/recipes.py) served as LORA_ID, held as lora_mode.
+    lora: str | None = None
+    lora_mode: str = "fused"
+    lora_rank: int = 64
 
     @classmethod
     def parse(cls, spec: str) -> Scenario:
@@ -98,19 +108,48 @@ class Scenario:
         for item in spec.split(","):
             key, _, value = item.partition("=")
             key = key.strip()
-            if key in ("gpus", "replicas", "clients", "rounds", "steps", "runs", "ranks"):
+            if key in (
+                "gpus",
+                "replicas",
+                "clients",
+                "rounds",
+                "steps",
+                "runs",
+                "ranks",
+                "lora_rank",
+            ):
                 fields[key] = int(value)
             elif key in ("compile", "dynamic", "fp8", "cpp", "restart"):
                 fields[key] = value.strip().lower() in ("1", "true", "yes", "on")
-            elif key in ("name", "backend", "variant", "ref", "cfg", "ulysses", "base"):
+            elif key in (
+                "name",
+                "backend",
+                "variant",
+                "ref",
+                "cfg",
+                "ulysses",
+                "base",
+                "lora",
+                "lora_mode",
+            ):
                 fields[key] = value.strip() or None
             else:
                 raise ValueError(f"unknown scenario key {key!r} in {spec!r}")
         return cls(**fields)
 
     @property
+    def model_id(self) -> str:
+        return LORA_ID if self.lora else "qwen-image-edit"
+
+    @property
+    def true_cfg(self) -> bool:
+        return self.lora is None
+
+    @property
     def mode(self) -> str:
         parts = []
+        if self.lora:
+            parts.append(f"lora={self.lora}({self.lora_mode})")
         if self.ranks > 1:
             parts.append(f"ranks={self.ranks}(cfg={self.cfg},ulysses={self.ulysses})")
         if self.fp8:
@@ -230,6 +269,19 @@ OVERRIDES: dict[str, Any] | None = None
 IMAGES_DIR: Path | None = None
 # Median latency of each finished scenario (for `base=`).
 BASE_LATENCY: dict[str, float] = {}
+# (variant, rank) -> the synthetic LoRA file, made once per run (on the CPU, ~850 MB at rank 64).
+LORA_FILES: dict[tuple[str, int], Path] = {}
+
+
+def synthetic_lora(variant: str, rank: int) -> Path:
+    if (variant, rank) not in LORA_FILES:
+        from serve_app.pipeline.synthetic import build_synthetic_lora
+
+        target = Path(f"/tmp/bench-lora-{variant}-r{rank}")
+        LORA_FILES[(variant, rank)] = build_synthetic_lora(
+            variant, target, rank=rank, overrides=OVERRIDES
+        )
+    return LORA_FILES[(variant, rank)]
 
 
 def app_config(sc: Scenario, *, steps: int) -> dict[str, Any]:
@@ -248,6 +300,10 @@ def app_config(sc: Scenario, *, steps: int) -> dict[str, Any]:
         model["attention_backend"] = sc.backend
     if OVERRIDES:
         model["synthetic_overrides"] = OVERRIDES
+    if sc.lora:
+        lora_file = synthetic_lora(sc.variant, sc.lora_rank)
+        model["loras"] = [{"name": LORA_ID, "path": str(lora_file), "recipe": sc.lora}]
+        model["lora_mode"] = sc.lora_mode
     deployment: dict[str, Any] = {
         "name": "QwenImageEditModel",
         "num_replicas": sc.replicas,
@@ -272,7 +328,12 @@ def app_config(sc: Scenario, *, steps: int) -> dict[str, Any]:
         "import_path": "serve_app.app:build_app",
         "args": {
             "model": model,
-            "generation": {"default_steps": steps, "max_steps": max(100, steps)},
+            # The warm-up edit at the benchmark's size (auto_size_pixels sets its side).
+            "generation": {
+                "default_steps": steps,
+                "max_steps": max(100, steps),
+                "auto_size_pixels": SIZE * SIZE,
+            },
         },
         "deployments": [deployment, {"name": "OpenAIIngress", "num_replicas": 1}],
     }
@@ -352,23 +413,27 @@ def http_client() -> Any:
     return client
 
 
-def edit_http(url: str, png: bytes, *, steps: int, seed: int = 0) -> Edit:
-    """One edit over HTTP, with this thread's client."""
-    data = {
-        "model": "qwen-image-edit",
-        "prompt": PROMPT,
-        "size": f"{SIZE}x{SIZE}",
-        "negative_prompt": " ",
-        "true_cfg_scale": "4",
-        "num_inference_steps": str(steps),
-        "seed": str(seed),
-    }
+def edit_http(
+    url: str, png: bytes, *, steps: int | None, seed: int = 0, model: str = "qwen-image-edit"
+) -> Edit:
+    """One edit over HTTP, with this thread's client. `steps` None: a LoRA id's request as a user
+    sends it, steps and CFG left to its recipe; otherwise `steps` steps with true CFG."""
+    data = {"model": model, "prompt": PROMPT, "size": f"{SIZE}x{SIZE}", "seed": str(seed)}
+    if steps is not None:
+        data.update(negative_prompt=" ", true_cfg_scale="4", num_inference_steps=str(steps))
     resp, rid, elapsed = post_edit(http_client(), url, png, data, tag="bench")
     body = resp.json()
     image = base64.b64decode(body["data"][0]["b64_json"])
     if body["size"] != f"{SIZE}x{SIZE}" or len(image) < 1000:
         raise RuntimeError(f"unexpected answer: size {body['size']}, {len(image)} bytes")
     return Edit(rid, elapsed, image, parse_server_timing(resp.headers.get("server-timing", "")))
+
+
+def timed_edit(sc: Scenario, url: str, png: bytes, *, steps: int, seed: int) -> Edit:
+    """One timed edit of the scenario: its model id, at its steps (a LoRA's from its recipe)."""
+    if sc.lora:
+        return edit_http(url, png, steps=None, seed=seed, model=sc.model_id)
+    return edit_http(url, png, steps=steps, seed=seed)
 
 
 def relative_error(image: bytes, reference: bytes) -> float:
@@ -441,11 +506,20 @@ def run_scenario(
         "size": f"{SIZE}x{SIZE}",
         "reference_images": 1,
         "steps": steps,
-        "true_cfg": True,
+        "true_cfg": sc.true_cfg,
         "image_tokens": image_tokens(SIZE, SIZE, references=1),
         "text_tokens": text_tokens,
         "gflop_per_forward": round(flops_per_forward / 1e9, 1),
     }
+    if sc.lora:
+        from serve_app.common.recipes import RECIPES
+
+        result.update(
+            lora=sc.lora,
+            lora_mode=sc.lora_mode,
+            lora_rank=sc.lora_rank,
+            scheduler={"recipe": sc.lora, **RECIPES[sc.lora].scheduler},
+        )
     sampler.reset()
     t0 = time.perf_counter()
     try:
@@ -459,15 +533,21 @@ def run_scenario(
         result["replica_device_maps"] = replica_device_maps(sc.replicas)
         print(f"[{sc.name}] replicas: {result['replica_device_maps']}", flush=True)
         # One short edit per replica (HTTP path, the benchmark prompt's text length).
+        # A LoRA scenario's id runs its recipe (its scheduler and steps); a fused one is the only
+        # id served.
         with ThreadPoolExecutor(sc.replicas) as pool:
-            list(pool.map(lambda i: edit_http(url, png, steps=2, seed=i), range(sc.replicas)))
+            if not sc.lora or sc.lora_mode == "hotswap":
+                list(pool.map(lambda i: edit_http(url, png, steps=2, seed=i), range(sc.replicas)))
+            if sc.lora:
+                list(pool.map(lambda i: timed_edit(sc, url, png, steps=steps, seed=i),
+                              range(sc.replicas)))  # fmt: skip
         latencies, bare = [], []
         server_timings: list[dict[str, float]] = []
         for i in range(runs):
             if time.monotonic() > deadline:
                 result["note"] = f"stopped after {i} timed runs: time limit"
                 break
-            edit = edit_http(url, png, steps=steps, seed=100 + i)
+            edit = timed_edit(sc, url, png, steps=steps, seed=100 + i)
             seconds = edit.seconds
             server_timings.append(edit.server_timing_ms)
             if i == 0:
@@ -514,13 +594,19 @@ def run_scenario(
             result["overhead_s"] = round(lat - base, 3)
         if stage.get("denoise"):
             per_step = stage["denoise"] / steps
-            result["ms_per_cfg_step"] = round(1000 * per_step, 1)
-            result["ms_per_forward"] = round(1000 * per_step / 2, 1)
-            result["tflops"] = round(2 * flops_per_forward / per_step / 1e12, 1)
+            forwards = 2 if sc.true_cfg else 1  # per step
+            result["ms_per_cfg_step" if sc.true_cfg else "ms_per_step"] = round(1000 * per_step, 1)
+            result["ms_per_forward"] = round(1000 * per_step / forwards, 1)
+            result["tflops"] = round(forwards * flops_per_forward / per_step / 1e12, 1)
             if sc.ranks > 1:
                 result["tflops_note"] = "several GPUs: aggregate; ms_per_forward is effective"
         result["peak_gib_per_gpu"] = sampler.peaks_gib()
         result["peak_memory_source"] = "nvidia-smi memory.used (weights+activations+cache+context)"
+        if sc.lora and sc.lora_mode == "hotswap" and time.monotonic() < deadline:
+            # A base edit, then the LoRA id: the switch (slot copy + scheduler) in one edit.
+            edit_http(url, png, steps=2, seed=7)
+            after = timed_edit(sc, url, png, steps=steps, seed=8)
+            result["latency_after_switch_s"] = round(after.seconds, 3)
         if sc.clients and sc.rounds:
             result.update(throughput(sc, url, png, steps=steps, deadline=deadline))
             result["peak_gib_per_gpu"] = sampler.peaks_gib()
@@ -564,7 +650,7 @@ def throughput(
         for r in range(sc.rounds):
             if time.monotonic() > deadline:
                 return
-            seconds = edit_http(url, png, steps=steps, seed=1000 + 10 * index + r).seconds
+            seconds = timed_edit(sc, url, png, steps=steps, seed=1000 + 10 * index + r).seconds
             with lock:
                 lat.append(seconds)
                 done += 1
@@ -648,10 +734,17 @@ def main(argv: list[str] | None = None) -> int:
             config = json.loads(config_path.read_text())
             config.update((OVERRIDES or {}).get("transformer", {}))
             img = image_tokens(SIZE, SIZE, references=1)
+            # A forward's FLOPs: the mean of the two CFG branches' (a LoRA id runs the prompt's
+            # alone; its adapter's own FLOPs are not counted).
+            branches = [tokens["cond"]] if sc.lora else list(tokens.values())
             flops = statistics.mean(
-                transformer_flops(config, image_tokens=img, text_tokens=t) for t in tokens.values()
+                transformer_flops(config, image_tokens=img, text_tokens=t) for t in branches
             )
             steps = sc.steps or args.steps
+            if sc.lora:
+                from serve_app.common.recipes import RECIPES
+
+                steps = RECIPES[sc.lora].steps  # what the LoRA id runs when a request says nothing
             result = run_scenario(
                 sc, url=url, png=png, steps=steps, runs=sc.runs or args.runs, deadline=deadline,
                 flops_per_forward=flops, text_tokens=tokens, sampler=sampler, outputs=outputs,

@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serve_app.common.recipes import RECIPES, RecipeName
+
 # Environment overrides, for operators who keep one serve_config.yaml for many machines.
 ENV_MODEL_DIR = "QWEN_MODEL_DIR"
 ENV_DEVICE_MAP = "DEVICE_MAP"
@@ -20,17 +22,44 @@ class _Strict(BaseModel):
 
 
 class LoraConfig(_Strict):
-    """One LoRA served as its own model id, e.g. a Lightning 8-step LoRA."""
+    """One LoRA served as its own model id, e.g. a Lightning 4-step LoRA (docs/api.md#loras)."""
 
     # The model id clients send as `model`; listed in /v1/models.
     name: str = Field(min_length=1)
-    # A local .safetensors file, or a folder holding `weight_name`.
+    # A local .safetensors file, a folder holding `weight_name`, or a Hugging Face model id
+    # (org/name) whose `weight_name` file the replica fetches into the Hugging Face cache.
     path: str
     weight_name: str | None = None
+    # A Hub branch, tag or commit to pin a Hugging Face id to; None: the default branch.
+    revision: str | None = None
     scale: float = 1.0
-    # Distilled LoRAs want fewer steps and no CFG; None keeps the generation defaults.
+    # A published sampling recipe (common/recipes.py): its scheduler config, steps and CFG.
+    recipe: RecipeName | None = None
+    # Scheduler config fields, over the recipe's (or, without a recipe, over the model's own).
+    scheduler: dict[str, Any] | None = None
+    # Steps and CFG when a request leaves them out; None: the recipe's, else the generation's.
     default_steps: int | None = Field(default=None, ge=1)
     default_true_cfg_scale: float | None = Field(default=None, ge=0.0)
+
+    @property
+    def steps(self) -> int | None:
+        if self.default_steps is not None:
+            return self.default_steps
+        return RECIPES[self.recipe].steps if self.recipe else None
+
+    @property
+    def true_cfg_scale(self) -> float | None:
+        if self.default_true_cfg_scale is not None:
+            return self.default_true_cfg_scale
+        return RECIPES[self.recipe].true_cfg_scale if self.recipe else None
+
+    @property
+    def scheduler_config(self) -> dict[str, Any] | None:
+        """The scheduler this id runs with: the recipe's config with `scheduler` over it; without
+        a recipe, just the overrides (applied to the model's own scheduler); None: unchanged."""
+        if self.recipe:
+            return {**RECIPES[self.recipe].scheduler, **(self.scheduler or {})}
+        return dict(self.scheduler) if self.scheduler else None
 
 
 class ParallelConfig(_Strict):
@@ -116,6 +145,11 @@ class ModelConfig(_Strict):
     tiny_variant: Literal["edit", "2509", "2511"] = "2509"
     # Loaded once at start; each is chosen per request by its name as `model`.
     loras: list[LoraConfig] = Field(default_factory=list)
+    # How LoRAs are held (docs/gpu.md#distilled-loras): hotswap keeps the base model and every
+    # LoRA, switched per request by copying the LoRA's factors into one resident adapter (no
+    # recompile); fused folds the one LoRA into the weights at load (then fp8, then compile): the
+    # base model's cost per forward, and only the LoRA's id is served.
+    lora_mode: Literal["hotswap", "fused"] = "hotswap"
     # Several GPUs per replica as ranks (CFG x Ulysses sequence parallelism).
     parallel: ParallelConfig = ParallelConfig()
 
@@ -134,11 +168,16 @@ class ModelConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _quantization_alone(self) -> ModelConfig:
-        if self.quantization != "none" and self.loras:
+    def _fused_one(self) -> ModelConfig:
+        if self.lora_mode == "fused" and len(self.loras) != 1:
             raise ValueError(
-                "model.quantization fp8 does not combine with model.loras yet: choose one"
+                f"model.lora_mode fused folds exactly one LoRA into the weights; {len(self.loras)}"
+                " configured (use lora_mode: hotswap to serve several, or the base model too)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _quantization_alone(self) -> ModelConfig:
         if self.quantization != "none" and self.device_map == "cpu":
             raise ValueError("model.quantization fp8 needs GPUs (device_map is cpu)")
         if self.quantization != "none" and not self.compile:
@@ -165,7 +204,10 @@ class ModelConfig(_Strict):
 
     @property
     def model_ids(self) -> list[str]:
-        """Every id a request may name: the base model's names, then the LoRAs."""
+        """Every id a request may name, the default first: the base model's names, then the
+        LoRAs; with a fused LoRA only its name (the base model's weights are gone)."""
+        if self.lora_mode == "fused":
+            return [lora.name for lora in self.loras]
         return [*self.served_names, *(lora.name for lora in self.loras)]
 
     def lora(self, model_id: str) -> LoraConfig | None:
@@ -265,16 +307,27 @@ class AppConfig(_Strict):
 
     def defaults_for(self, model_id: str) -> tuple[int, float]:
         """(num_inference_steps, true_cfg_scale) when the request leaves them out."""
-        gen, lora = self.generation, self.model.lora(model_id)
-        if lora is None:
-            return gen.default_steps, gen.true_cfg_scale
-        steps = lora.default_steps if lora.default_steps is not None else gen.default_steps
-        cfg = (
-            lora.default_true_cfg_scale
-            if lora.default_true_cfg_scale is not None
-            else gen.true_cfg_scale
-        )
-        return min(steps, gen.max_steps), cfg
+        return defaults_for(self.model, self.generation, model_id)
+
+
+def defaults_for(
+    model: ModelConfig, generation: GenerationConfig, model_id: str
+) -> tuple[int, float]:
+    """(num_inference_steps, true_cfg_scale) of `model_id` when a request leaves them out: the
+    LoRA's own (or its recipe's), else the generation defaults; steps capped at max_steps."""
+    lora = model.lora(model_id)
+    steps = lora.steps if lora is not None else None
+    cfg = lora.true_cfg_scale if lora is not None else None
+    return (
+        min(steps if steps is not None else generation.default_steps, generation.max_steps),
+        cfg if cfg is not None else generation.true_cfg_scale,
+    )
+
+
+def every_id_runs_true_cfg(model: ModelConfig, generation: GenerationConfig) -> bool:
+    """Whether every model id runs true CFG by default (scale > 1; the generation's negative
+    prompt is always set), which a CFG split over ranks needs to keep all of them busy."""
+    return all(defaults_for(model, generation, model_id)[1] > 1 for model_id in model.model_ids)
 
 
 def load_config(

@@ -143,6 +143,18 @@ class EditService:
             "max_input_images": info.max_input_images if info else None,
             "lora": lora.name if lora else None,
             "lora_scale": lora.scale if lora else None,
+            # fused: in the weights (only this id is served); hotswap: switched per request.
+            "lora_mode": self._config.model.lora_mode if lora else None,
+            "recipe": lora.recipe if lora else None,
+            # The scheduler config this id steps with; None: the model folder's own.
+            "scheduler": lora.scheduler_config if lora else None,
+            "scheduler_base": (
+                None
+                if lora is None or lora.scheduler_config is None
+                else "recipe"
+                if lora.recipe
+                else "model"
+            ),
             "default_steps": steps,
             "default_true_cfg_scale": cfg,
         }

@@ -68,6 +68,39 @@ def resolve_model_path(
     return Path(folder)
 
 
+def is_hub_id(path: str) -> bool:
+    """Whether `path` reads as a Hub id (org/name) rather than a local path."""
+    return bool(_HUB_ID.match(path)) and not Path(path).expanduser().exists()
+
+
+def resolve_hub_file(
+    repo_id: str,
+    filename: str,
+    *,
+    revision: str | None = None,
+    what: str = "file",
+    download: Download | None = None,
+) -> Path:
+    """One file of a Hub repo (e.g. a LoRA's .safetensors) through the Hugging Face cache, as
+    `resolve_model_path` does for a whole model: the same environment, cache and errors.
+
+    `download` defaults to `huggingface_hub.hf_hub_download`; tests inject a fake."""
+    if download is None:
+        from huggingface_hub import hf_hub_download
+
+        download = hf_hub_download
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    t0 = time.perf_counter()
+    try:
+        file = download(repo_id, filename=filename, revision=revision, tqdm_class=_LogProgress)
+    except Exception as exc:
+        raise ModelSourceError(
+            _explain(exc, path=repo_id, revision=revision, what=what, filename=filename)
+        ) from exc
+    logger.info("%s %s/%s: %s (%.1f s)", what, where, filename, file, time.perf_counter() - t0)
+    return Path(file)
+
+
 def _cache_dir() -> str:
     from huggingface_hub import constants
 
@@ -80,8 +113,16 @@ def _offline() -> bool:
     return bool(constants.is_offline_mode())
 
 
-def _explain(exc: Exception, *, path: str, revision: str | None) -> str:
-    """One message naming the model and the fix, for each way resolving can fail."""
+def _explain(
+    exc: Exception,
+    *,
+    path: str,
+    revision: str | None,
+    what: str = "model",
+    filename: str | None = None,
+) -> str:
+    """One message naming the model (or `what`, for one `filename` of a repo) and the fix, for
+    each way resolving can fail."""
     from huggingface_hub.errors import (
         GatedRepoError,
         LocalEntryNotFoundError,
@@ -90,33 +131,38 @@ def _explain(exc: Exception, *, path: str, revision: str | None) -> str:
     )
 
     where = f"{path} (revision {revision})" if revision else path
-    fetch = f"hf download {path}" + (f" --revision {revision}" if revision else "")
+    if filename:
+        where = f"{path}/{filename}" + (f" (revision {revision})" if revision else "")
+    fetch = f"hf download {path}" + (f" {filename}" if filename else "")
+    fetch += f" --revision {revision}" if revision else ""
+    local = "its path to a local file" if filename else "model.path to a local diffusers folder"
     if isinstance(exc, LocalEntryNotFoundError) and _offline():
         return (
-            f"model {where} is not in the Hugging Face cache ({_cache_dir()}) and HF_HUB_OFFLINE=1"
-            f" forbids downloading it. Fix: download it once with the same HF_HOME"
-            f" (`{fetch}`), or unset HF_HUB_OFFLINE so the replica downloads it, or set"
-            " model.path to a local diffusers folder."
+            f"{what} {where} is not in the Hugging Face cache ({_cache_dir()}) and"
+            f" HF_HUB_OFFLINE=1 forbids downloading it. Fix: download it once with the same"
+            f" HF_HOME (`{fetch}`), or unset HF_HUB_OFFLINE so the replica downloads it, or set"
+            f" {local}."
         )
     if isinstance(exc, GatedRepoError):
         return (
-            f"model {where} is gated: accept its terms on huggingface.co and set HF_TOKEN"
+            f"{what} {where} is gated: accept its terms on huggingface.co and set HF_TOKEN"
             f" for the replica ({exc})"
         )
     if isinstance(exc, RevisionNotFoundError):
-        return f"model {path} has no revision {revision!r} on the Hub: fix model.revision"
+        fix = "model.revision" if what == "model" else "its revision"
+        return f"{what} {path} has no revision {revision!r} on the Hub: fix {fix}"
     if isinstance(exc, RepositoryNotFoundError):
         return (
-            f"model {where} was not found on the Hub: check the id, or set HF_TOKEN if it is"
+            f"{what} {where} was not found on the Hub: check the id, or set HF_TOKEN if it is"
             " private"
         )
     if isinstance(exc, LocalEntryNotFoundError):
         return (
-            f"model {where} could not be downloaded and is not in the Hugging Face cache"
+            f"{what} {where} could not be downloaded and is not in the Hugging Face cache"
             f" ({_cache_dir()}): check the network (or HF_ENDPOINT), or download it once with"
             f" `{fetch}` ({exc})"
         )
-    return f"model {where} could not be resolved through the Hugging Face Hub: {exc}"
+    return f"{what} {where} could not be resolved through the Hugging Face Hub: {exc}"
 
 
 class _LogProgress(tqdm):  # type: ignore[type-arg]
@@ -152,4 +198,4 @@ class _LogProgress(tqdm):  # type: ignore[type-arg]
         return text
 
 
-__all__ = ["ModelSourceError", "resolve_model_path"]
+__all__ = ["ModelSourceError", "is_hub_id", "resolve_hub_file", "resolve_model_path"]

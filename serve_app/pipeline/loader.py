@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,7 @@ import numpy as np
 from serve_app.common.config import GenerationConfig, ModelConfig
 from serve_app.common.jobs import EditJob
 from serve_app.pipeline.dispatch import strip_inner_hooks
-from serve_app.pipeline.lora import load_adapters
+from serve_app.pipeline.lora import hold_loras
 from serve_app.pipeline.measure import GpuProbe, probe_gpus
 from serve_app.pipeline.parallel.rank import RankHooks
 from serve_app.pipeline.profiling import StageTimer
@@ -51,8 +52,14 @@ def load_runner(
         runner.info.placement_table,
     )  # fmt: skip
     if model.warmup if model.warmup is not None else model.compile:
-        warm_up(runner, generation)
+        warm_up(runner, generation, model_ids=_warm_up_ids(model))
     return runner
+
+
+def _warm_up_ids(model: ModelConfig) -> list[str]:
+    """The default id, then each hot-swapped LoRA's (the base model's aliases run the same)."""
+    default = model.model_ids[0]
+    return [default, *(lora.name for lora in model.loras if lora.name != default)]
 
 
 def resolve_target(model: ModelConfig, gpu_probe: GpuProbe) -> Target:
@@ -97,8 +104,9 @@ def _finish(
     """LoRAs, hooks, speed switches, stage timers; then the runner."""
     pipe = loaded.pipe
     pipe.set_progress_bar_config(disable=True)
-    # LoRAs before compile: the compiled blocks then see the adapter layers from the start.
-    load_adapters(pipe, model.loras)
+    # LoRAs before fp8 and compile: fused weights are what gets quantized, and the compiled
+    # blocks see the hot-swap slot from the start.
+    hotswap = hold_loras(pipe, model)
     # Whole-GPU components need only their top-level accelerate hook (see strip_inner_hooks).
     for module in (loaded.transformer, pipe.text_encoder, pipe.vae):
         strip_inner_hooks(module)
@@ -118,33 +126,38 @@ def _finish(
         placement_table="\n".join([loaded.table, *notes]),
         stage_timer=StageTimer.install(pipe),
         rank_hooks=rank_hooks,
+        hotswap=hotswap,
     )
 
 
-def warm_up(runner: EditRunner, generation: GenerationConfig) -> float:
-    """One small true-CFG edit (2 steps) at the default size with one reference of that size, so
-    compilation and CUDA/cuDNN autotuning happen before the replica reports ready."""
+def warm_up(
+    runner: EditRunner, generation: GenerationConfig, *, model_ids: Sequence[str] = ()
+) -> float:
+    """One small true-CFG edit (2 steps) per model id at the default size with one reference of
+    that size, so compilation and CUDA/cuDNN autotuning happen before the replica reports ready,
+    and every id's LoRA and scheduler have run once."""
     side = max(runner.info.size_multiple, int(math.sqrt(generation.auto_size_pixels)))
     side -= side % runner.info.size_multiple
     image = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
-    job = EditJob(
-        request_id="warm-up",
-        model=runner.info.served_names[0],
-        images=[image],
-        prompt="warm-up edit",
-        negative_prompt=" ",
-        true_cfg_scale=4.0,
-        num_inference_steps=2,
-        width=side,
-        height=side,
-        seeds=[0],
-    )
     t0 = time.perf_counter()
-    try:
-        runner.run(job)
-    except Exception:
-        logger.exception("warm-up edit failed; the replica cannot start")
-        raise
+    for model_id in model_ids or runner.info.served_names[:1]:
+        job = EditJob(
+            request_id="warm-up",
+            model=model_id,
+            images=[image],
+            prompt="warm-up edit",
+            negative_prompt=" ",
+            true_cfg_scale=4.0,
+            num_inference_steps=2,
+            width=side,
+            height=side,
+            seeds=[0],
+        )
+        try:
+            runner.run(job)
+        except Exception:
+            logger.exception("warm-up edit (%s) failed; the replica cannot start", model_id)
+            raise
     elapsed = time.perf_counter() - t0
-    logger.info("warm-up edit (%dx%d, 2 steps, true CFG) took %.1f s", side, side, elapsed)
+    logger.info("warm-up edits (%dx%d, 2 steps, true CFG) took %.1f s", side, side, elapsed)
     return elapsed

@@ -30,10 +30,11 @@ from serve_app.engine import (
     StepHook,
 )
 from serve_app.pipeline.inpaint import inpaint_pipeline, inpaint_size, mask_image
-from serve_app.pipeline.lora import AdapterSwitch
+from serve_app.pipeline.lora import HotSwap
 from serve_app.pipeline.parallel.rank import RankHooks
 from serve_app.pipeline.previews import decode_preview, preview_steps
 from serve_app.pipeline.profiling import StageTimer
+from serve_app.pipeline.scheduling import SchedulerSwitch
 from serve_app.pipeline.variants import variant_of
 
 logger = logging.getLogger("ray.serve")
@@ -92,6 +93,7 @@ class EditRunner:
         placement_table: str = "",
         stage_timer: StageTimer | None = None,
         rank_hooks: RankHooks | None = None,
+        hotswap: HotSwap | None = None,
     ) -> None:
         self._pipe = pipe
         self._rank = rank_hooks
@@ -104,7 +106,7 @@ class EditRunner:
         self._max_images = per_class if per_class is not None else model.max_input_images
         self._multiple = int(pipe.vae_scale_factor) * 2
         self.info = ModelInfo(
-            served_names=model.served_names,
+            served_names=model.model_ids,
             pipeline_class=self._class_name,
             max_input_images=self._max_images,
             size_multiple=self._multiple,
@@ -115,7 +117,9 @@ class EditRunner:
             variant=_variant_name(pipe),
             tokenizer_json=_tokenizer_json(pipe),
         )
-        self._adapters = AdapterSwitch(pipe, model.loras)
+        # Per model id: the LoRA in the hot-swap slot (None: fused or no LoRAs) and the scheduler.
+        self._hotswap = hotswap
+        self._schedulers = SchedulerSwitch(pipe, model.loras)
         self._inpaint: Any = None  # built on the first mask edit, over the same modules
 
     @property
@@ -173,7 +177,7 @@ class EditRunner:
         t0 = time.perf_counter()
         pil_images = [Image.fromarray(a) for a in job.images]
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in job.seeds]
-        self._adapters.activate(job.model)
+        self._select_model(job.model)
         pipe, inputs, (work_w, work_h) = self._pipeline_for(job, pil_images)
         schedule: list[int] | None = None  # known once the pipeline has set its timesteps
 
@@ -256,6 +260,13 @@ class EditRunner:
             timings_s=timings,
             input_images=len(job.images),
         )
+
+    def _select_model(self, model_id: str) -> None:
+        """The request's model id: its LoRA in the slot, its scheduler on the pipelines."""
+        if self._hotswap is not None:
+            self._hotswap.activate(model_id)
+        pipes = [p for p in (self._pipe, self._inpaint) if p is not None]
+        self._schedulers.activate(model_id, pipes)
 
     def _pipeline_for(
         self, job: EditJob, pil_images: list[Any]

@@ -23,6 +23,7 @@ merge / temporal patch sizes, so the image-token count matches the vision tower)
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -351,3 +352,49 @@ __all__ = [
     "synthetic_component_sizes",
     "variant_dir",
 ]
+
+
+# The linears a step-distillation LoRA of these blocks adapts here: each block's 8 attention
+# projections and its 4 feed-forward linears (the 720 linears fp8 quantizes); the modulation
+# linears are left alone.
+SYNTHETIC_LORA_TARGETS = re.compile(
+    r"^transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj"
+    r"|add_v_proj|to_add_out)|(img|txt)_mlp\.net\.(0\.proj|2))$"
+)
+
+
+def build_synthetic_lora(
+    variant: str,
+    target_dir: str | Path,
+    *,
+    rank: int = 64,
+    seed: int = 0,
+    gain: float = 4.0,
+    overrides: Overrides | None = None,
+) -> Path:
+    """A random LoRA for the synthetic transformer, in the diffusers/peft key format that
+    `load_lora_weights` reads, written as `target_dir/pytorch_lora_weights.safetensors` (bf16):
+    rank `rank` on every `SYNTHETIC_LORA_TARGETS` linear, scaled so that each adapted weight
+    matrix moves by about `gain / sqrt(in_features)` of its norm (7 % at full width). For GPU tests and benchmarks of LoRA serving (speed and agreement, not
+    quality); the numbers are drawn on the CPU (no CUDA context in the caller)."""
+    import torch
+    from safetensors.torch import save_file
+    from torch import nn
+
+    transformer = build_empty_component(
+        variant_dir(variant), "transformer", overrides=(overrides or {}).get("transformer")
+    )
+    gen = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for name, module in transformer.named_modules():
+        if isinstance(module, nn.Linear) and SYNTHETIC_LORA_TARGETS.match(name):
+            a = torch.randn(rank, module.in_features, generator=gen) / module.in_features**0.5
+            b = torch.randn(module.out_features, rank, generator=gen)
+            b *= gain * DEFAULT_INIT_STD / rank**0.5
+            state[f"transformer.{name}.lora_A.weight"] = a.to(torch.bfloat16).contiguous()
+            state[f"transformer.{name}.lora_B.weight"] = b.to(torch.bfloat16).contiguous()
+    target = Path(target_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    path = target / "pytorch_lora_weights.safetensors"
+    save_file(state, str(path))
+    return path

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from pydantic import ValidationError
 
-from serve_app.common.config import AppConfig, load_config
+from serve_app.common.config import AppConfig, ModelConfig, load_config
 
 
 def test_defaults_and_env_overrides() -> None:
@@ -45,3 +47,18 @@ def test_served_names_dedupe_aliases() -> None:
         {"model": {"source": "tiny", "served_name": "a", "aliases": ["a", "b"]}}
     )
     assert cfg.model.served_names == ["a", "b"]
+
+
+def test_every_id_runs_true_cfg_only_without_cfg_off_ids() -> None:
+    from serve_app.common.config import GenerationConfig, every_id_runs_true_cfg
+
+    def model(**fields: Any) -> ModelConfig:
+        return ModelConfig(source="tiny", **fields)
+
+    gen = GenerationConfig()
+    assert every_id_runs_true_cfg(model(), gen)
+    assert every_id_runs_true_cfg(model(loras=[{"name": "style", "path": "/s"}]), gen)
+    lightning = [{"name": "fast", "path": "/f", "recipe": "lightning-4"}]
+    assert not every_id_runs_true_cfg(model(loras=lightning), gen)
+    assert not every_id_runs_true_cfg(model(loras=lightning, lora_mode="fused"), gen)
+    assert not every_id_runs_true_cfg(model(), GenerationConfig(true_cfg_scale=1.0))

@@ -66,11 +66,21 @@ SHAPE_KEYS = (
     "applications.*.args.limits.max_output_pixels",
 )
 
+# What a distilled-model config may change besides (its LoRA, how it is held, and fp8 after it).
+LORA_KEYS = (
+    f"{_MODEL}.loras*",
+    f"{_MODEL}.lora_mode",
+    f"{_MODEL}.quantization",
+)
+# Configs that serve a distilled LoRA instead of the base model (fp8 where the card has it).
+DISTILLED = {"deploy/configs/1gpu-lightning.yaml"}
+
 # The cards each GPU config is for (GiB per GPU), the placement the planner must choose there
 # (for a replica over ranks: each rank's, on its one GPU) and the GPUs of one replica. README's
 # table says the same.
 CARDS: dict[str, tuple[int, str, int]] = {
     "serve_config.yaml": (80, "single", 1),
+    "deploy/configs/1gpu-lightning.yaml": (80, "single", 1),
     "deploy/configs/2gpu-latency.yaml": (80, "single", 2),
     "deploy/configs/2gpu-throughput.yaml": (80, "single", 1),
     "deploy/configs/4gpu.yaml": (80, "single", 4),
@@ -162,7 +172,7 @@ def test_the_proxy_waits_longer_than_the_app(path: Path) -> None:
 # --- the GPU shapes --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", GPU_CONFIGS, ids=name)
+@pytest.mark.parametrize("path", [p for p in GPU_CONFIGS if name(p) not in DISTILLED], ids=name)
 def test_gpu_configs_serve_bf16_by_default(path: Path) -> None:
     model = load_config(app(serve_config_of(path))["args"], environ={}).model
     assert (model.quantization, model.dtype, model.source) == ("none", "auto", "local")
@@ -180,10 +190,9 @@ def test_gpu_configs_serve_bf16_by_default(path: Path) -> None:
 @pytest.mark.parametrize("path", SHAPE_CONFIGS, ids=name)
 def test_shape_configs_are_serve_config_yaml_in_another_shape(path: Path) -> None:
     ours, reference = serve_config_of(path), serve_config_of(SERVE_CONFIG)
+    allowed = SHAPE_KEYS + (LORA_KEYS if name(path) in DISTILLED else ())
     unexpected = {
-        d
-        for d in differences(ours, reference)
-        if not any(fnmatch.fnmatch(d, p) for p in SHAPE_KEYS)
+        d for d in differences(ours, reference) if not any(fnmatch.fnmatch(d, p) for p in allowed)
     }
     assert unexpected == set(), f"{name(path)} differs from serve_config.yaml beyond its shape"
     assert f"serve run {name(path)}" in path.read_text(), "the header says how to run it"
@@ -229,6 +238,23 @@ def test_each_shape_places_the_full_model_on_its_cards(path: Path) -> None:
     assert plan.placement.strategy == strategy
     assert "cpu" not in plan.placement.device_map.values()
     assert gpus_per_replica(serve_config_of(path)) == gpus
+
+
+def test_the_lightning_config_serves_the_fused_4_step_recipe_in_fp8() -> None:
+    """One step to the fast model: the 2511 Lightning 4-step LoRA by its Hub id, fused, then fp8
+    and compile; its id alone is served and runs the recipe's 4 steps without true CFG."""
+    config = load_config(
+        app(serve_config_of(ROOT / "deploy/configs/1gpu-lightning.yaml"))["args"], environ={}
+    )
+    model = config.model
+    (lora,) = model.loras
+    assert (lora.recipe, model.lora_mode, model.quantization, model.compile) == (
+        "lightning-4", "fused", "fp8", True,
+    )  # fmt: skip
+    assert lora.path == "lightx2v/Qwen-Image-Edit-2511-Lightning"
+    assert lora.weight_name and "2511-Lightning-4steps" in lora.weight_name
+    assert model.model_ids == [lora.name]
+    assert config.defaults_for(lora.name) == (4, 1.0)
 
 
 def test_24gb_cards_need_the_1mp_limit() -> None:

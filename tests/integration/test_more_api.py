@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -28,6 +29,7 @@ pytestmark = pytest.mark.integration
 APP = "more-api"
 PREFIX = "/more"
 LORA_ID = "qwen-image-edit-fast"
+RECIPE_ID = "qwen-image-edit-lightning-4"  # the same adapter file, with the lightning-4 recipe
 ARGS: dict[str, Any] = {
     "model": {"source": "tiny", "device_map": "cpu"},
     "generation": {"default_steps": 2, "max_steps": 1000, "auto_size_pixels": 64 * 64},
@@ -45,7 +47,8 @@ def more(serve_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> It
     lora = build_tiny_lora(ensure_tiny_model(), tmp_path_factory.mktemp("lora"))
     args = json.loads(json.dumps(ARGS))
     args["model"]["loras"] = [
-        {"name": LORA_ID, "path": str(lora), "default_steps": 3, "default_true_cfg_scale": 1.0}
+        {"name": LORA_ID, "path": str(lora), "default_steps": 3, "default_true_cfg_scale": 1.0},
+        {"name": RECIPE_ID, "path": str(lora), "recipe": "lightning-4"},
     ]
     srv = deploy_app(serve_cluster, APP, args=args, route_prefix=PREFIX)
     try:
@@ -200,15 +203,39 @@ def test_mask_errors_name_the_mask(client: openai.OpenAI) -> None:
 
 def test_models_list_the_lora_with_metadata(client: openai.OpenAI, more: Server) -> None:
     models = {m.id: m for m in client.models.list().data}
-    assert list(models) == ["qwen-image-edit", LORA_ID]
+    assert list(models) == ["qwen-image-edit", LORA_ID, RECIPE_ID]
     meta = models[LORA_ID].model_extra["metadata"]  # type: ignore[index]
     assert meta["lora"] == LORA_ID and meta["default_steps"] == 3
     assert meta["default_true_cfg_scale"] == 1.0
     assert meta["variant"] == "Qwen-Image-Edit-2509"
+    assert meta["lora_mode"] == "hotswap" and meta["scheduler"] is None  # the model's own
     base_meta = models["qwen-image-edit"].model_extra["metadata"]  # type: ignore[index]
     assert base_meta["lora"] is None and base_meta["default_steps"] == 2
+    # What the recipe id runs with: its steps, no CFG, the Lightning scheduler.
+    recipe = models[RECIPE_ID].model_extra["metadata"]  # type: ignore[index]
+    assert (recipe["recipe"], recipe["default_steps"], recipe["default_true_cfg_scale"]) == (
+        "lightning-4", 4, 1.0,
+    )  # fmt: skip
+    assert recipe["scheduler_base"] == "recipe"
+    assert recipe["scheduler"]["base_shift"] == recipe["scheduler"]["max_shift"]
+    assert abs(recipe["scheduler"]["base_shift"] - math.log(3)) < 1e-12
     ready = httpx.get(f"{more.url}/ready", timeout=30).json()
-    assert ready["variant"] == "Qwen-Image-Edit-2509" and ready["loras"] == [LORA_ID]
+    assert ready["variant"] == "Qwen-Image-Edit-2509" and ready["loras"] == [LORA_ID, RECIPE_ID]
+
+
+def test_a_recipe_id_runs_its_recipe_when_the_request_says_nothing(
+    client: openai.OpenAI,
+) -> None:
+    def edit(model: str, **extra: Any) -> np.ndarray:
+        result = client.images.edit(
+            model=model, image=("in.png", png(), "image/png"), prompt="x", size="32x32",
+            extra_body={"seed": 42, **extra},
+        )  # fmt: skip
+        return np.asarray(decode(result.data[0].b64_json))  # type: ignore[arg-type]
+
+    plain = edit(RECIPE_ID)
+    assert np.array_equal(plain, edit(RECIPE_ID, num_inference_steps=4, true_cfg_scale=1.0))
+    assert not np.array_equal(plain, edit(RECIPE_ID, num_inference_steps=2))
 
 
 def test_lora_is_chosen_by_model_and_base_is_unchanged(client: openai.OpenAI) -> None:

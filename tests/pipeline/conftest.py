@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,41 @@ def tiny_models() -> TinyModels:
     return get
 
 
+@pytest.fixture
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An empty Hugging Face cache, offline: what HF_HOME=<tmp> HF_HUB_OFFLINE=1 give a new
+    process (the Hub reads both once at import, so this process patches its constants)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-home" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    yield cache
+
+
 @pytest.fixture(scope="session")
 def tiny_lora(tiny_models: TinyModels, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_lora(tiny_models("2509"), tmp_path_factory.mktemp("lora"))
+
+
+@contextlib.contextmanager
+def decoded_latents(pipe: Any) -> Iterator[list[Any]]:
+    """Every latents tensor `pipe`'s VAE decodes while inside, in order: what an edit produced,
+    compared before the tiny VAE (whose random weights hide most differences in pixels)."""
+    seen: list[Any] = []
+    vae = pipe.vae
+    original = vae.decode
+
+    def decode(latents: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(latents.detach().clone())
+        return original(latents, *args, **kwargs)
+
+    vae.decode = decode
+    try:
+        yield seen
+    finally:
+        del vae.decode  # the class's method again
 
 
 def make_runner(path: Path, **model: Any) -> EditRunner:

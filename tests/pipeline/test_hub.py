@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx2
 import pytest
-from huggingface_hub import constants
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
 from serve_app.common.config import GenerationConfig, ModelConfig, load_config
@@ -20,17 +18,6 @@ from tests.hub_cache import COMMIT, add_to_hub_cache
 from tests.pipeline.conftest import TinyModels
 
 REPO = "test-org/tiny-qwen-image-edit"
-
-
-@pytest.fixture
-def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """An empty Hugging Face cache, offline: what HF_HOME=<tmp> HF_HUB_OFFLINE=1 give a new
-    process (the Hub reads both once at import, so this process patches its constants)."""
-    cache = tmp_path / "hf-home" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    yield cache
 
 
 def test_a_local_folder_is_used_as_it_is(tiny_models: TinyModels) -> None:

@@ -1,7 +1,9 @@
-"""LoRAs: loaded once, chosen per request by `model`, the base model untouched afterwards."""
+"""LoRAs as model ids: fused or hot-swapped, each with its recipe's scheduler, equal to the
+published recipe written with plain diffusers; the base model untouched by switching."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -10,55 +12,229 @@ import pydantic
 import pytest
 import torch
 
-from serve_app.common.config import AppConfig, LoraConfig
-from serve_app.pipeline.lora import AdapterSwitch
+from serve_app.common.config import AppConfig, LoraConfig, ModelConfig
+from serve_app.pipeline.hub import ModelSourceError
+from serve_app.pipeline.lora import HotSwap, resolve_lora
 from serve_app.pipeline.runner import EditRunner
+from serve_app.pipeline.tiny import build_tiny_lora
 from tests.fixtures import make_job, red_left
-from tests.pipeline.conftest import TinyModels, final_latents, make_runner
+from tests.hub_cache import add_to_hub_cache
+from tests.pipeline.conftest import TinyModels, decoded_latents, make_runner
+
+BASE = "qwen-image-edit"
+# The published recipe as its authors wrote it (ModelTC/Qwen-Image-Lightning,
+# generate_with_diffusers.py), independently of serve_app.common.recipes.
+PUBLISHED_SCHEDULER = {
+    "base_image_seq_len": 256,
+    "base_shift": math.log(3),
+    "invert_sigmas": False,
+    "max_image_seq_len": 8192,
+    "max_shift": math.log(3),
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "shift_terminal": None,
+    "stochastic_sampling": False,
+    "time_shift_type": "exponential",
+    "use_beta_sigmas": False,
+    "use_dynamic_shifting": True,
+    "use_exponential_sigmas": False,
+    "use_karras_sigmas": False,
+}
+STEPS = 4  # lightning-4
+# What the ingress fills in for a lightning-4 id (its recipe's defaults).
+LIGHTNING: dict[str, Any] = {"num_inference_steps": STEPS, "true_cfg_scale": 1.0}
 
 
 @pytest.fixture(scope="module")
-def runner(tiny_models: TinyModels, tiny_lora: Path) -> EditRunner:
-    # One pipeline, three adapters over the same weights file, loaded once.
-    loras = [
-        {"name": "fast", "path": str(tiny_lora)},
-        {"name": "folder", "path": str(tiny_lora.parent), "weight_name": tiny_lora.name},
-        {"name": "off", "path": str(tiny_lora), "scale": 0.0},
-    ]
-    return make_runner(tiny_models("2509"), loras=loras)
+def model_dir(tiny_models: TinyModels) -> Path:
+    return tiny_models("2511")
 
 
 @pytest.fixture(scope="module")
-def base_latents(runner: EditRunner) -> torch.Tensor:
-    runner.run(make_job(model="qwen-image-edit"))
-    return final_latents(runner)
+def loras(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two LoRAs of different ranks (the slot pads the smaller one)."""
+    root = tmp_path_factory.mktemp("loras")
+    return {
+        "l4": build_tiny_lora(model_dir, root / "a", seed=1, rank=4),
+        "other": build_tiny_lora(model_dir, root / "b", seed=2, rank=8),
+    }
 
 
-def test_selecting_a_lora_changes_the_output_and_base_is_restored(
-    runner: EditRunner, base_latents: torch.Tensor
+def published_recipe(model_dir: Path, lora: Path, *, steps: int = STEPS) -> tuple[Any, Any]:
+    """(latents the VAE decodes, sigmas) of the published recipe run with plain diffusers:
+    its scheduler, load_lora_weights, true_cfg_scale 1, the same seed as `make_job`."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
+    from PIL import Image
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(PUBLISHED_SCHEDULER)
+    pipe = QwenImageEditPlusPipeline.from_pretrained(model_dir, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+    with decoded_latents(pipe) as seen, torch.inference_mode():
+        pipe(
+            image=[Image.fromarray(red_left())],
+            prompt="make it blue",
+            negative_prompt=" ",
+            true_cfg_scale=1.0,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(7),
+            height=32,
+            width=32,
+            output_type="np",
+        )
+    return seen[0], pipe.scheduler.sigmas.clone()
+
+
+def served(runner: EditRunner, model: str, **job: Any) -> tuple[Any, Any]:
+    """(latents the VAE decodes, sigmas stepped) of one edit through the runner."""
+    with decoded_latents(runner.pipe) as seen:
+        runner.run(make_job(model=model, **{"negative_prompt": " ", **job}))
+    return seen[0], runner.pipe.scheduler.sigmas.clone()
+
+
+@pytest.fixture(scope="module")
+def hotswap(model_dir: Path, loras: dict[str, Path]) -> EditRunner:
+    return make_runner(
+        model_dir,
+        loras=[
+            {"name": "l4", "path": str(loras["l4"]), "recipe": "lightning-4"},
+            {"name": "other", "path": str(loras["other"]), "scale": 0.5},
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def recipe(model_dir: Path, loras: dict[str, Path]) -> tuple[Any, Any]:
+    return published_recipe(model_dir, loras["l4"])
+
+
+def test_hotswap_equals_the_published_recipe(hotswap: EditRunner, recipe: tuple[Any, Any]) -> None:
+    latents, sigmas = served(hotswap, "l4", **LIGHTNING)
+    torch.testing.assert_close(sigmas, recipe[1])
+    torch.testing.assert_close(latents, recipe[0], rtol=1e-4, atol=1e-5)
+
+
+def test_fused_equals_the_published_recipe(
+    model_dir: Path, loras: dict[str, Path], recipe: tuple[Any, Any]
 ) -> None:
-    base = runner.run(make_job(model="qwen-image-edit")).images[0]
-    with_lora = runner.run(make_job(model="fast")).images[0]
-    lora_latents = final_latents(runner)  # the runner left "fast" active
-    base_again = runner.run(make_job(model="qwen-image-edit")).images[0]
+    runner = make_runner(
+        model_dir,
+        lora_mode="fused",
+        loras=[{"name": "l4", "path": str(loras["l4"]), "recipe": "lightning-4"}],
+    )
+    assert runner.info.served_names == ["l4"]  # the base model's weights are gone
+    latents, sigmas = served(runner, "l4", **LIGHTNING)
+    torch.testing.assert_close(sigmas, recipe[1])
+    torch.testing.assert_close(latents, recipe[0], rtol=1e-4, atol=1e-5)
+    # No adapter layers are left: the LoRA is in the weights.
+    assert not any("lora_" in name for name, _ in runner.pipe.transformer.named_parameters())
 
-    assert not np.array_equal(base, with_lora)
-    assert np.array_equal(base, base_again)
-    # On latents the effect is large (the tiny VAE hides most of it in the pixels).
-    assert (lora_latents - base_latents).abs().max() > 0.05
-    assert torch.equal(final_latents(runner), base_latents)
 
-
-def test_lora_scale_and_folder_form_from_config(
-    runner: EditRunner, base_latents: torch.Tensor
+def test_switching_ids_swaps_lora_and_scheduler_and_gives_the_base_back(
+    hotswap: EditRunner, recipe: tuple[Any, Any]
 ) -> None:
-    runner.run(make_job(model="off"))
-    assert torch.allclose(final_latents(runner), base_latents, atol=1e-6)  # scale 0 = base
-    runner.run(make_job(model="folder"))  # folder + weight_name: the same weights as "fast"
-    folder_latents = final_latents(runner)
-    runner.run(make_job(model="fast"))
-    assert (folder_latents - base_latents).abs().max() > 0.05
-    assert torch.equal(folder_latents, final_latents(runner))
+    base, base_sigmas = served(hotswap, BASE, num_inference_steps=STEPS)
+    lora, lora_sigmas = served(hotswap, "l4", **LIGHTNING)
+    other, _ = served(hotswap, "other", **LIGHTNING)
+    base_again, base_sigmas_again = served(hotswap, BASE, num_inference_steps=STEPS)
+
+    assert torch.equal(base, base_again)  # bit for bit: the slot adds exact zeros
+    assert torch.equal(base_sigmas, base_sigmas_again)
+    # The LoRA id stepped through the recipe's sigmas, the base id through its own.
+    assert torch.equal(lora_sigmas, recipe[1])
+    assert not torch.allclose(base_sigmas, lora_sigmas)
+    # Each adapter visibly changes the edit (the test would pass vacuously otherwise).
+    assert (lora - base).abs().max() > 0.05
+    assert (other - base).abs().max() > 0.05
+    assert (other - lora).abs().max() > 0.05
+
+
+def test_a_lora_without_recipe_keeps_the_model_scheduler(hotswap: EditRunner) -> None:
+    served(hotswap, BASE)
+    base_scheduler = hotswap.pipe.scheduler
+    served(hotswap, "other", true_cfg_scale=1.0)
+    assert hotswap.pipe.scheduler is base_scheduler
+
+
+def test_hotswap_scale_is_the_configured_one(
+    model_dir: Path, loras: dict[str, Path], hotswap: EditRunner
+) -> None:
+    """`other` at scale 0.5 in the slot equals diffusers' own adapter at weight 0.5."""
+    from diffusers import QwenImageEditPlusPipeline
+
+    pipe = QwenImageEditPlusPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(loras["other"].parent), adapter_name="other")
+    pipe.set_adapters(["other"], [0.5])
+    runner = EditRunner(pipe, model=ModelConfig(source="tiny"), generation=_gen(), device_map={})
+    want, _ = served(runner, BASE, true_cfg_scale=1.0)
+    got, _ = served(hotswap, "other", true_cfg_scale=1.0)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_switching_never_recompiles_the_compiled_blocks(hotswap: EditRunner) -> None:
+    """The slot keeps modules, shapes and Python state the same for every id: with dynamo told
+    to fail on any recompile, each id runs through the blocks compiled by the first edit."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    transformer = hotswap.pipe.transformer
+    torch._dynamo.reset()
+    counters.clear()
+    transformer.compile_repeated_blocks(fullgraph=True, backend="eager")
+    try:
+        served(hotswap, "l4", **LIGHTNING)  # compiled on this first call
+        graphs = counters["stats"]["unique_graphs"]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for model in (BASE, "other", "l4", BASE):
+                served(hotswap, model, true_cfg_scale=1.0)
+    finally:
+        for block in transformer.transformer_blocks:
+            block._compiled_call_impl = None  # back to eager for the other tests
+        torch._dynamo.reset()
+    assert graphs >= 1  # the blocks did run compiled
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_the_slot_covers_every_adapted_linear_at_the_largest_rank(hotswap: EditRunner) -> None:
+    swap = hotswap._hotswap
+    assert isinstance(swap, HotSwap)
+    assert swap.rank == 8 and swap.names == ["l4", "other"]
+    layers = [n for n, _ in hotswap.pipe.transformer.named_modules() if n.endswith("lora_A")]
+    assert layers and all(".attn." in n for n in layers)
+
+
+# --- LoRAs by Hugging Face id ---------------------------------------------------------------
+
+
+def test_a_lora_by_hub_id_loads_from_the_cache(
+    model_dir: Path, loras: dict[str, Path], hub_cache: Path
+) -> None:
+    add_to_hub_cache(loras["l4"].parent, hub_cache, "test-org/tiny-lightning")
+    spec = LoraConfig(
+        name="l4", path="test-org/tiny-lightning", weight_name=loras["l4"].name, revision="main"
+    )
+    folder, weight_name = resolve_lora(spec)
+    assert Path(folder).is_relative_to(hub_cache) and weight_name == loras["l4"].name
+    by_id = make_runner(model_dir, loras=[{**spec.model_dump(), "recipe": "lightning-4"}])
+    by_path = make_runner(
+        model_dir, loras=[{"name": "l4", "path": str(loras["l4"]), "recipe": "lightning-4"}]
+    )
+    assert torch.equal(served(by_id, "l4", **LIGHTNING)[0], served(by_path, "l4", **LIGHTNING)[0])
+
+
+def test_a_hub_lora_needs_its_weight_name(hub_cache: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="weight_name"):
+        resolve_lora(LoraConfig(name="x", path="test-org/tiny-lightning"))
+
+
+def test_a_hub_lora_missing_offline_names_the_fix(hub_cache: Path) -> None:
+    spec = LoraConfig(name="x", path="org/absent", weight_name="w.safetensors", revision="v1")
+    with pytest.raises(ModelSourceError) as caught:
+        resolve_lora(spec)
+    message = str(caught.value)
+    assert "org/absent/w.safetensors" in message
+    assert "hf download org/absent w.safetensors --revision v1" in message
 
 
 def test_a_missing_lora_path_fails_at_load(tiny_models: TinyModels, tmp_path: Path) -> None:
@@ -66,92 +242,25 @@ def test_a_missing_lora_path_fails_at_load(tiny_models: TinyModels, tmp_path: Pa
         make_runner(tiny_models("2509"), loras=[{"name": "x", "path": str(tmp_path / "nope")}])
 
 
-def test_lora_applies_to_mask_edits_too(runner: EditRunner) -> None:
-    # The inpaint pipeline shares the transformer, adapters included.
+def test_lora_applies_to_mask_edits_too(hotswap: EditRunner) -> None:
+    # The inpaint pipeline shares the transformer (so the slot) and the scheduler switch.
     mask = np.zeros((40, 48), np.uint8)
     mask[:, :24] = 255
-    job: dict[str, Any] = dict(images=[red_left()], mask=mask)
-    base = runner.run(make_job(model="qwen-image-edit", **job)).images[0]
-    with_lora = runner.run(make_job(model="fast", **job)).images[0]
-    assert not np.array_equal(base, with_lora)
-
-
-# --- the switch, with a recording fake pipeline ---------------------------------------------
-
-
-class RecordingTransformer:
-    def __init__(self, fail_on: str | None = None) -> None:
-        self.calls: list[tuple[Any, ...]] = []
-        self.fail_on = fail_on
-
-    def _record(self, *call: Any) -> None:
-        self.calls.append(call)
-        if call[0] == self.fail_on:
-            self.fail_on = None
-            raise RuntimeError("boom")
-
-    def enable_lora(self) -> None:
-        self._record("enable")
-
-    def disable_lora(self) -> None:
-        self._record("disable")
-
-    def set_adapters(self, names: list[str], weights: list[float]) -> None:
-        self._record("set", names, weights)
-
-
-class Pipe:
-    """A pipeline as AdapterSwitch sees it: the adapters live on its transformer."""
-
-    def __init__(self, transformer: Any) -> None:
-        self.transformer = transformer
-
-
-SPECS = [LoraConfig(name="a", path="/x", scale=0.7), LoraConfig(name="b", path="/y")]
-
-
-def test_switch_enables_before_setting_and_skips_repeats() -> None:
-    model = RecordingTransformer()
-    switch = AdapterSwitch(Pipe(model), SPECS)
-    switch.activate("qwen-image-edit")  # base, and nothing active yet: no call
-    switch.activate("a")
-    switch.activate("a")
-    switch.activate("b")
-    switch.activate("qwen-image-edit")
-    assert model.calls == [
-        ("enable",), ("set", ["a"], [0.7]),
-        ("enable",), ("set", ["b"], [1.0]),
-        ("disable",),
-    ]  # fmt: skip
-
-
-def test_switch_redoes_a_switch_that_failed_half_way() -> None:
-    model = RecordingTransformer(fail_on="set")
-    switch = AdapterSwitch(Pipe(model), SPECS)
-    with pytest.raises(RuntimeError):
-        switch.activate("a")  # enabled, then failed: LoRA state unknown
-    switch.activate("qwen-image-edit")
-    assert model.calls[-1] == ("disable",)
-
-
-def test_switch_reaches_the_model_inside_a_parallel_wrapper() -> None:
-    """A replica over ranks wraps the transformer (CfgSplitTransformer.inner)."""
-    model = RecordingTransformer()
-
-    class Wrapper:
-        inner = model
-
-    AdapterSwitch(Pipe(Wrapper()), SPECS).activate("b")
-    assert model.calls == [("enable",), ("set", ["b"], [1.0])]
-
-
-def test_switch_without_loras_never_touches_the_pipeline() -> None:
-    model = RecordingTransformer()
-    AdapterSwitch(Pipe(model), []).activate("anything")
-    assert model.calls == []
+    job: dict[str, Any] = dict(images=[red_left()], mask=mask, negative_prompt=" ")
+    with decoded_latents(hotswap.pipe) as seen:
+        hotswap.run(make_job(model=BASE, **job))
+        hotswap.run(make_job(model="l4", **{**job, **LIGHTNING}))
+    assert (seen[0] - seen[1]).abs().max() > 0.05
+    assert hotswap._inpaint.scheduler is hotswap.pipe.scheduler
 
 
 # --- config ---------------------------------------------------------------------------------
+
+
+def _gen() -> Any:
+    from serve_app.common.config import GenerationConfig
+
+    return GenerationConfig()
 
 
 def config(**model: Any) -> AppConfig:
@@ -164,30 +273,55 @@ def test_lora_ids_and_defaults() -> None:
     cfg = config(
         aliases=["alias"],
         loras=[
-            {
-                "name": "lightning-8",
-                "path": "/l8",
-                "default_steps": 8,
-                "default_true_cfg_scale": 1.0,
-            },
+            {"name": "lightning-4", "path": "/l4", "recipe": "lightning-4"},
+            {"name": "lightning-8", "path": "/l8", "recipe": "lightning-8", "default_steps": 6},
             {"name": "style", "path": "/s", "default_steps": 400},
         ],
     )
-    assert cfg.model.model_ids == ["qwen-image-edit", "alias", "lightning-8", "style"]
-    assert cfg.defaults_for("lightning-8") == (8, 1.0)
+    assert cfg.model.model_ids == [
+        "qwen-image-edit",
+        "alias",
+        "lightning-4",
+        "lightning-8",
+        "style",
+    ]
+    assert cfg.defaults_for("lightning-4") == (4, 1.0)
+    assert cfg.defaults_for("lightning-8") == (6, 1.0)  # the entry's own field wins
     assert cfg.defaults_for("style") == (40, 4.0)  # capped at max_steps; CFG as the base
     assert cfg.defaults_for("qwen-image-edit") == (30, 4.0)
 
 
+def test_a_recipe_carries_its_scheduler_and_fields_override_it() -> None:
+    lora = LoraConfig(name="x", path="/x", recipe="lightning-8", scheduler={"shift_terminal": 0.1})
+    assert lora.scheduler_config == {**PUBLISHED_SCHEDULER, "shift_terminal": 0.1}
+    assert LoraConfig(name="y", path="/y").scheduler_config is None
+    assert LoraConfig(name="z", path="/z", scheduler={"shift": 2.0}).scheduler_config == {
+        "shift": 2.0
+    }
+
+
+def test_a_fused_lora_is_the_only_model_id() -> None:
+    cfg = config(lora_mode="fused", loras=[{"name": "fast", "path": "/f", "recipe": "lightning-4"}])
+    assert cfg.model.model_ids == ["fast"]
+
+
+def test_fp8_combines_with_loras() -> None:
+    model = {"device_map": "cuda", "quantization": "fp8", "compile": True}
+    assert config(**model, loras=[{"name": "f", "path": "/f"}], lora_mode="fused").model.loras
+
+
 @pytest.mark.parametrize(
-    "loras",
+    "model",
     [
-        [{"name": "qwen-image-edit", "path": "/a"}],  # clashes with the served name
-        [{"name": "x", "path": "/a"}, {"name": "x", "path": "/b"}],
-        [{"name": "", "path": "/a"}],
-        [{"name": "x", "path": "/a", "surprise": 1}],
+        {"loras": [{"name": "qwen-image-edit", "path": "/a"}]},  # clashes with the served name
+        {"loras": [{"name": "x", "path": "/a"}, {"name": "x", "path": "/b"}]},
+        {"loras": [{"name": "", "path": "/a"}]},
+        {"loras": [{"name": "x", "path": "/a", "surprise": 1}]},
+        {"loras": [{"name": "x", "path": "/a", "recipe": "lightning-3"}]},
+        {"lora_mode": "fused", "loras": []},  # fused folds exactly one
+        {"lora_mode": "fused", "loras": [{"name": "x", "path": "/a"}, {"name": "y", "path": "/b"}]},
     ],
 )
-def test_bad_lora_configs_are_rejected(loras: list[dict[str, Any]]) -> None:
+def test_bad_lora_configs_are_rejected(model: dict[str, Any]) -> None:
     with pytest.raises(pydantic.ValidationError):
-        config(loras=loras)
+        config(**model)

@@ -37,6 +37,21 @@ def test_auto_puts_cfg_first(
 
 
 @pytest.mark.parametrize(
+    ("gpus", "cfg", "ulysses", "expected"),
+    [
+        (2, "auto", "auto", ParallelPlan(1, 2)),  # every rank on the one pass of each step
+        (8, "auto", "auto", ParallelPlan(1, 8)),
+        (4, "auto", 2, ParallelPlan(2, 2)),  # an explicit half asks for the CFG split
+        (4, 2, "auto", ParallelPlan(2, 2)),
+    ],
+)
+def test_auto_runs_ulysses_over_every_rank_when_an_id_runs_without_true_cfg(
+    gpus: int, cfg: object, ulysses: object, expected: ParallelPlan
+) -> None:
+    assert plan_parallel(gpus, cfg=cfg, ulysses=ulysses, true_cfg=False) == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
     ("gpus", "kwargs", "message"),
     [
         (4, {"cfg": 2, "ulysses": 4}, "must equal the GPU count"),

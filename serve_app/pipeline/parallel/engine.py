@@ -38,7 +38,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from typing import Any
 
-from serve_app.common.config import GenerationConfig, ModelConfig
+from serve_app.common.config import GenerationConfig, ModelConfig, every_id_runs_true_cfg
 from serve_app.common.jobs import EditJob, EditOutput
 from serve_app.engine import (
     EditStopped,
@@ -239,7 +239,10 @@ class ParallelEngine:
 
         self._timeout_s = model.parallel.timeout_s
         self.plan = plan_parallel(
-            model.parallel.gpus, cfg=model.parallel.cfg, ulysses=model.parallel.ulysses
+            model.parallel.gpus,
+            cfg=model.parallel.cfg,
+            ulysses=model.parallel.ulysses,
+            true_cfg=every_id_runs_true_cfg(model, generation),
         )
         pg = ray.util.get_current_placement_group()
         if pg is None or len(pg.bundle_specs) < self.plan.world_size:

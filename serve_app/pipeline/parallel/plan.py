@@ -42,15 +42,24 @@ class ParallelPlan:
 
 
 def plan_parallel(
-    world_size: int, *, cfg: Degree = "auto", ulysses: Degree = "auto", heads: int | None = None
+    world_size: int,
+    *,
+    cfg: Degree = "auto",
+    ulysses: Degree = "auto",
+    heads: int | None = None,
+    true_cfg: bool = True,
 ) -> ParallelPlan:
     """The plan for `world_size` ranks. `auto` puts CFG first (its two passes need no exchange
     inside a forward: one all-gather per step), then Ulysses over the rest: measured on H200 a CFG
-    split of 2 GPUs beats Ulysses 2 (docs/gpu.md)."""
+    split of 2 GPUs beats Ulysses 2 (docs/gpu.md). With `true_cfg` False (some model id runs
+    without true CFG by default, e.g. a distilled LoRA) `auto` is Ulysses over every rank: a CFG
+    split would leave half the ranks idle on those edits."""
     if world_size < 1:
         raise ParallelPlanError(f"model.parallel.gpus must be >= 1, got {world_size}")
     if cfg == "auto":
-        cfg = 2 if world_size % 2 == 0 and (ulysses == "auto" or world_size // 2 == ulysses) else 1
+        even = world_size % 2 == 0 and (ulysses == "auto" or world_size // 2 == ulysses)
+        # An explicit ulysses of half the ranks asks for the CFG split whatever the ids run.
+        cfg = 2 if even and (true_cfg or ulysses != "auto") else 1
     if cfg not in (1, 2):
         raise ParallelPlanError(f"model.parallel.cfg must be 1 or 2, got {cfg}")
     if world_size % cfg:
