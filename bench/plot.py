@@ -4,8 +4,10 @@
 
 - `latency.png`: seconds per edit (the benchmark's standard edit: 1024x1024 from one 1024x1024
   reference, 50 steps, true CFG, HTTP end to end) by GPUs per replica, bf16 and fp8. A line per
-  precision (colour) and GPU model (line style) joins the fastest measured configuration of each
-  GPU count; every result is a dot. Results of modes the server no longer has are left out.
+  precision (colour) and GPU model (line style) joins the headline run of each GPU count (the
+  fastest run of one replica with the shipped switches: `headlines`), labelled with its seconds
+  and its results file; every result is a dot. Results of modes the server no longer has are
+  left out. The README's GPU table quotes the same headline runs (tests/deploy/test_numbers.py).
   Published figures of other servers (bench/peers.json) are marked: filled for the same job,
   hollow for another.
 - `stages.png`: where the time of one edit goes, from a result's Server-Timing medians (the
@@ -41,6 +43,8 @@ _COLORS = {"bf16": "#4b3fd6", "fp8": "#d6453f"}
 # Modes the server no longer has: their results stay (docs cite them), the figure shows what it
 # serves today. cfg_parallel (two transformer copies in one process): model.parallel replaced it.
 _REMOVED_MODES = ("cfg_parallel",)
+# Switches the shipped configs leave off: their runs are dots, not the headline a user reads.
+_OPTIONAL_SWITCHES = ("cpp_wrapper",)
 _EXTRA_COLORS = ["#2a9d8f", "#e9a23b", "#6c757d", "#8e44ad"]
 # Colour is the precision; the line and marker tell GPU models apart (H100 solid, H200 dashed).
 _MODEL_STYLES = ["o-", "s--", "^:", "v-."]
@@ -57,6 +61,19 @@ class Run:
     gpu_model: str
     mode: str
     timings_ms: dict[str, float] = field(default_factory=dict)
+    replicas: int = 1  # >1: a throughput run, several replicas at once
+
+    @property
+    def shipped(self) -> bool:
+        """One replica, with the switches the shipped configs use: a headline candidate."""
+        switches = self.mode.split("+")
+        return self.replicas == 1 and not any(s in switches for s in _OPTIONAL_SWITCHES)
+
+    @property
+    def label(self) -> str:
+        """What the figure writes beside a headline point: the seconds as its file holds them,
+        and the file, so a reader can find the run (and the README quotes the same)."""
+        return f"{self.seconds:g} s, {self.gpu_model} ({self.name}.json)"
 
 
 @dataclass(frozen=True)
@@ -96,6 +113,7 @@ def _run_of(name: str, result: Any) -> Run | str:
     if mode.split("+")[0] in _REMOVED_MODES:
         return f"a mode this server no longer has: {mode.split('+')[0]}"
     timings = result.get("server_timing_ms_median")
+    replicas = result.get("replicas")
     return Run(
         name=str(result.get("name") or name),
         gpus=gpus,
@@ -104,6 +122,7 @@ def _run_of(name: str, result: Any) -> Run | str:
         gpu_model=_gpu_model(result),
         mode=mode,
         timings_ms=dict(timings) if isinstance(timings, dict) else {},
+        replicas=replicas if isinstance(replicas, int) and replicas > 0 else 1,
     )
 
 
@@ -133,13 +152,22 @@ def load_peers(path: Path) -> list[Peer]:
 
 
 def best_per_gpus(runs: Sequence[Run]) -> dict[tuple[str, str], dict[int, Run]]:
-    """(precision, GPU model) -> GPUs per replica -> the fastest run."""
+    """(precision, GPU model) -> GPUs per replica -> the headline run: the fastest of one
+    replica with the shipped switches."""
     best: dict[tuple[str, str], dict[int, Run]] = {}
     for run in runs:
+        if not run.shipped:
+            continue
         series = best.setdefault((run.precision, run.gpu_model), {})
         if run.gpus not in series or run.seconds < series[run.gpus].seconds:
             series[run.gpus] = run
     return best
+
+
+def headlines(runs: Sequence[Run]) -> list[Run]:
+    """The runs the figure labels (and the README's GPU table quotes): one per precision, GPU
+    model and GPUs per replica."""
+    return [run for series in best_per_gpus(runs).values() for run in series.values()]
 
 
 def _spread(targets: list[float], *, gap: float) -> list[float]:
@@ -190,9 +218,8 @@ def plot_latency(runs: Sequence[Run], peers: Sequence[Peer], out: Path) -> Path:
             zorder=3,
             label=f"this server, {precision}, {model}",
         )
-        for x, y in zip(xs, ys, strict=True):
-            text = f"{y:.1f} s" + (f" ({model})" if len(models) > 1 else "")
-            labels.append((x, y, text, color, "right"))
+        for x in xs:
+            labels.append((x, series[x].seconds, series[x].label, color, "right"))
     for peer in peers:
         # Same-job figures just left of the GPU count, labelled leftwards, so ours stay readable.
         x = peer.gpus * 0.86 if peer.same_job else peer.gpus
@@ -227,8 +254,9 @@ def plot_latency(runs: Sequence[Run], peers: Sequence[Peer], out: Path) -> Path:
     ax.set_title("One Qwen-Image-Edit edit: 1024x1024, one reference image, 50 steps, true CFG")
     ax.legend(loc="upper right", fontsize=8, frameon=False)
     notes = [
-        "This server: bench/results/*.json, HTTP end to end, median of runs. Published figures:"
-        " bench/peers.json, as each project reported them, not re-measured here.",
+        "This server: bench/results/*.json, HTTP end to end, median of runs; a labelled point is"
+        " the fastest run of one replica with the shipped switches, named by its results file."
+        " Published figures: bench/peers.json, as each project reported them, not re-measured.",
         *(f"* {p.name}: {p.job}." for p in peers if not p.same_job),
     ]
     note = "\n".join(textwrap.fill(line, 180) for line in notes)

@@ -1,6 +1,7 @@
 """`qwen-image-edit`: the command-line client, on the official `openai` SDK.
 
     qwen-image-edit edit --image a.png --prompt "make the sky purple" --out out.png
+    qwen-image-edit edit --image a.png --prompt "..." --out out.png --force   # overwrite out.png
     qwen-image-edit edit --image a.png --prompt "..." -n 2 --seed 7 --stream
     qwen-image-edit models
     qwen-image-edit health
@@ -9,7 +10,10 @@
 `Retry-After`), timeouts and errors are the SDK's; this module only maps options to its calls, the
 extensions to `extra_body`, and writes the files. It imports no other part of this project and
 neither torch nor Ray, so the client install (`pip install qwen-image-edit-serve`) is light.
-Exit codes: 0 success, 1 an error answer or no connection, 2 bad arguments.
+An existing output file is never overwritten silently: the edit is refused before any request
+unless `--force`. A server serving random weights (the embedded demo model of `make run`) says so
+in its `/v1/models` cards (`metadata.random_weights`), and the command repeats it on stderr.
+Exit codes: 0 success, 1 an error answer, no connection or an existing output, 2 bad arguments.
 """
 
 from __future__ import annotations
@@ -104,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--out", "--output", dest="out", type=Path,
         help="output file; n>1 adds -1, -2, ... (default out.FORMAT)",
     )  # fmt: skip
+    edit.add_argument(
+        "-f", "--force", action="store_true", help="overwrite output files that already exist"
+    )
     edit.add_argument("-n", "--n", type=_int_at_least(1), default=1, help="number of images")
     edit.add_argument("--seed", type=_int_at_least(0), help="image i uses seed + i")
     edit.add_argument("--size", type=_size, help="WIDTHxHEIGHT or auto (server default: auto)")
@@ -309,7 +316,50 @@ def _write(path: Path, data: bytes) -> None:
         raise ClientError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
+def partial_path(path: Path, index: int) -> Path:
+    """Where `--save-partials` writes preview `index` of the image going to `path`."""
+    return path.with_name(f"{path.stem}.partial{index}{path.suffix}")
+
+
+def planned_paths(args: argparse.Namespace) -> list[Path]:
+    """Every file the edit may write: the images and, with --save-partials, their previews."""
+    paths = output_paths(args.out, args.n)
+    if args.stream and args.save_partials:
+        previews = range(args.partial_images)
+        paths += [partial_path(path, i) for path in paths for i in previews]
+    return paths
+
+
+def refuse_to_overwrite(args: argparse.Namespace) -> None:
+    """Checked before the request, so a refusal costs the server nothing."""
+    existing = [str(path) for path in planned_paths(args) if path.exists()]
+    if existing and not args.force:
+        raise ClientError(
+            f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}:"
+            " pass --force (-f) to overwrite, or --out to write elsewhere"
+        )
+
+
+def random_weights_note(client: openai.OpenAI, model: str | None) -> str | None:
+    """The warning for a model the server says has random weights (its output is noise), from
+    its `/v1/models` card; None when it has real weights or the card cannot be read."""
+    try:
+        cards = list(client.with_options(max_retries=0).models.list())
+    except openai.APIError:
+        return None  # an informative extra: never the reason an edit fails
+    card = next((c for c in cards if c.id == model), cards[0] if cards else None)
+    metadata = (getattr(card, "model_extra", None) or {}).get("metadata") or {}
+    if not metadata.get("random_weights"):
+        return None
+    return (
+        f"note: the server's model ({card.id if card else '?'}, source"
+        f" {metadata.get('source')}) has random weights: its images are noise. It is a demo of"
+        " the API; serve the real model to get real edits (README, 'Real weights on GPUs')."
+    )
+
+
 def run_edit(args: argparse.Namespace, client: openai.OpenAI, *, out: TextIO, err: TextIO) -> int:
+    refuse_to_overwrite(args)
     request = edit_request(args)
     suffix_format = _SUFFIX_FORMATS.get(args.out.suffix.lower())
     if suffix_format not in (None, args.format):
@@ -321,7 +371,7 @@ def run_edit(args: argparse.Namespace, client: openai.OpenAI, *, out: TextIO, er
         def save_partial(image: int, index: int, data: bytes) -> None:
             if args.save_partials:
                 path = paths[image]
-                _write(path.with_name(f"{path.stem}.partial{index}{path.suffix}"), data)
+                _write(partial_path(path, index), data)
 
         total = args.n * (args.partial_images + 1)
         with tqdm(total=total, file=err, unit="event", dynamic_ncols=True) as progress:
@@ -347,6 +397,9 @@ def run_edit(args: argparse.Namespace, client: openai.OpenAI, *, out: TextIO, er
         )
     elapsed = time.monotonic() - t0
     print(f"{len(results)} image(s) in {elapsed:.1f} s", file=err)
+    note = random_weights_note(client, args.model)
+    if note:
+        print(note, file=err)
     return 0
 
 
@@ -356,6 +409,9 @@ def run_edit(args: argparse.Namespace, client: openai.OpenAI, *, out: TextIO, er
 def run_models(args: argparse.Namespace, client: openai.OpenAI, *, out: TextIO, err: TextIO) -> int:
     for model in client.models.list():
         print(model.id, file=out)
+        metadata = (model.model_extra or {}).get("metadata") or {}
+        if metadata.get("random_weights"):
+            print(f"{model.id}: random weights (source {metadata.get('source')})", file=err)
     return 0
 
 
@@ -380,6 +436,8 @@ def run_health(args: argparse.Namespace, client: openai.OpenAI, *, out: TextIO, 
         f"device_map {info.get('device_map')})",
         file=out,
     )
+    if info.get("random_weights"):
+        print("note: random weights: its images are noise (a demo of the API)", file=out)
     return 0 if live else 1
 
 

@@ -31,6 +31,26 @@ _IMAGES_BODY = {
 }
 
 
+def _models_body(*, source: str = "local") -> dict[str, Any]:
+    random = source in ("tiny", "synthetic")
+    metadata = {"source": source, "random_weights": random}
+    card = {"id": "qwen-image-edit", "object": "model", "created": 1, "owned_by": "x"}
+    return {"object": "list", "data": [{**card, "metadata": metadata}]}
+
+
+def _edit_server(*, source: str = "local", edits: list[httpx2.Request] | None = None) -> Handler:
+    """Answers edits with one image and /v1/models with a card of `source`."""
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        if request.url.path.endswith("/models"):
+            return httpx2.Response(200, json=_models_body(source=source))
+        if edits is not None:
+            edits.append(request)
+        return httpx2.Response(200, json=_IMAGES_BODY)
+
+    return handler
+
+
 def _error(status: int, message: str, *, param: str | None = None, **headers: str) -> Any:
     body = {"error": {"message": message, "type": "invalid_request_error", "param": param,
                       "code": "invalid_value"}}  # fmt: skip
@@ -55,6 +75,8 @@ def test_retries_wait_for_retry_after_then_succeed(image: Path, tmp_path: Path) 
     seen: list[float] = []
 
     def handler(request: httpx2.Request) -> httpx2.Response:
+        if request.url.path.endswith("/models"):
+            return httpx2.Response(200, json=_models_body())
         seen.append(time.monotonic())
         if len(seen) == 1:
             return _error(503, "The server is at capacity.", **{"Retry-After": "1"})
@@ -169,6 +191,68 @@ def test_a_missing_input_file_exits_1_without_a_request(tmp_path: Path) -> None:
 
     code, _, err = _run(["edit", "--image", str(tmp_path / "none.png"), "--prompt", "p"], handler)
     assert code == 1 and "cannot read" in err
+
+
+def test_an_existing_output_is_refused_before_any_request(image: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.png"
+    out.write_bytes(b"precious")
+    edits: list[httpx2.Request] = []
+    argv = ["edit", "-i", str(image), "-p", "p", "-o", str(out)]
+    code, stdout, err = _run(argv, _edit_server(edits=edits))
+    assert code == 1 and edits == [] and stdout == ""
+    assert err.strip() == (
+        f"error: {out} already exists: pass --force (-f) to overwrite, or --out to write elsewhere"
+    )
+    assert out.read_bytes() == b"precious"
+    # -n 2 would also write out-1.png: both names are checked, and both are named.
+    (tmp_path / "out-1.png").write_bytes(b"also")
+    code, _, err = _run([*argv, "-n", "2"], _edit_server(edits=edits))
+    assert code == 1 and edits == [] and f"{out}, {tmp_path / 'out-1.png'} already exist:" in err
+
+
+def test_force_overwrites(image: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.png"
+    out.write_bytes(b"old")
+    for flag in ("--force", "-f"):
+        code, stdout, err = _run(["edit", "-i", str(image), "-p", "p", "-o", str(out), flag],
+                                 _edit_server())  # fmt: skip
+        assert code == 0, err
+        assert out.read_bytes() == b"\x89PNG fake" and stdout.split() == [str(out)]
+        out.write_bytes(b"old")
+
+
+def test_saved_previews_are_checked_too(image: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.png"
+    (tmp_path / "out.partial1.png").write_bytes(b"old preview")
+    argv = ["edit", "-i", str(image), "-p", "p", "-o", str(out), "--stream", "--save-partials"]
+    code, _, err = _run(argv, _edit_server())
+    assert code == 1 and "out.partial1.png already exists" in err
+
+
+@pytest.mark.parametrize(("source", "noted"), [("tiny", True), ("local", False)])
+def test_a_random_weight_model_is_named_after_the_edit(
+    image: Path, tmp_path: Path, source: str, noted: bool
+) -> None:
+    argv = ["edit", "-i", str(image), "-p", "p", "-o", str(tmp_path / "o.png")]
+    code, stdout, err = _run(argv, _edit_server(source=source))
+    assert code == 0, err
+    assert stdout.split() == [str(tmp_path / "o.png")]  # stdout stays the written paths
+    assert ("random weights: its images are noise" in err) is noted
+    code, stdout, err = _run(["models"], _edit_server(source=source))
+    assert stdout.split() == ["qwen-image-edit"]
+    assert ("qwen-image-edit: random weights (source tiny)" in err) is noted
+
+
+def test_the_note_is_skipped_when_the_models_cannot_be_read(image: Path, tmp_path: Path) -> None:
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        if request.url.path.endswith("/models"):
+            return _error(500, "boom")
+        return httpx2.Response(200, json=_IMAGES_BODY)
+
+    code, _, err = _run(
+        ["edit", "-i", str(image), "-p", "p", "-o", str(tmp_path / "o.png")], handler
+    )
+    assert code == 0 and "random weights" not in err
 
 
 def test_parse_defaults_and_format_from_the_output_name() -> None:

@@ -86,6 +86,15 @@ class ParallelConfig(_Strict):
     timeout_s: float = Field(default=300.0, gt=0)
 
 
+# Sources whose weights are random: their images are noise (a demo of the API, or a benchmark).
+RANDOM_WEIGHT_SOURCES = frozenset({"tiny", "synthetic"})
+
+
+def has_random_weights(source: str) -> bool:
+    """Whether a model of `source` makes noise: what clients and the playground warn about."""
+    return source in RANDOM_WEIGHT_SOURCES
+
+
 class ModelConfig(_Strict):
     """Which pipeline to load and where to put it."""
 

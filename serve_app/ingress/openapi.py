@@ -22,9 +22,9 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
-from serve_app.common.config import AppConfig
+from serve_app.common.config import AppConfig, has_random_weights
 from serve_app.ingress import playground
-from serve_app.ingress.openapi_page import render_page
+from serve_app.ingress.openapi_page import MODEL_SOURCE_KEY, RANDOM_WEIGHTS_KEY, render_page
 from serve_app.ingress.protocol import (
     IMAGE_FIELDS,
     MASK_FIELD,
@@ -439,6 +439,8 @@ def openapi_document(config: AppConfig, *, auth_enabled: bool) -> dict[str, Any]
                 " work unchanged (base URL `<server>/v1`). Every error is"
                 ' `{"error": {"message", "type", "param", "code"}}`.'
             ),
+            MODEL_SOURCE_KEY: config.model.source,
+            RANDOM_WEIGHTS_KEY: has_random_weights(config.model.source),
         },
         "paths": {**_paths(), **_playground_paths()},
         "components": {

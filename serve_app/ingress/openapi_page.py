@@ -10,6 +10,10 @@ import html
 import re
 from typing import Any
 
+# OpenAPI extension keys of `info` (the x- prefix is the spec's room for them): the model's source.
+MODEL_SOURCE_KEY = "x-model-source"
+RANDOM_WEIGHTS_KEY = "x-random-weights"
+
 _CODE = re.compile(r"`([^`]+)`")
 _EMPHASIS = re.compile(r"\*([^*\s][^*]*)\*")
 
@@ -137,16 +141,51 @@ def _operation(path: str, method: str, op: dict[str, Any], doc: dict[str, Any]) 
     return "".join(out)
 
 
+# The example's steps, within this server's generation.max_steps (20 in `make run`): an example
+# the server itself refuses is worse than none.
+EXAMPLE_STEPS = 20
+
+
+def _example_steps(doc: dict[str, Any]) -> int:
+    form = doc["components"]["schemas"]["ImageEditRequest"]["properties"]
+    return min(EXAMPLE_STEPS, int(form["num_inference_steps"].get("maximum", EXAMPLE_STEPS)))
+
+
 def _example(doc: dict[str, Any]) -> str:
     key = ' -H "Authorization: Bearer $KEY"' if doc.get("security") else ""
     return (
         "<pre>curl -s http://127.0.0.1:8000/v1/images/edits"
         f"{html.escape(key)} \\\n"
         '  -F image=@input.png -F prompt="make the sky purple" -F size=1024x1024 \\\n'
-        "  -F num_inference_steps=40 -F seed=7 \\\n"
+        f"  -F num_inference_steps={_example_steps(doc)} -F seed=7 \\\n"
         '  | python3 -c "import sys,json,base64; '
         "open('out.png','wb').write(base64.b64decode(json.load(sys.stdin)['data'][0]['b64_json']))\""
         "</pre>"
+    )
+
+
+def _real_model(doc: dict[str, Any]) -> str:
+    """Which weights this server runs and, since random ones make noise, how to serve the real
+    model: the playground's demo notice links here."""
+    source = str(doc["info"].get(MODEL_SOURCE_KEY, "local"))
+    if doc["info"].get(RANDOM_WEIGHTS_KEY):
+        state = (
+            f"<p><strong>This server runs random weights (model source <code>{html.escape(source)}"
+            "</code>): every image it makes is noise.</strong> The embedded tiny model of"
+            " <code>make run</code> is a demo of the API that runs without a GPU.</p>"
+        )
+    else:
+        shown = html.escape(source)
+        state = f"<p>This server runs its model's weights (source <code>{shown}</code>).</p>"
+    return (
+        f'<h2 id="real-model">Serving the real model</h2>{state}'
+        "<p>On a machine with an NVIDIA GPU of 80 GB or more, in a clone of the repository:</p>"
+        "<pre>python3 -m venv .venv\n"
+        ".venv/bin/pip install -c deploy/constraints-gpu.txt -e '.[serve]'\n"
+        ".venv/bin/serve run serve_config.yaml</pre>"
+        "<p><code>serve_config.yaml</code> downloads <code>Qwen/Qwen-Image-Edit-2511</code> from"
+        " Hugging Face on its first start; <code>deploy/configs/</code> holds a config per GPU"
+        " shape (the README's table, <code>docs/gpu.md</code>).</p>"
     )
 
 
@@ -183,11 +222,13 @@ def render_page(doc: dict[str, Any]) -> str:
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{html.escape(info['title'])} API</title><style>{_STYLE}</style></head><body>"
+        f"<title>{html.escape(info['title'])} API</title>"
+        '<link rel="icon" href="favicon.ico" type="image/svg+xml">'
+        f"<style>{_STYLE}</style></head><body>"
         f"<h1>{html.escape(info['title'])} API</h1>"
         f"<p>Version {html.escape(info['version'])} · OpenAPI {html.escape(doc['openapi'])}:"
         ' <a href="openapi.json">openapi.json</a> · <a href="./">playground</a></p>'
         f"<p>{_text(info.get('description', ''))}</p>{auth}"
-        f"<h2>Example</h2>{_example(doc)}<h2>Routes</h2><ul>{index}</ul>"
+        f"<h2>Example</h2>{_example(doc)}{_real_model(doc)}<h2>Routes</h2><ul>{index}</ul>"
         f"{sections}<h2>Schemas</h2>{schemas}</body></html>"
     )

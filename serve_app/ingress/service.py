@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from serve_app.common.config import AppConfig
+from serve_app.common.config import AppConfig, has_random_weights
 from serve_app.common.errors import APIError, ServiceUnavailableError
 from serve_app.common.jobs import EditJob, ModelInfo
 from serve_app.common.metrics import IngressMetrics, NullMetrics
@@ -118,6 +118,8 @@ class EditService:
             "loras": [lora.name for lora in self._config.model.loras],
             # Several GPUs per replica: degrees and, per rank, node, GPU and CFG/Ulysses place.
             "parallel": info.parallel,
+            # Extension: the embedded demo model (and synthetic weights) answer noise.
+            "random_weights": has_random_weights(info.source),
         }
 
     async def list_models(self) -> ModelList:
@@ -136,6 +138,7 @@ class EditService:
     def _model_metadata(self, model_id: str, info: ModelInfo | None) -> dict[str, Any]:
         steps, cfg = self._config.defaults_for(model_id)
         lora = self._config.model.lora(model_id)
+        source = info.source if info else self._config.model.source
         return {
             "base_model": self._config.model.served_name,
             "variant": info.variant if info else None,
@@ -157,6 +160,9 @@ class EditService:
             ),
             "default_steps": steps,
             "default_true_cfg_scale": cfg,
+            # Where the weights come from (local, tiny, synthetic); random ones make noise.
+            "source": source,
+            "random_weights": has_random_weights(source),
         }
 
     async def edit(

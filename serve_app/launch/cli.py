@@ -97,7 +97,16 @@ def load_env_file(
     return env, read
 
 
-def banner(url: str, *, api_keys: bool, warnings: list[str] | None = None) -> str:
+# The embedded tiny model answers noise: said where a newcomer looks first, with the way out.
+DEMO_MODEL_NOTE = (
+    "\n The model is the embedded DEMO model: random weights, so every image it makes is noise.\n"
+    " For real edits serve Qwen-Image-Edit on a GPU: {url}/docs#real-model\n"
+)
+
+
+def banner(
+    url: str, *, api_keys: bool, warnings: list[str] | None = None, demo_model: bool = False
+) -> str:
     image = _EXAMPLE_IMAGE if _EXAMPLE_IMAGE.exists() else Path("input.png")
     # The key itself is never printed: this output ends up in logs (docker, journald).
     auth = ' -H "Authorization: Bearer $OPENAI_API_KEY"' if api_keys else ""
@@ -107,12 +116,13 @@ def banner(url: str, *, api_keys: bool, warnings: list[str] | None = None) -> st
         else ""
     )
     warned = "".join(f"\n WARNING: {w}\n" for w in warnings or [])
+    demo = DEMO_MODEL_NOTE.format(url=url) if demo_model else ""
     return f"""
 ================================================================================
  qwen-image-edit-serve is ready on {url}
  Open {url}/ in a browser to edit images (the playground).
  The API reference: {url}/docs
-
+{demo}
  Try it (writes out.png):
 {keys_note}
  curl -s {url}/v1/images/edits{auth} \\
@@ -310,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             url=url,
             api_keys=_api_keys_on(config, env),
             warnings=warnings,
+            demo_model=_serves_tiny_model(config),
             ready_timeout=args.ready_timeout,
             stop_timeout=args.stop_timeout,
         )
@@ -322,6 +333,7 @@ def _supervise(
     url: str,
     api_keys: bool,
     warnings: list[str],
+    demo_model: bool,
     ready_timeout: float,
     stop_timeout: float,
 ) -> int:
@@ -330,7 +342,8 @@ def _supervise(
     while not stop.requested.is_set() and server.poll() is None:
         if not ready and _is_ready(url):
             ready = True
-            print(banner(url, api_keys=api_keys, warnings=warnings), flush=True)
+            banner_text = banner(url, api_keys=api_keys, warnings=warnings, demo_model=demo_model)
+            print(banner_text, flush=True)
         elif not ready and time.monotonic() > deadline:
             _say(f"not ready after {ready_timeout:.0f} s; stopping.")
             break

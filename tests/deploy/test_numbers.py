@@ -5,7 +5,12 @@ names result files (`h100-1gpu-fp8.json`, `bench/results/h100-2gpu-cfg-*.json`) 
 measurements found in them: every number with a unit (s, ms, GiB, %, img/min) must equal, at
 the precision shown, a number in one of those files (a fraction also counts as a percentage).
 Approximate figures (`~13 s`) are not checked. And the README's GPU table must cite a file in
-every row that quotes a time.
+every row that quotes a time, as must every config comment that quotes one.
+
+One figure per run a user reads: the latency figure (docs/figures/latency.png, bench/plot.py)
+labels a headline run per precision, GPU model and GPUs per replica with its seconds and results
+file; the README's GPU table quotes exactly those, and the README and the config comments quote
+no other standard-edit latency of one replica unless it is a comparison listed here.
 """
 
 from __future__ import annotations
@@ -18,11 +23,19 @@ from typing import Any
 
 import pytest
 
+from bench import plot
 from tests.deploy.files import README, ROOT, name
 
 RESULTS = ROOT / "bench/results"
 DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
 CONFIGS = [ROOT / "serve_config.yaml", *sorted((ROOT / "deploy").rglob("*.yaml"))]
+
+# Runs of one replica that the README or a config comment quotes beside a headline, as what it
+# is compared with (another parallel layout), never as the figure for its GPUs.
+COMPARISONS = {"h200-2gpu-ulysses2-bf16": "Ulysses 2, which CFG 2 is measured faster than"}
+# The README GPU table's rows by GPUs per replica, and its columns by precision.
+_TABLE_ROWS = {1: "| 1 x 1 GPU |", 2: "| 1 x 2 GPUs as 2 ranks"}
+_TABLE_COLUMNS = {"bf16": 3, "fp8": 4}
 
 _CITATION = re.compile(r"([A-Za-z0-9*_.-]+)\.json")
 _FIGURE = re.compile(r"(?<![~\w.])(\d+(?:\.\d+)?)\s?(ms|s|GiB|%|img/min)(?![\w/])")
@@ -123,3 +136,72 @@ def test_the_check_catches_a_wrong_figure() -> None:
     assert unsourced("2.5 % relative L2 (h100-2gpu-cfg-fp8.json)") == []
     assert unsourced("2.8 % relative L2 (h100-2gpu-cfg-fp8.json)") == ["2.8 %"]
     assert unsourced("~2.8 % relative L2 (h100-2gpu-cfg-fp8.json)") == []
+
+
+def _headlines() -> list[plot.Run]:
+    runs, _ = plot.load_runs(RESULTS)
+    return plot.headlines(runs)
+
+
+def _table_row(gpus: int) -> list[str]:
+    (row,) = [p for p in passages(README) if p.startswith("|") and _TABLE_ROWS[gpus] in p]
+    return [cell.strip() for cell in row.strip("|").split("|")]
+
+
+def test_the_readme_table_quotes_the_figures_labelled_points() -> None:
+    """The figure's label and the README's cell name the same seconds and the same file."""
+    headlines = _headlines()
+    assert {(r.precision, r.gpus) for r in headlines} >= {("bf16", 1), ("fp8", 1), ("bf16", 2)}
+    for run in headlines:
+        cell = _table_row(run.gpus)[_TABLE_COLUMNS[run.precision]]
+        seconds, file = f"{run.seconds:g} s", f"{run.name}.json"
+        assert f"{seconds} on {run.gpu_model}" in cell and file in cell, (run.label, cell)
+        assert seconds in run.label and file in run.label
+
+
+def test_every_time_in_a_config_comment_cites_its_results_file() -> None:
+    for path in CONFIGS:
+        for passage in passages(path):
+            times = [f for f in _FIGURE.findall(passage) if f[1] in ("s", "ms")]
+            if times and re.search(r"measured|per edit|faster", passage):
+                assert cited_files(passage), f"{name(path)}: {passage[:120]}"
+
+
+def _one_replica_runs() -> dict[str, plot.Run]:
+    runs, _ = plot.load_runs(RESULTS)
+    return {run.name: run for run in runs if run.replicas == 1}
+
+
+def quoted_besides_headlines(texts: list[str]) -> set[str]:
+    """The one-replica runs whose latency `texts` quote, beside the headlines and comparisons."""
+    headline_names = {run.name for run in _headlines()}
+    candidates = _one_replica_runs()
+    quoted = set()
+    for passage in texts:
+        figures = {float(n) for n, unit in _FIGURE.findall(passage) if unit == "s"}
+        for file in cited_files(passage):
+            run = candidates.get(file.stem)
+            if run is not None and any(abs(run.seconds - f) < 0.006 for f in figures):
+                quoted.add(run.name)
+    return quoted - headline_names - set(COMPARISONS)
+
+
+@pytest.mark.parametrize("path", [README, *CONFIGS], ids=name)
+def test_latencies_quoted_are_the_headlines_or_listed_comparisons(path: Path) -> None:
+    """A second figure for the same GPUs and precision (another host's run, an older one) is
+    what made the README, the figure and the configs disagree: only headlines are quoted."""
+    assert quoted_besides_headlines(passages(path)) == set()
+
+
+def test_the_headline_check_catches_a_second_figure() -> None:
+    # What the README said before: a slower run of the same GPUs and precision.
+    assert quoted_besides_headlines(["fp8: 25.42 s on H100 (h100-1gpu-fp8.json)"]) == {
+        "h100-1gpu-fp8"
+    }
+    assert quoted_besides_headlines(["fp8: 25.361 s on H100 (h100-1gpu-fp8-x2host.json)"]) == set()
+    # A run with a switch the configs leave off is a dot in the figure, not its label.
+    assert quoted_besides_headlines(["25.144 s (h100-1gpu-fp8-cppwrapper.json)"]) == {
+        "h100-1gpu-fp8-cppwrapper"
+    }
+    # The comparison the 2-GPU config makes with Ulysses 2 is allowed.
+    assert quoted_besides_headlines(["19.15 s, h200-2gpu-ulysses2-bf16.json"]) == set()

@@ -17,7 +17,7 @@ from serve_app.common.errors import InternalError, InvalidRequestError
 from serve_app.common.timing import parse_server_timing
 from serve_app.ingress.routes import create_app
 from serve_app.ingress.service import EditService
-from tests.fakes import FakeModelHandle, fake_edit, png_bytes
+from tests.fakes import FAKE_INFO, FakeModelHandle, fake_edit, png_bytes
 
 
 def make_client(
@@ -283,6 +283,26 @@ def test_models_health_ready() -> None:
     assert client.get("/health").json() == {"status": "ok"}
     ready = client.get("/ready")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+@pytest.mark.parametrize(
+    ("source", "random"), [("tiny", True), ("synthetic", True), ("local", False)]
+)
+def test_models_and_ready_say_where_the_weights_come_from(source: str, random: bool) -> None:
+    info = dataclasses.replace(FAKE_INFO, source=source)
+    client, _ = make_client(FakeModelHandle(info=info))
+    (card,) = client.get("/v1/models").json()["data"]
+    # An extension inside the OpenAI model object (clients keep unknown keys in model_extra).
+    assert (card["metadata"]["source"], card["metadata"]["random_weights"]) == (source, random)
+    assert client.get("/v1/models/qwen-image-edit").json()["metadata"]["random_weights"] is random
+    ready = client.get("/ready").json()
+    assert (ready["source"], ready["random_weights"]) == (source, random)
+
+
+def test_models_say_random_weights_from_the_config_before_the_model_answers() -> None:
+    client, _ = make_client(FakeModelHandle(info_error=InternalError("loading")))
+    (card,) = client.get("/v1/models").json()["data"]
+    assert card["metadata"]["source"] == "tiny" and card["metadata"]["random_weights"] is True
 
 
 def test_ready_is_503_while_the_model_does_not_answer() -> None:

@@ -136,6 +136,7 @@ def test_with_keys_the_api_is_guarded_and_the_public_routes_are_open() -> None:
         "/playground/app.js",
         "/playground/playground.css",
         "/playground/config.json",
+        "/favicon.ico",
         "/health",
         "/ready",
         OPENAPI_PATH,

@@ -44,7 +44,7 @@ def test_the_page_loads_only_its_own_files_relative_to_the_app() -> None:
     refs = _Refs()
     refs.feed(page.text)
     # Relative links: the page works under a route prefix too.
-    assert sorted(refs.refs) == ["playground/app.js", "playground/playground.css"]
+    assert sorted(refs.refs) == ["favicon.ico", "playground/app.js", "playground/playground.css"]
     for ref in refs.refs:
         asset = client.get(f"/{ref}")
         assert asset.status_code == 200
@@ -72,6 +72,31 @@ def test_the_config_tells_the_page_whether_keys_are_on_and_the_limits() -> None:
     assert (off["min_output_side"], off["max_output_side"]) == (64, 512)
     on = _client(keys=["sk-x"])
     assert on.get(CONFIG_PATH).json()["auth_required"] is True
+
+
+def test_the_config_says_whether_the_model_has_random_weights() -> None:
+    demo = _client().get(CONFIG_PATH).json()
+    assert (demo["model_source"], demo["random_weights"]) == ("tiny", True)
+    real = ingress_client({**CONFIG, "model": {"source": "local", "path": "/models/x"}})
+    settings = real.get(CONFIG_PATH).json()
+    assert (settings["model_source"], settings["random_weights"]) == ("local", False)
+
+
+def test_the_page_carries_the_demo_notice_and_the_docs_say_how_to_serve_the_real_model() -> None:
+    client = _client()
+    page = client.get("/").text
+    # Hidden until the config says random weights (the script shows it); the text is in the page.
+    assert re.search(r'<div id="demo-notice"[^>]*hidden', page)
+    assert "every image it makes is noise" in page and 'href="docs#real-model"' in page
+    docs = client.get("/docs").text
+    assert 'id="real-model"' in docs and "serve run serve_config.yaml" in docs
+    assert "every image it makes is noise" in docs
+
+
+def test_the_favicon_is_served_without_a_key() -> None:
+    icon = _client(keys=["sk-x"]).get("/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"] == "image/svg+xml"
+    assert icon.content.startswith(b"<svg")
 
 
 def test_with_keys_the_page_is_open_and_the_api_is_not() -> None:

@@ -82,6 +82,13 @@ def test_banner_curl_sends_a_key_only_when_keys_are_on() -> None:
         assert "The API reference: http://127.0.0.1:8000/docs" in text
 
 
+def test_banner_names_the_demo_model_and_where_the_real_one_is() -> None:
+    demo = banner("http://127.0.0.1:8000", api_keys=False, demo_model=True)
+    assert "DEMO model: random weights, so every image it makes is noise" in demo
+    assert "http://127.0.0.1:8000/docs#real-model" in demo
+    assert "noise" not in banner("http://127.0.0.1:8000", api_keys=False)
+
+
 def test_api_keys_on_follows_the_env_and_key_file(tmp_path: Path) -> None:
     config = {"applications": [{"args": {"model": {"source": "tiny"}}}]}
     assert not launch._api_keys_on(config, {})

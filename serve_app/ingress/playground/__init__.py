@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from serve_app.common.config import AppConfig
+from serve_app.common.config import AppConfig, has_random_weights
 
 PAGE_PATH = "/"
 CONFIG_PATH = "/playground/config.json"
@@ -28,6 +28,9 @@ ASSETS = {
     PAGE_PATH: ("index.html", "text/html; charset=utf-8"),
     "/playground/app.js": ("app.js", "text/javascript; charset=utf-8"),
     "/playground/playground.css": ("playground.css", "text/css; charset=utf-8"),
+    # Browsers ask for /favicon.ico on every page of the origin (the /docs page too); an SVG
+    # answered there with its own media type is shown like an .ico.
+    "/favicon.ico": ("favicon.svg", "image/svg+xml"),
 }
 PUBLIC_PATHS = [*ASSETS, CONFIG_PATH]
 # OpenAI's limit on partial images per streamed edit.
@@ -61,6 +64,10 @@ def page_config(config: AppConfig, *, auth_enabled: bool) -> dict[str, Any]:
     gen, limits = config.generation, config.limits
     return {
         "auth_required": auth_enabled,
+        # The page warns about a random-weight model (make run's demo) before any edit: its
+        # images are noise, which a newcomer would otherwise take for a broken server.
+        "model_source": config.model.source,
+        "random_weights": has_random_weights(config.model.source),
         "default_steps": gen.default_steps,
         "max_steps": gen.max_steps,
         "max_n": limits.max_n,

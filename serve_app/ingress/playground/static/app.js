@@ -14,6 +14,13 @@ const state = {
   maxImages: 3,
   maskDirty: false,
   controller: null,
+  // The error shown is the page's own check of the form ("Write a prompt."): it goes once the
+  // user fixes the form, where a server's error stays until the next edit.
+  formError: false,
+  // An edit is running whose first image has not come yet: the last results stay until it does,
+  // so a failed edit leaves them in place.
+  keepResults: false,
+  sentImage: null, // the first image of the last edit sent: the "before" of its results
 };
 
 // ---- server info --------------------------------------------------------------------------
@@ -53,6 +60,8 @@ async function loadSettings() {
   $("steps").placeholder = `${s.default_steps} (server default)`;
   $("n").max = s.max_n;
   $("prompt").maxLength = s.max_prompt_chars;
+  $("demo-notice").hidden = !s.random_weights;
+  $("model-source").textContent = s.model_source || "?";
   fillSizes(s);
 }
 
@@ -93,7 +102,9 @@ async function loadModels() {
     return;
   }
   if (!response.ok) throw await errorOf(response);
-  hideError();
+  // The key worked: its 401 message goes, not a message about the form (the key field's change
+  // event may fire when the user clicks Edit, just after the page said "Write a prompt.").
+  if (!state.formError) hideError();
   state.models = (await response.json()).data || [];
   const select = $("model");
   const chosen = select.value;
@@ -127,12 +138,20 @@ function loadImage(url) {
 
 async function addFiles(files) {
   const wanted = [...files].filter((f) => f.type.startsWith("image/"));
+  const refused = [...files].filter((f) => !f.type.startsWith("image/"));
   const room = state.maxImages - state.images.length;
-  if (wanted.length > room) {
-    showError(new Error(`This model takes at most ${state.maxImages} image(s); extra files were left out.`));
-  } else {
-    hideError();
+  // Said beside the box the files were dropped on, where the eyes are.
+  const notes = [];
+  if (refused.length) {
+    const names = refused.map((f) => f.name || "a file").join(", ");
+    notes.push(`${names}: not an image. Drop PNG, JPEG or WebP files.`);
   }
+  if (wanted.length > room) {
+    notes.push(`This model takes at most ${state.maxImages} image(s); extra files were left out.`);
+  }
+  $("drop-note").textContent = notes.join(" ");
+  $("drop-note").hidden = notes.length === 0;
+  if (wanted.length && state.formError) hideError(); // "Add at least one image." is answered
   for (const file of wanted.slice(0, Math.max(0, room))) {
     const url = URL.createObjectURL(file);
     try {
@@ -162,7 +181,7 @@ function renderImages() {
       remove.textContent = "×";
       remove.title = `Remove ${img.file.name}`;
       remove.addEventListener("click", () => {
-        URL.revokeObjectURL(img.url);
+        if (img !== state.sentImage) URL.revokeObjectURL(img.url); // a result's "before"
         state.images.splice(i, 1);
         renderImages();
       });
@@ -354,6 +373,13 @@ function showError(err, hint) {
 function hideError() {
   $("error").hidden = true;
   $("error").textContent = "";
+  state.formError = false;
+}
+
+// The page's own objection to the form, cleared as soon as the form changes.
+function showFormError(message) {
+  showError(new Error(message));
+  state.formError = true;
 }
 
 function showPreview(event, label) {
@@ -369,25 +395,82 @@ function showPreview(event, label) {
   $("previews").append(frame);
 }
 
+// Old results go when the first image of the next edit arrives, not when it starts.
+function dropKeptResults() {
+  if (!state.keepResults) return;
+  state.keepResults = false;
+  for (const img of document.querySelectorAll("#results img.after")) URL.revokeObjectURL(img.src);
+  $("results").replaceChildren();
+}
+
+// A span that never breaks inside (a size, a seed): a number split over two lines misreads.
+function unbroken(text, className) {
+  const span = document.createElement("span");
+  span.className = className ? `nowrap ${className}` : "nowrap";
+  span.textContent = text;
+  return span;
+}
+
+// Before/after: the input image under the result, the result clipped from the left at the
+// slider's position (--split), so dragging it uncovers the input. Plain CSS clip-path.
+function compareStage(url, index, size, before) {
+  const stage = document.createElement("div");
+  stage.className = "compare";
+  const after = document.createElement("img");
+  after.className = "after";
+  after.src = url;
+  after.alt = `Edited image ${index + 1}`;
+  after.dataset.size = size;
+  stage.append(after);
+  if (!before) return { stage, slider: null };
+  const under = document.createElement("img");
+  under.className = "before";
+  under.src = before.url;
+  under.alt = `Input image (${before.file.name})`;
+  stage.prepend(under);
+  const slider = document.createElement("input");
+  slider.type = "range";
+  slider.min = "0";
+  slider.max = "100";
+  slider.value = "50";
+  slider.className = "split";
+  slider.setAttribute("aria-label", `Before/after: image ${index + 1} against its input`);
+  const place = () => stage.style.setProperty("--split", `${slider.value}%`);
+  slider.addEventListener("input", place);
+  place();
+  return { stage, slider };
+}
+
 function addResult({ b64, format, size, seed, seedNote, index }) {
+  dropKeptResults();
   const url = URL.createObjectURL(b64Blob(b64, format));
   const card = document.createElement("figure");
   card.className = "result";
-  const img = document.createElement("img");
-  img.src = url;
-  img.alt = `Edited image ${index + 1}`;
-  img.dataset.size = size;
+  // The input is kept as sent (this edit's), even if the user changes the images afterwards.
+  const { stage, slider } = compareStage(url, index, size, state.sentImage);
+  card.append(stage);
+  if (slider) {
+    const labels = document.createElement("div");
+    labels.className = "split-labels";
+    labels.append(unbroken("◀ before"), slider, unbroken("after ▶"));
+    card.append(labels);
+  }
   const caption = document.createElement("figcaption");
   const info = document.createElement("span");
   info.className = "seed";
-  info.textContent = `${size} · seed ${seed ?? "random"}${seedNote ? ` (${seedNote})` : ""}`;
+  info.append(
+    unbroken(size),
+    " · ",
+    unbroken(`seed ${seed ?? "random"}`, "seed-value"),
+    seedNote ? ` (${seedNote})` : "",
+  );
   const download = document.createElement("a");
   download.className = "button";
   download.href = url;
   download.download = `edit-${seed ?? Date.now()}-${index + 1}.${format === "jpeg" ? "jpg" : format}`;
   download.textContent = "Download";
   caption.append(info, download);
-  card.append(img, caption);
+  card.append(caption);
   $("results").append(card);
 }
 
@@ -404,7 +487,7 @@ function showTimings(rows) {
       return tr;
     }),
   );
-  table.hidden = rows.length === 0;
+  $("timings-box").hidden = rows.length === 0;
 }
 
 // `name;dur=12.3, ...` -> [[name, "12.3 ms"], ...]
@@ -422,12 +505,17 @@ function formatMs(ms) {
   return ms >= 1000 ? `${(ms / 1000).toFixed(2)} s` : `${ms.toFixed(1)} ms`;
 }
 
+// The Result card scrolls into view when an edit starts (the Edit button is at the foot of a long
+// form). Not a sticky card: that one floats down the page, an empty band above it.
+function showOutput() {
+  const top = $("output").getBoundingClientRect().top;
+  if (top < 0 || top > window.innerHeight * 0.6) $("output").scrollIntoView({ block: "start" });
+}
+
 function resetOutput() {
   hideError();
-  for (const img of document.querySelectorAll("#results img, #previews img")) {
-    URL.revokeObjectURL(img.src);
-  }
-  $("results").replaceChildren();
+  for (const img of document.querySelectorAll("#previews img")) URL.revokeObjectURL(img.src);
+  state.keepResults = true; // until this edit's first image (dropKeptResults)
   $("previews").replaceChildren();
   $("live").hidden = true;
   showTimings([]);
@@ -443,9 +531,11 @@ function readSeed() {
 
 async function onSubmit(event) {
   event.preventDefault();
-  if (state.images.length === 0) return showError(new Error("Add at least one image."));
-  if (!$("prompt").value.trim()) return showError(new Error("Write a prompt."));
+  if (state.images.length === 0) return showFormError("Add at least one image.");
+  if (!$("prompt").value.trim()) return showFormError("Write a prompt.");
   resetOutput();
+  state.sentImage = state.images[0];
+  showOutput();
   const n = Math.max(1, Number($("n").value) || 1);
   const seed = readSeed();
   const previews = Number($("partials").value);
@@ -463,7 +553,8 @@ async function onSubmit(event) {
     if (err.name === "AbortError") {
       setStatus("Stopped.", "stopped");
     } else {
-      setStatus("The edit failed.", "error");
+      const kept = $("results").childElementCount > 0;
+      setStatus(kept ? "The edit failed; the last result is kept below." : "The edit failed.", "error");
       showError(err);
     }
   } finally {
@@ -550,6 +641,9 @@ function setupInputs() {
     $("custom-size-box").hidden = $("size").value !== "custom";
   });
   $("model").addEventListener("change", onModelChange);
+  $("prompt").addEventListener("input", () => {
+    if (state.formError && $("prompt").value.trim()) hideError();
+  });
   $("edit-form").addEventListener("submit", onSubmit);
   $("stop").addEventListener("click", () => state.controller && state.controller.abort());
   const key = $("api-key");
