@@ -61,7 +61,7 @@ def test_hotswap_and_fused_give_diffusers_lora_and_switching_never_recompiles(
     transformer.load_lora_adapter(str(lora_file), adapter_name="l", prefix="transformer")
     recipe = _forward(transformer)  # diffusers' unfused LoRA, as load_lora_weights leaves it
     effect = rel(recipe, base)
-    assert effect > 0.01, effect  # the LoRA changes the forward: the comparisons below can fail
+    assert effect > 0.005, effect  # the LoRA changes the forward: the comparisons below can fail
 
     swap = HotSwap.build(transformer, [LoraConfig(name="l", path=str(lora_file))])
     assert (swap.rank, len(swap._slots)) == (64, 12 * LAYERS)
@@ -106,8 +106,10 @@ def test_hotswap_and_fused_give_diffusers_lora_and_switching_never_recompiles(
         f" compiled hot-swap {compiled_err:.4f} (compiled base vs eager base"
         f" {compiled_base_err:.4f}), fused {fused_err:.2e}; switch {switch_ms:.2f} ms"
     )
-    assert hot_err < 1e-3
-    assert fused_err < 2e-2  # one bf16 rounding of W + BA instead of two products
+    assert hot_err < effect / 50
+    # One bf16 rounding of W + BA in place of a separate product; through 60 random-weight
+    # blocks that is the size of what compile itself changes.
+    assert fused_err < effect / 4
     assert compiled_err < compiled_base_err + 0.01  # compile's own difference, nothing more
     del transformer, swap
     torch._dynamo.reset()
@@ -143,6 +145,7 @@ def test_fp8_after_fusing_and_under_a_hot_swap_stays_as_close_as_fp8_itself(
         _collect()
         return error
 
+    _collect()  # whatever an earlier test left
     base, fused, hot = (fp8_error(lora=mode) for mode in ("none", "fused", "hotswap"))
     print(
         f"\nfp8 vs bf16, same weights: base {base:.4f}, fused LoRA {fused:.4f}, hot-swap {hot:.4f}"
