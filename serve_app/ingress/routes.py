@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from serve_app.common.errors import NotFoundError, to_api_error
+from serve_app.common.errors import MethodNotAllowedError, NotFoundError, to_api_error
 from serve_app.common.timing import SERVER_TIMING_HEADER, StageClock, format_server_timing
 from serve_app.ingress import openapi, playground
 from serve_app.ingress.auth import ApiKeyChecker, RequireApiKey
@@ -140,8 +140,15 @@ def create_app(service: EditService, *, api_keys: list[str] | None = None) -> St
 
 async def _raise_as_api_error(request: Request, exc: Exception) -> Response:
     """Starlette's router raises 404/405 as HTTPExceptions, which its innermost middleware would
-    answer in plain text: raise them on as APIErrors, for `OpenAIErrors` to answer."""
+    answer in plain text: raise them on as APIErrors, for `OpenAIErrors` to answer. A 405 keeps
+    the `Allow` header the route's methods give it (RFC 9110 15.5.6)."""
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
         raise NotFoundError(f"Unknown route: {request.method} {request.url.path}")
+    if exc.status_code == 405:
+        allow = (exc.headers or {}).get("Allow", "")
+        raise MethodNotAllowedError(
+            f"{request.method} is not allowed on {request.url.path}; it takes {allow}.",
+            extra_headers={"Allow": allow},
+        )
     raise to_api_error(exc)

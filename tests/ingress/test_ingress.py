@@ -258,6 +258,25 @@ def test_unknown_route_and_method() -> None:
     assert_error(client.get("/v1/images/edits"), 405, None)
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("GET", "/v1/images/edits", {"POST"}),
+        ("PUT", "/v1/images/edits", {"POST"}),
+        ("POST", "/v1/models", {"GET", "HEAD"}),
+        ("DELETE", "/ready", {"GET", "HEAD"}),
+        ("POST", "/", {"GET", "HEAD"}),
+        ("POST", "/openapi.json", {"GET", "HEAD"}),
+    ],
+)
+def test_405_carries_allow_with_the_routes_methods(method: str, path: str, allow: set[str]) -> None:
+    client, _ = make_client()
+    resp = client.request(method, path)
+    err = assert_error(resp, 405, None)
+    assert err["code"] == "method_not_allowed" and method in err["message"]
+    assert {m.strip() for m in resp.headers["allow"].split(",")} == allow
+
+
 def test_model_errors_map_to_status() -> None:
     def fail(job: Any) -> Any:
         raise InvalidRequestError("bad steps", param="num_inference_steps")
