@@ -61,6 +61,9 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _RAY_LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 _RUNTIME_ENV = {"worker_process_setup_hook": loopback.HOOK}
 _RAY_DEFAULTS = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+# Serve's HTTP proxy (uvicorn) would apply X-Forwarded-For/Proto from any loopback client; the
+# ingress trusts those headers only from args.http.trusted_proxies, so the proxy trusts none.
+_PROXY_HEADERS_OFF = {"FORWARDED_ALLOW_IPS": ""}
 # The seed server's settings that mean something else here (docs/migrating.md).
 _SEED_ONLY = {
     "HOST": "http_options.host in the config, or --host",
@@ -159,17 +162,31 @@ def _api_keys_on(config: Mapping[str, Any], env: Mapping[str, str]) -> bool:
     return any(_app_api_keys_on(app, env) for app in _applications(config))
 
 
-def startup_warnings(config: Mapping[str, Any], env: Mapping[str, str]) -> list[str]:
-    """What the operator must hear at start (the ingress logs it too, less visibly)."""
-    from serve_app.common.config import StorageConfig
+def startup_warnings(config: Mapping[str, Any], *, bind_host: str) -> list[str]:
+    """What the operator must hear at start (the ingress logs the first kind too, less visibly):
+    links that follow any Host, and a server reachable beyond loopback whose links and browser
+    pages work only on loopback names (the default http.allowed_hosts)."""
+    from serve_app.common.config import LOOPBACK_HOSTS, HttpConfig, StorageConfig
     from serve_app.ingress.storage import host_header_warning
 
     warnings = []
     for app in _applications(config):
-        storage = StorageConfig.model_validate((app.get("args") or {}).get("storage") or {})
-        warning = host_header_warning(storage, api_keys=_app_api_keys_on(app, env))
+        args = app.get("args") or {}
+        name = app.get("name", "the application")
+        storage = StorageConfig.model_validate(args.get("storage") or {})
+        http = HttpConfig.model_validate(args.get("http") or {})
+        warning = host_header_warning(storage, http)
         if warning:
-            warnings.append(f"{app.get('name', 'the application')}: {warning}")
+            warnings.append(f"{name}: {warning}")
+        loopback_only = set(http.allowed_hosts) <= set(LOOPBACK_HOSTS)
+        if bind_host not in LOOPBACK_HOSTS and loopback_only and not storage.public_base_url:
+            warnings.append(
+                f"{name}: the server listens on {bind_host}, but response_format=url links and"
+                " the browser playground's edits are served only to requests addressed to"
+                " localhost (http.allowed_hosts). Add the name clients use to"
+                " args.http.allowed_hosts, or set args.storage.public_base_url"
+                " (docs/running.md)."
+            )
     return warnings
 
 
@@ -199,7 +216,7 @@ def _child_env(
     if own_cluster:
         child.update(_RAY_LOOPBACK)
         # Every process of the cluster, Serve's HTTP proxy included; a value of your own wins.
-        for name, value in CLUSTER_ENV.items():
+        for name, value in {**CLUSTER_ENV, **_PROXY_HEADERS_OFF}.items():
             child.setdefault(name, value)
     return child
 
@@ -289,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     if reason:
         _say(f"cannot start: {reason}")
         return EXIT_CONFIG
-    warnings = startup_warnings(config, env)
+    warnings = startup_warnings(config, bind_host=host)
     for warning in warnings:
         _say(f"WARNING: {warning}")
 
