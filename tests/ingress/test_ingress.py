@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import io
 import json
+import re
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from serve_app.common.errors import InternalError, InvalidRequestError
 from serve_app.common.timing import parse_server_timing
 from serve_app.ingress.routes import create_app
 from serve_app.ingress.service import EditService
-from tests.fakes import FakeModelHandle, fake_edit, png_bytes
+from tests.fakes import FAKE_INFO, FakeModelHandle, fake_edit, png_bytes
 
 
 def make_client(
@@ -304,6 +305,18 @@ def test_models_health_ready() -> None:
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
 
 
+def test_ready_lists_the_placement_table_apart_from_the_speed_notes() -> None:
+    info = dataclasses.replace(
+        FAKE_INFO,
+        placement_table="placement strategy: single\n  transformer -> cuda:0\n",
+        speed_notes=["modulation: 2 projections made once per edit for all its steps"],
+    )
+    client, _ = make_client(FakeModelHandle(info=info))
+    ready = client.get("/ready").json()
+    assert ready["placement"] == ["placement strategy: single", "  transformer -> cuda:0"]
+    assert ready["speed"] == info.speed_notes
+
+
 def test_ready_is_503_while_the_model_does_not_answer() -> None:
     handle = FakeModelHandle(info_error=InternalError("loading"))
     client, _ = make_client(handle)
@@ -432,3 +445,46 @@ def test_request_id_echo_and_metrics_cover_every_answer() -> None:
         ("/v1/models/{model_id}", 200),
         ("/v1/models", 405),
     ]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "route"),
+    [
+        ("POST", "/v1/images/edits", "/v1/images/edits"),
+        ("GET", "/v1/images/img-1700000000000-" + "0" * 32 + ".png", "/v1/images/{image_id}"),
+        ("GET", "/v1/models", "/v1/models"),
+        ("GET", "/v1/models/qwen-image-edit", "/v1/models/{model_id:path}"),
+        ("GET", "/ready", "/ready"),
+        ("GET", "/", "/"),
+    ],
+)
+def test_serves_proxy_can_name_every_route_in_its_access_log(
+    method: str, path: str, route: str
+) -> None:
+    """Serve's proxy rebuilds the app's routes from their paths (no custom convertors) to name
+    each request's route in the access log and metrics; a route it cannot rebuild makes it
+    name every request by the route prefix ("GET /")."""
+    from ray.serve._private.thirdparty.get_asgi_route_name import (
+        extract_route_patterns,
+        get_asgi_route_name,
+    )
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    client, _ = make_client()
+    patterns = extract_route_patterns(client.app)
+    # The proxy's process registers none of ours: only Starlette's own convertors exist there.
+    for pattern in patterns:
+        used = set(re.findall(r"{\w+:(\w+)}", pattern.path))
+        assert used <= {"str", "path", "int", "float", "uuid"}, pattern.path
+
+    async def endpoint(request: Any) -> None:
+        return None
+
+    # As ray.serve._private.proxy_router.ProxyRouter.match_route_pattern builds it.
+    mock = Starlette(routes=[Route(p.path, endpoint, methods=p.methods) for p in patterns])
+    # Under a route prefix, as the proxy hands the scope on (the path includes the prefix).
+    scope = {"type": "http", "method": method, "path": "/app" + path, "root_path": "/app"}
+    assert get_asgi_route_name(mock, scope) == "/app" + route
+    # The ingress itself still tells a stored image from other names under /v1/images.
+    assert client.get("/v1/images/generations").status_code == 404
