@@ -52,6 +52,8 @@ def assert_error(resp: Any, status: int, param: str | None) -> dict[str, Any]:
     assert set(body["error"]) == {"message", "type", "param", "code"}
     assert body["error"]["param"] == param
     assert body["error"]["message"]
+    # Every error has a code clients can branch on (every test's error path checks it here).
+    assert isinstance(body["error"]["code"], str) and body["error"]["code"]
     return body["error"]
 
 
@@ -147,6 +149,7 @@ def test_extensions_reach_the_job() -> None:
         ({"prompt": "   "}, "prompt"),
         ({"n": "0"}, "n"),
         ({"n": "5"}, "n"),  # above the configured max_n (4)
+        ({"n": "999"}, "n"),  # above OpenAI's 10 too: still this server's limit in the message
         ({"n": "two"}, "n"),
         ({"size": "big"}, "size"),
         ({"size": "10x10"}, "size"),
@@ -167,6 +170,13 @@ def test_bad_fields_are_400_naming_the_param(data: dict[str, str], param: str) -
     err = assert_error(post_edit(client, **data), 400, param)
     assert err["type"] == "invalid_request_error"
     assert handle.jobs == []
+
+
+@pytest.mark.parametrize("max_n", [1, 3])
+def test_n_above_the_limit_names_this_servers_limit(max_n: int) -> None:
+    client, _ = make_client(limits={"max_n": max_n})
+    err = assert_error(post_edit(client, n=999), 400, "n")
+    assert f"between 1 and {max_n} on this server" in err["message"] and "10" not in err["message"]
 
 
 def test_missing_prompt_and_missing_image() -> None:
