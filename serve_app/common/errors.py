@@ -8,6 +8,7 @@ shape `{"error": {"message", "type", "param", "code"}}`. No torch here: both dep
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any
 
@@ -249,6 +250,16 @@ def to_api_error(exc: BaseException, *, retry_after_s: float | None = None) -> A
     if from_ray is not None:
         return from_ray
     return InternalError("The server had an error while processing your request.")
+
+
+def client_gone(exc: BaseException) -> bool:
+    """Whether `exc` says the client went away: Starlette's ClientDisconnect (mid-body), a
+    cancellation (Serve cancels a request whose client hung up), or Ray's TaskCancelledError,
+    which Serve's `receive` raises for such a request still waiting for its body."""
+    from ray.exceptions import TaskCancelledError
+    from starlette.requests import ClientDisconnect
+
+    return isinstance(exc, ClientDisconnect | asyncio.CancelledError | TaskCancelledError)
 
 
 def _from_ray(exc: BaseException, *, retry_after_s: float | None) -> APIError | None:

@@ -19,7 +19,6 @@ import uuid
 from collections.abc import Sequence
 
 from starlette.datastructures import Headers, MutableHeaders
-from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -27,6 +26,7 @@ from serve_app.common.errors import (
     HeadersTooLargeError,
     PayloadTooLargeError,
     RequestTimeoutError,
+    client_gone,
     error_response,
     to_api_error,
 )
@@ -118,9 +118,10 @@ class OpenAIErrors:
     """Every exception raised inside becomes an OpenAI error answer, never a traceback. Once
     an answer has started (a stream) nothing can be sent: the exception goes on, logged.
 
-    A client that goes away (mid-upload: Starlette's ClientDisconnect; while waiting or
-    mid-stream: Serve cancels the request) is an ordinary event: one INFO line with the request
-    id, no answer, no traceback; a cancellation goes on as itself."""
+    A client that goes away before its answer (mid-upload: Starlette's ClientDisconnect or
+    Serve's TaskCancelledError; while waiting: Serve cancels the request) is an ordinary event:
+    one INFO line with the request id, no answer, no traceback; a cancellation goes on as
+    itself. Mid-stream, the stream's body says it (`responses.event_stream_body`)."""
 
     def __init__(self, app: ASGIApp, *, retry_after_s: float) -> None:
         self.app = app
@@ -139,13 +140,16 @@ class OpenAIErrors:
 
         try:
             await self.app(scope, receive, send_seen)
-        except (ClientDisconnect, asyncio.CancelledError) as exc:
-            when = "mid-answer" if started else "before its answer"
-            logger.info("request %s: the client went away %s", request_id_of(scope), when)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
+        except asyncio.CancelledError:
+            if not started:
+                _log_gone(scope)
+            raise
         except Exception as exc:
             request_id = request_id_of(scope)
+            if client_gone(exc):
+                if not started:
+                    _log_gone(scope)
+                return
             if started:
                 logger.exception("request %s failed after its answer started", request_id)
                 raise
@@ -155,6 +159,10 @@ class OpenAIErrors:
             elif err.status_code >= 500:
                 logger.warning("request %s failed: %s", request_id, err.message)
             await error_response(err)(scope, receive, send)
+
+
+def _log_gone(scope: Scope) -> None:
+    logger.info("request %s: the client went away before its answer", request_id_of(scope))
 
 
 class HeaderSizeLimit:

@@ -10,6 +10,7 @@ from serve_app.common.errors import (
     AuthenticationError,
     InvalidRequestError,
     ServiceUnavailableError,
+    client_gone,
     error_body,
     error_for_status,
     error_response,
@@ -103,3 +104,15 @@ def test_error_response_carries_the_error_headers() -> None:
     resp = error_response(AuthenticationError("no key"))
     assert resp.status_code == 401 and resp.headers["www-authenticate"] == "Bearer"
     assert json.loads(bytes(resp.body)) == error_body(AuthenticationError("no key"))
+
+
+def test_client_gone_knows_every_way_a_client_leaves() -> None:
+    import asyncio
+
+    from ray.exceptions import TaskCancelledError
+    from starlette.requests import ClientDisconnect
+
+    for gone in (ClientDisconnect(), asyncio.CancelledError(), TaskCancelledError()):
+        assert client_gone(gone)
+    for other in (RuntimeError("x"), InvalidRequestError("bad"), OSError("disk")):
+        assert not client_gone(other)

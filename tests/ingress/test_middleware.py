@@ -191,3 +191,21 @@ def test_a_cancelled_request_is_one_info_line_and_stays_cancelled(
 
 async def _ignore(message: Message) -> None:
     return None
+
+
+def test_serves_cancellation_while_reading_the_body_is_one_info_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # What Serve's `receive` raises for a request whose client hung up mid-body.
+    from ray.exceptions import TaskCancelledError
+
+    messages: list[Message] = chunks(size=64, upto=100)
+
+    async def receive() -> Message:
+        if messages:
+            return messages.pop(0)
+        raise TaskCancelledError()
+
+    with caplog.at_level(logging.INFO, logger="ray.serve"):
+        asyncio.run(app()(_scope("req-ray-cancel"), receive, _ignore))
+    _assert_one_quiet_line(caplog, "req-ray-cancel")
