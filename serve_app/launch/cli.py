@@ -38,6 +38,7 @@ import yaml
 
 from serve_app.common.config import ENV_DEVICE_MAP, ENV_MODEL_DIR
 from serve_app.common.malloc import CLUSTER_ENV
+from serve_app.ingress.origins import PROXY_ENV
 from serve_app.launch import loopback
 from serve_app.launch.preflight import (
     client_url,
@@ -61,9 +62,6 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _RAY_LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 _RUNTIME_ENV = {"worker_process_setup_hook": loopback.HOOK}
 _RAY_DEFAULTS = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-# Serve's HTTP proxy (uvicorn) would apply X-Forwarded-For/Proto from any loopback client; the
-# ingress trusts those headers only from args.http.trusted_proxies, so the proxy trusts none.
-_PROXY_HEADERS_OFF = {"FORWARDED_ALLOW_IPS": ""}
 # The seed server's settings that mean something else here (docs/migrating.md).
 _SEED_ONLY = {
     "HOST": "http_options.host in the config, or --host",
@@ -216,7 +214,7 @@ def _child_env(
     if own_cluster:
         child.update(_RAY_LOOPBACK)
         # Every process of the cluster, Serve's HTTP proxy included; a value of your own wins.
-        for name, value in {**CLUSTER_ENV, **_PROXY_HEADERS_OFF}.items():
+        for name, value in {**CLUSTER_ENV, **PROXY_ENV}.items():
             child.setdefault(name, value)
     return child
 

@@ -22,10 +22,13 @@ from typing import Any
 
 import pytest
 
+from serve_app.ingress.origins import PROXY_ENV
 from tests.fixtures import free_port
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# As the launcher and the container image set it for every process of a cluster.
+os.environ.update(PROXY_ENV)
 
 TEST_ARGS: dict[str, Any] = {
     "model": {"source": "tiny", "device_map": "cpu", "aliases": ["qwen-image-edit-2509"]},

@@ -119,6 +119,13 @@ def test_child_env_tunes_malloc_in_its_own_cluster_only() -> None:
     assert "GLIBC_TUNABLES" not in joined  # another cluster's processes are already running
 
 
+def test_serves_proxy_trusts_no_forwarded_headers_in_its_own_cluster() -> None:
+    local = yaml.safe_load((ROOT / "deploy/local.yaml").read_text())
+    assert launch._child_env({}, local, own_cluster=True)["FORWARDED_ALLOW_IPS"] == ""
+    mine = launch._child_env({"FORWARDED_ALLOW_IPS": "10.0.0.1"}, local, own_cluster=True)
+    assert mine["FORWARDED_ALLOW_IPS"] == "10.0.0.1"
+
+
 def test_port_and_host_overrides() -> None:
     config = {"http_options": {"host": "127.0.0.1", "port": 8000, "request_timeout_s": 300}}
     assert launch._with_http(config, host=None, port=None) is config
