@@ -31,6 +31,8 @@ _MULTIPART = "multipart/form-data"
 _URLENCODED = "application/x-www-form-urlencoded"
 # RFC 2046 5.1.1: a boundary is 1 to 70 characters.
 _MAX_BOUNDARY = 70
+# What a charset must decode as ASCII does: the boundary and part headers are ASCII.
+_ASCII_PROBE = bytes(range(0x20, 0x7F)) + b"\r\n"
 FILE_FIELDS = (*IMAGE_FIELDS, MASK_FIELD)
 SCALAR_FIELDS = tuple(EditParams.model_fields)
 
@@ -115,9 +117,6 @@ def _charset(raw: bytes | None, *, multipart: bool) -> str:
         " (no charset parameter, or charset=utf-8).",
         code="unsupported_charset",
     )
-
-
-_ASCII_PROBE = bytes(range(0x20, 0x7F)) + b"\r\n"
 
 
 @dataclass(frozen=True)
