@@ -263,6 +263,10 @@ class LimitsConfig(_Strict):
     # in multiples of 32 px, and Qwen2.5-VL's image processor refuses an aspect ratio above 200
     # after that rounding, which a 1:164 image reaches in Qwen-Image-Edit's 1 MP resize.
     max_input_aspect_ratio: float = Field(default=100.0, ge=1.0, le=150.0)
+    # All request headers together (names and values): above it the ingress answers 431 before
+    # reading the body. Serve's HTTP proxy reads the headers first, whatever their size
+    # (docs/running.md says what to put in front of it).
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)
 
     @model_validator(mode="after")
     def _sides(self) -> LimitsConfig:
@@ -280,7 +284,8 @@ class StorageConfig(_Strict):
     ttl_s: float = Field(default=3600.0, gt=0)
     # The oldest images are evicted to stay under this.
     max_total_bytes: int = Field(default=1024**3, ge=1024)
-    # Prefix of the returned URLs, e.g. https://images.example.com; default: the request's.
+    # Prefix of the returned URLs, e.g. https://images.example.com. Unset: the request's own
+    # address, if its Host is in http.allowed_hosts (else response_format=url is refused).
     public_base_url: str | None = None
 
 
@@ -295,18 +300,56 @@ class AuthConfig(_Strict):
     open_paths: list[str] = Field(default_factory=lambda: ["/health", "/ready"])
 
 
+LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "::1"]
+
+
+class HttpConfig(_Strict):
+    """Which request headers the ingress trusts: Host (for url links and same-origin checks),
+    X-Forwarded-Host/Proto, and a browser's Origin. docs/running.md shows the settings for a
+    server reached by name or behind a proxy."""
+
+    # Host names (no port) this server may be addressed by: response_format=url links are built
+    # only from these (unless storage.public_base_url is set), and a browser page is
+    # same-origin only on them. ".example.com" matches its subdomains; "*" any Host (then
+    # any client chooses the links' host). Default: loopback, what `make run` serves on.
+    allowed_hosts: list[str] = Field(default_factory=lambda: list(LOOPBACK_HOSTS))
+    # Addresses or networks (CIDR) of reverse proxies whose X-Forwarded-Host and
+    # X-Forwarded-Proto are believed; from any other client those headers are ignored.
+    trusted_proxies: list[str] = Field(default_factory=list)
+    # Other origins (scheme://host[:port]) whose web pages may POST edits from a browser;
+    # "*" lets any page do so. Requests without an Origin (curl, SDKs) are never affected.
+    allowed_origins: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _proxies_parse(self) -> HttpConfig:
+        import ipaddress
+
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"http.trusted_proxies: {proxy!r} is not an IP address or network"
+                ) from None
+        return self
+
+
 class AppConfig(_Strict):
     model: ModelConfig
     generation: GenerationConfig = GenerationConfig()
     limits: LimitsConfig = LimitsConfig()
     storage: StorageConfig = StorageConfig()
     auth: AuthConfig = AuthConfig()
+    http: HttpConfig = HttpConfig()
     # Per-request deadline from its arrival, upload and queueing included: past it denoising
     # stops and the client gets 504 (408 while the body is still arriving). Keep it below
     # http_options.request_timeout_s, whose 408 is the proxy's plain text, not our JSON.
     request_timeout_s: float = Field(default=600.0, gt=0)
     # An upload that sends nothing for this long is answered 408 at once, freeing its slot.
     upload_stall_timeout_s: float = Field(default=30.0, gt=0)
+    # The whole body must arrive within this long (or request_timeout_s, if that is shorter):
+    # a client trickling a byte now and then is answered 408 too.
+    upload_timeout_s: float = Field(default=120.0, gt=0)
     # check_health fails when an edit has made no denoising step for this long.
     wedged_after_s: float = Field(default=600.0, gt=0)
     # How long /ready waits for the model replica to answer.

@@ -8,6 +8,7 @@ shape `{"error": {"message", "type", "param", "code"}}`. No torch here: both dep
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,11 +17,12 @@ from starlette.responses import JSONResponse
 
 
 class APIError(Exception):
-    """An error with an HTTP status and an OpenAI error type."""
+    """An error with an HTTP status and an OpenAI error type. Every error has a `code` (clients
+    branch on it): the raiser's, else its class's `default_code`."""
 
     status_code: int = 500
     error_type: str = "server_error"
-    default_code: str | None = None
+    default_code: str = "server_error"
 
     def __init__(
         self,
@@ -29,25 +31,36 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         retry_after_s: float | None = None,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
-        self.code = code if code is not None else self.default_code
+        self.code = code or self.default_code
         self.retry_after_s = retry_after_s
+        # Headers the status itself calls for (e.g. a 405's Allow).
+        self.extra_headers = dict(extra_headers or {})
 
     # Keyword-only __init__ arguments are lost by the default pickling, and these errors
     # cross Ray process boundaries.
     def __reduce__(self) -> tuple[Any, ...]:
         return (
             _rebuild,
-            (type(self), self.message, self.param, self.code, self.retry_after_s),
+            (
+                type(self),
+                self.message,
+                self.param,
+                self.code,
+                self.retry_after_s,
+                self.extra_headers,
+            ),
         )
 
     def headers(self) -> dict[str, str]:
-        if self.retry_after_s is None:
-            return {}
-        return {"Retry-After": str(max(1, round(self.retry_after_s)))}
+        headers = dict(self.extra_headers)
+        if self.retry_after_s is not None:
+            headers["Retry-After"] = str(max(1, round(self.retry_after_s)))
+        return headers
 
 
 def _rebuild(
@@ -56,13 +69,17 @@ def _rebuild(
     param: str | None,
     code: str | None,
     retry_after_s: float | None,
+    extra_headers: Mapping[str, str] | None = None,
 ) -> APIError:
-    return cls(message, param=param, code=code, retry_after_s=retry_after_s)
+    return cls(
+        message, param=param, code=code, retry_after_s=retry_after_s, extra_headers=extra_headers
+    )
 
 
 class InvalidRequestError(APIError):
     status_code = 400
     error_type = "invalid_request_error"
+    default_code = "invalid_request"
 
 
 class AuthenticationError(APIError):
@@ -80,7 +97,15 @@ class NotFoundError(APIError):
     default_code = "not_found"
 
 
+class ForbiddenError(APIError):
+    status_code = 403
+    error_type = "invalid_request_error"
+    default_code = "forbidden"
+
+
 class MethodNotAllowedError(APIError):
+    """Carries `Allow` (RFC 9110 15.5.6) in `extra_headers`: the methods the route takes."""
+
     status_code = 405
     error_type = "invalid_request_error"
     default_code = "method_not_allowed"
@@ -98,6 +123,18 @@ class PayloadTooLargeError(APIError):
     status_code = 413
     error_type = "invalid_request_error"
     default_code = "payload_too_large"
+
+
+class UnsupportedMediaTypeError(APIError):
+    status_code = 415
+    error_type = "invalid_request_error"
+    default_code = "unsupported_media_type"
+
+
+class HeadersTooLargeError(APIError):
+    status_code = 431
+    error_type = "invalid_request_error"
+    default_code = "request_headers_too_large"
 
 
 class RateLimitError(APIError):
@@ -137,13 +174,21 @@ class RequestCancelledError(APIError):
 class HTTPStatusError(APIError):
     """A bare HTTP status that has no class of its own (e.g. a 418 from Starlette)."""
 
-    def __init__(self, status_code: int, message: str) -> None:
-        super().__init__(message)
+    def __init__(
+        self, status_code: int, message: str, *, extra_headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message, code=f"http_{status_code}", extra_headers=extra_headers)
         self.status_code = status_code
         self.error_type = "invalid_request_error" if status_code < 500 else "server_error"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.status_code, self.message))
+        return (_rebuild_status, (self.status_code, self.message, self.extra_headers))
+
+
+def _rebuild_status(
+    status_code: int, message: str, extra_headers: Mapping[str, str]
+) -> HTTPStatusError:
+    return HTTPStatusError(status_code, message, extra_headers=extra_headers)
 
 
 def error_body(error: APIError) -> dict[str, Any]:
@@ -169,20 +214,28 @@ def error_response(error: APIError, *, headers: Mapping[str, str] | None = None)
 _STATUS_TO_ERROR: dict[int, type[APIError]] = {
     400: InvalidRequestError,
     401: AuthenticationError,
+    403: ForbiddenError,
     404: NotFoundError,
     405: MethodNotAllowedError,
     408: RequestTimeoutError,
     413: PayloadTooLargeError,
+    415: UnsupportedMediaTypeError,
+    431: HeadersTooLargeError,
     429: RateLimitError,
     503: ServiceUnavailableError,
     504: TimeoutError_,
 }
 
 
-def error_for_status(status_code: int, message: str) -> APIError:
-    """An APIError for a bare HTTP status (Starlette's own HTTPExceptions)."""
+def error_for_status(
+    status_code: int, message: str, *, extra_headers: Mapping[str, str] | None = None
+) -> APIError:
+    """An APIError for a bare HTTP status (Starlette's own HTTPExceptions), keeping the headers
+    its status calls for (a 405's Allow)."""
     cls = _STATUS_TO_ERROR.get(status_code)
-    return cls(message) if cls is not None else HTTPStatusError(status_code, message)
+    if cls is None:
+        return HTTPStatusError(status_code, message, extra_headers=extra_headers)
+    return cls(message, extra_headers=extra_headers)
 
 
 def to_api_error(exc: BaseException, *, retry_after_s: float | None = None) -> APIError:
@@ -192,11 +245,21 @@ def to_api_error(exc: BaseException, *, retry_after_s: float | None = None) -> A
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, HTTPException):
-        return error_for_status(exc.status_code, str(exc.detail))
+        return error_for_status(exc.status_code, str(exc.detail), extra_headers=exc.headers)
     from_ray = _from_ray(exc, retry_after_s=retry_after_s)
     if from_ray is not None:
         return from_ray
     return InternalError("The server had an error while processing your request.")
+
+
+def client_gone(exc: BaseException) -> bool:
+    """Whether `exc` says the client went away: Starlette's ClientDisconnect (mid-body), a
+    cancellation (Serve cancels a request whose client hung up), or Ray's TaskCancelledError,
+    which Serve's `receive` raises for such a request still waiting for its body."""
+    from ray.exceptions import TaskCancelledError
+    from starlette.requests import ClientDisconnect
+
+    return isinstance(exc, ClientDisconnect | asyncio.CancelledError | TaskCancelledError)
 
 
 def _from_ray(exc: BaseException, *, retry_after_s: float | None) -> APIError | None:

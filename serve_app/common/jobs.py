@@ -63,7 +63,9 @@ class ModelInfo:
     default_steps: int
     source: str  # "local", "tiny", "synthetic"
     device_map: dict[str, str] = field(default_factory=dict)
-    placement_table: str = ""
+    placement_table: str = ""  # where each component / block range went (the table only)
+    # What the speed switches did (quantization, compile, kernels), one sentence each.
+    speed_notes: list[str] = field(default_factory=list)
     # "Qwen-Image-Edit", "Qwen-Image-Edit-2509" or "Qwen-Image-Edit-2511".
     variant: str = ""
     # A replica over several ranks: {"gpus", "cfg", "ulysses", "ranks": [{rank, node, node_id, gpus,

@@ -58,7 +58,7 @@ class Ingress:
         self._api_keys = load_api_keys(cfg.auth)
         keys = self._api_keys
         logger.info("API keys: %s", f"{len(keys)} configured" if keys else "off (no key set)")
-        warning = host_header_warning(cfg.storage, api_keys=bool(keys))
+        warning = host_header_warning(cfg.storage, cfg.http)
         if warning:
             logger.warning("!!! %s !!!", warning)
         self._service = EditService(

@@ -34,7 +34,9 @@ def decode_image(
     """Decode one upload into a (H, W, 3) uint8 RGB array, or raise a 400 naming `param`.
     Its size is checked from the header, before any pixel is decoded."""
     if not data:
-        raise InvalidRequestError(f"The file in '{param}' is empty.", param=param)
+        raise InvalidRequestError(
+            f"The file in '{param}' is empty.", param=param, code="empty_file"
+        )
     kind = _sniff(data)
     if kind is None:
         raise InvalidRequestError(

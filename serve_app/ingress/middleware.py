@@ -3,9 +3,11 @@
 - `RequestMetrics`: route, status and latency of every answer;
 - `RequestId`: the request id (the caller's `x-request-id`, else a new one that is echoed);
 - `OpenAIErrors`: whatever is raised inside becomes OpenAI error JSON (`errors.to_api_error`);
+- `HeaderSizeLimit`: 431 when the request's headers together pass the limit;
+- `origins.RefuseCrossSite`: 403 for a browser's POST from another site;
 - `auth.RequireApiKey`: 401 before any body is read;
 - `BodySizeLimit`: 413 once the declared or streamed body passes the limit;
-- `BodyTimeout`: 408 when the body stalls or is still arriving at the request's deadline.
+- `BodyTimeout`: 408 when the body stalls or is still arriving at the upload's deadline.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.common.errors import (
+    HeadersTooLargeError,
     PayloadTooLargeError,
     RequestTimeoutError,
+    client_gone,
     error_response,
     to_api_error,
 )
@@ -61,14 +65,19 @@ class RequestMetrics:
                 status = int(message["status"])
             await send(message)
 
+        # No answer at all: the client went away (a cancellation, or OpenAIErrors' quiet end
+        # of a ClientDisconnect) - nginx's 499; anything else unanswered would be a 500.
+        gone = 499
         try:
             await self.app(scope, receive, send_seen)
         except asyncio.CancelledError:
-            status = status or 499  # the client went away before an answer (nginx's code)
+            raise
+        except BaseException:
+            gone = 500
             raise
         finally:
             self.metrics.request_done(
-                route=self._route(scope), status=status or 500, seconds=time.perf_counter() - t0
+                route=self._route(scope), status=status or gone, seconds=time.perf_counter() - t0
             )
 
     def _route(self, scope: Scope) -> str:
@@ -107,7 +116,12 @@ class RequestId:
 
 class OpenAIErrors:
     """Every exception raised inside becomes an OpenAI error answer, never a traceback. Once
-    an answer has started (a stream) nothing can be sent: the exception goes on, logged."""
+    an answer has started (a stream) nothing can be sent: the exception goes on, logged.
+
+    A client that goes away before its answer (mid-upload: Starlette's ClientDisconnect or
+    Serve's TaskCancelledError; while waiting: Serve cancels the request) is an ordinary event:
+    one INFO line with the request id, no answer, no traceback; a cancellation goes on as
+    itself. Mid-stream, the stream's body says it (`responses.event_stream_body`)."""
 
     def __init__(self, app: ASGIApp, *, retry_after_s: float) -> None:
         self.app = app
@@ -126,8 +140,16 @@ class OpenAIErrors:
 
         try:
             await self.app(scope, receive, send_seen)
+        except asyncio.CancelledError:
+            if not started:
+                _log_gone(scope)
+            raise
         except Exception as exc:
             request_id = request_id_of(scope)
+            if client_gone(exc):
+                if not started:
+                    _log_gone(scope)
+                return
             if started:
                 logger.exception("request %s failed after its answer started", request_id)
                 raise
@@ -137,6 +159,29 @@ class OpenAIErrors:
             elif err.status_code >= 500:
                 logger.warning("request %s failed: %s", request_id, err.message)
             await error_response(err)(scope, receive, send)
+
+
+def _log_gone(scope: Scope) -> None:
+    logger.info("request %s: the client went away before its answer", request_id_of(scope))
+
+
+class HeaderSizeLimit:
+    """Answer 431 when the request's header names and values together pass `max_bytes`. The
+    HTTP proxy in front has read them already; this keeps them from going further in."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            size = sum(len(name) + len(value) for name, value in scope["headers"])
+            if size > self.max_bytes:
+                raise HeadersTooLargeError(
+                    f"The request headers are {size} bytes together; the limit is"
+                    f" {self.max_bytes}.",
+                )
+        await self.app(scope, receive, send)
 
 
 class BodySizeLimit:
@@ -172,9 +217,10 @@ class BodySizeLimit:
 
 class BodyTimeout:
     """Answer 408 (OpenAI JSON) when the request body stops arriving: no bytes for `stall_s`,
-    or not all of it by `deadline_s` after the request came in. Without it a stalled upload
-    holds its connection until the proxy's own timeout, whose 408 is plain text. Once the body
-    is in, `receive` is left alone: Starlette then waits on it for the client's disconnect."""
+    or not all of it by `deadline_s` after the request came in (a client trickling a byte now
+    and then resets the stall timer, never the deadline). Without it a stalled upload holds its
+    connection until the proxy's own timeout, whose 408 is plain text. Once the body is in,
+    `receive` is left alone: Starlette then waits on it for the client's disconnect."""
 
     def __init__(self, app: ASGIApp, *, stall_s: float, deadline_s: float) -> None:
         self.app = app

@@ -166,9 +166,13 @@ _PLAIN_OBJECT = {"type": "object", "additionalProperties": True}
 _ERRORS: dict[str, str] = {
     "400": "Invalid request; `param` names the field.",
     "401": "API keys are on and the key is missing or wrong.",
+    "403": "A browser page on another site sent it (`cross_site_request`; `http.allowed_origins`).",
     "404": "Unknown route, model or image.",
-    "405": "Method not allowed.",
+    "405": "Method not allowed; the `Allow` header lists the route's methods.",
+    "408": "The body stalled, or was not all in within `upload_timeout_s`.",
     "413": "The body is larger than `limits.max_upload_bytes`.",
+    "415": "The Content-Type's `charset` is no ASCII-compatible text encoding.",
+    "431": "The request headers together are larger than `limits.max_header_bytes`.",
     "500": "Internal failure (no traceback reaches the client).",
     "503": "The model queue is full or a replica died; retry after `Retry-After` seconds.",
     "504": "The edit passed `request_timeout_s`.",
@@ -296,7 +300,10 @@ def _paths() -> dict[str, Any]:
         "/v1/images/edits": {
             "post": _operation(
                 "Edit images",
-                {"200": edit_ok, **_errors("400", "401", "413", "500", "503", "504")},
+                {
+                    "200": edit_ok,
+                    **_errors("400", "401", "403", "408", "413", "415", "431", "500", "503", "504"),
+                },
                 tag="images",
                 description="OpenAI's `POST /v1/images/edits`, with the extensions marked so.",
                 request_body={

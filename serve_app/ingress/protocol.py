@@ -42,7 +42,9 @@ class EditParams(BaseModel):
 
     prompt: str
     model: str | None = None
-    n: int = Field(default=1, ge=1, le=10)
+    # Its upper bound is the server's limits.max_n (validation), not OpenAI's 10: an error
+    # states the limit that applies here.
+    n: int = Field(default=1, ge=1)
     size: Size | None = None  # None: "auto"
     response_format: Literal["b64_json", "url"] = "b64_json"
     output_format: OutputFormat = "png"

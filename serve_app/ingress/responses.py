@@ -170,7 +170,8 @@ async def event_stream_body(
     seed: int | None = None,
 ) -> AsyncIterator[bytes]:
     """The SSE body: a frame per event until the EditOutput; an error frame if the model fails
-    first; the edit is stopped upstream if the client goes away (the body is closed)."""
+    first; the edit is stopped upstream if the client goes away (the body is closed or
+    cancelled), an ordinary event logged in one INFO line."""
     finished = False
     try:
         async for event in events:
@@ -185,6 +186,9 @@ async def event_stream_body(
         finished = True  # the model side is done; nothing to cancel
         logger.warning("stream %s failed: %s", request_id, exc.message)
         yield sse_frame(ERROR_EVENT, {"type": ERROR_EVENT, **error_body(exc)})
+    except (GeneratorExit, asyncio.CancelledError):
+        logger.info("request %s: the client went away mid-stream", request_id)
+        raise
     finally:
         if not finished:
             events.close()

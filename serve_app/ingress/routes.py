@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import re
+from collections.abc import Awaitable, Callable
 
 from starlette.applications import Starlette
-from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from serve_app.common.errors import NotFoundError, to_api_error
+from serve_app.common.errors import MethodNotAllowedError, NotFoundError, to_api_error
 from serve_app.common.timing import SERVER_TIMING_HEADER, StageClock, format_server_timing
 from serve_app.ingress import openapi, playground
 from serve_app.ingress.auth import ApiKeyChecker, RequireApiKey
@@ -20,32 +21,33 @@ from serve_app.ingress.forms import read_edit_form
 from serve_app.ingress.middleware import (
     BodySizeLimit,
     BodyTimeout,
+    HeaderSizeLimit,
     OpenAIErrors,
     RequestId,
     RequestMetrics,
     request_id_of,
 )
+from serve_app.ingress.origins import RefuseCrossSite, SitePolicy
 from serve_app.ingress.service import EditService
 from serve_app.ingress.storage import ID_PATTERN
 
 
-class _ImageIdConvertor(Convertor[str]):
-    """Only stored-image ids match /v1/images/{id}; other names stay unknown routes."""
+class _StoredImageRoute(Route):
+    """GET /v1/images/{image_id}, matching stored-image ids only: other names (edits,
+    generations) stay other or unknown routes. The regex is set on the compiled route rather
+    than through a custom path convertor, because Serve's HTTP proxy rebuilds every route from
+    its path to name it in the access log and metrics, without this module's convertors."""
 
-    regex = ID_PATTERN
-
-    def convert(self, value: str) -> str:
-        return value
-
-    def to_string(self, value: str) -> str:
-        return value
-
-
-register_url_convertor("image_id", _ImageIdConvertor())
+    def __init__(self, endpoint: Callable[[Request], Awaitable[Response]]) -> None:
+        super().__init__("/v1/images/{image_id}", endpoint, methods=["GET"])
+        self.path_regex = re.compile(f"^/v1/images/(?P<image_id>{ID_PATTERN})$")
 
 
 def create_app(service: EditService, *, api_keys: list[str] | None = None) -> Starlette:
     """The Starlette app serving the OpenAI routes over `service`."""
+
+    config = service.config
+    sites = SitePolicy(config.http, public_base_url=config.storage.public_base_url)
 
     async def images_edits(request: Request) -> Response:
         timing = StageClock()
@@ -54,7 +56,7 @@ def create_app(service: EditService, *, api_keys: list[str] | None = None) -> St
         result = await service.edit(
             form,
             request_id=request_id_of(request.scope),
-            base_url=str(request.base_url),
+            link_base=lambda: sites.link_base(request.scope),
             timing=timing,
         )
         if isinstance(result, bytes):
@@ -101,7 +103,7 @@ def create_app(service: EditService, *, api_keys: list[str] | None = None) -> St
 
     routes = [
         Route("/v1/images/edits", images_edits, methods=["POST"]),
-        Route("/v1/images/{image_id:image_id}", get_image, methods=["GET"]),
+        _StoredImageRoute(get_image),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
@@ -110,13 +112,14 @@ def create_app(service: EditService, *, api_keys: list[str] | None = None) -> St
         *playground.routes(service.config, auth_enabled=bool(api_keys)),
         *openapi.routes(service.config, auth_enabled=bool(api_keys)),
     ]
-    config = service.config
     return Starlette(
         routes=routes,
         middleware=[
             Middleware(RequestMetrics, metrics=service.metrics, routes=routes),
             Middleware(RequestId),
             Middleware(OpenAIErrors, retry_after_s=config.retry_after_s),
+            Middleware(HeaderSizeLimit, max_bytes=config.limits.max_header_bytes),
+            Middleware(RefuseCrossSite, policy=sites),
             Middleware(
                 RequireApiKey,
                 checker=ApiKeyChecker(api_keys or []),
@@ -131,7 +134,7 @@ def create_app(service: EditService, *, api_keys: list[str] | None = None) -> St
             Middleware(
                 BodyTimeout,
                 stall_s=config.upload_stall_timeout_s,
-                deadline_s=config.request_timeout_s,
+                deadline_s=min(config.upload_timeout_s, config.request_timeout_s),
             ),
         ],
         exception_handlers={HTTPException: _raise_as_api_error},
@@ -140,8 +143,15 @@ def create_app(service: EditService, *, api_keys: list[str] | None = None) -> St
 
 async def _raise_as_api_error(request: Request, exc: Exception) -> Response:
     """Starlette's router raises 404/405 as HTTPExceptions, which its innermost middleware would
-    answer in plain text: raise them on as APIErrors, for `OpenAIErrors` to answer."""
+    answer in plain text: raise them on as APIErrors, for `OpenAIErrors` to answer. A 405 keeps
+    the `Allow` header the route's methods give it (RFC 9110 15.5.6)."""
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
         raise NotFoundError(f"Unknown route: {request.method} {request.url.path}")
+    if exc.status_code == 405:
+        allow = (exc.headers or {}).get("Allow", "")
+        raise MethodNotAllowedError(
+            f"{request.method} is not allowed on {request.url.path}; it takes {allow}.",
+            extra_headers={"Allow": allow},
+        )
     raise to_api_error(exc)

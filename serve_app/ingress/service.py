@@ -113,7 +113,9 @@ class EditService:
             "source": info.source,
             "device_map": info.device_map,
             # Component or block range -> device -> GiB, as the replica logged it at start.
-            "placement": info.placement_table.splitlines(),
+            "placement": [line for line in info.placement_table.splitlines() if line.strip()],
+            # What the speed switches did (compile, quantization, kernels), one line each.
+            "speed": info.speed_notes,
             "variant": info.variant,
             "loras": [lora.name for lora in self._config.model.loras],
             # Several GPUs per replica: degrees and, per rank, node, GPU and CFG/Ulysses place.
@@ -170,18 +172,24 @@ class EditService:
         form: EditForm,
         *,
         request_id: str,
-        base_url: str | None = None,
+        link_base: Callable[[], str] | None = None,
         timing: StageClock | None = None,
     ) -> bytes | AsyncIterator[bytes]:
         """The JSON response body, or for stream=true the SSE body (after its first event).
+
+        `link_base` gives the prefix of `response_format=url` links (it raises when the request
+        may not have any); it is called before the model runs. Without it, links are relative.
 
         `timing` collects the stage durations for the Server-Timing header: the ingress's own
         (decode, model, encode, body) and those the replica reports in `EditOutput.timings_s`.
         """
         timing = timing if timing is not None else StageClock()
         request = await validate_edit(form, config=self._config, model_info=self.model_info)
-        job = await self._make_job(request, request_id=request_id, timing=timing)
         params = request.params
+        url_base = None
+        if params.response_format == "url":
+            url_base = link_base() if link_base is not None else ""
+        job = await self._make_job(request, request_id=request_id, timing=timing)
         logger.info(
             "edit %s: model=%s images=%d size=%dx%d n=%d steps=%d cfg=%.2f seed=%s",
             request_id, job.model, len(job.images), job.width, job.height, job.n,
@@ -203,9 +211,6 @@ class EditService:
         for stage, seconds in output.timings_s.items():  # queue, pipeline (+ parts), replica
             timing.add(stage, seconds)
         self.metrics.images_returned(len(output.images))
-        url_base = None
-        if params.response_format == "url":
-            url_base = self._config.storage.public_base_url or base_url or ""
         return await asyncio.to_thread(
             json_body,
             params,

@@ -38,6 +38,7 @@ import yaml
 
 from serve_app.common.config import ENV_DEVICE_MAP, ENV_MODEL_DIR
 from serve_app.common.malloc import CLUSTER_ENV
+from serve_app.ingress.origins import PROXY_ENV
 from serve_app.launch import loopback
 from serve_app.launch.preflight import (
     client_url,
@@ -169,17 +170,31 @@ def _api_keys_on(config: Mapping[str, Any], env: Mapping[str, str]) -> bool:
     return any(_app_api_keys_on(app, env) for app in _applications(config))
 
 
-def startup_warnings(config: Mapping[str, Any], env: Mapping[str, str]) -> list[str]:
-    """What the operator must hear at start (the ingress logs it too, less visibly)."""
-    from serve_app.common.config import StorageConfig
+def startup_warnings(config: Mapping[str, Any], *, bind_host: str) -> list[str]:
+    """What the operator must hear at start (the ingress logs the first kind too, less visibly):
+    links that follow any Host, and a server reachable beyond loopback whose links and browser
+    pages work only on loopback names (the default http.allowed_hosts)."""
+    from serve_app.common.config import LOOPBACK_HOSTS, HttpConfig, StorageConfig
     from serve_app.ingress.storage import host_header_warning
 
     warnings = []
     for app in _applications(config):
-        storage = StorageConfig.model_validate((app.get("args") or {}).get("storage") or {})
-        warning = host_header_warning(storage, api_keys=_app_api_keys_on(app, env))
+        args = app.get("args") or {}
+        name = app.get("name", "the application")
+        storage = StorageConfig.model_validate(args.get("storage") or {})
+        http = HttpConfig.model_validate(args.get("http") or {})
+        warning = host_header_warning(storage, http)
         if warning:
-            warnings.append(f"{app.get('name', 'the application')}: {warning}")
+            warnings.append(f"{name}: {warning}")
+        loopback_only = set(http.allowed_hosts) <= set(LOOPBACK_HOSTS)
+        if bind_host not in LOOPBACK_HOSTS and loopback_only and not storage.public_base_url:
+            warnings.append(
+                f"{name}: the server listens on {bind_host}, but response_format=url links and"
+                " the browser playground's edits are served only to requests addressed to"
+                " localhost (http.allowed_hosts). Add the name clients use to"
+                " args.http.allowed_hosts, or set args.storage.public_base_url"
+                " (docs/running.md)."
+            )
     return warnings
 
 
@@ -209,7 +224,7 @@ def _child_env(
     if own_cluster:
         child.update(_RAY_LOOPBACK)
         # Every process of the cluster, Serve's HTTP proxy included; a value of your own wins.
-        for name, value in CLUSTER_ENV.items():
+        for name, value in {**CLUSTER_ENV, **PROXY_ENV}.items():
             child.setdefault(name, value)
     return child
 
@@ -299,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     if reason:
         _say(f"cannot start: {reason}")
         return EXIT_CONFIG
-    warnings = startup_warnings(config, env)
+    warnings = startup_warnings(config, bind_host=host)
     for warning in warnings:
         _say(f"WARNING: {warning}")
 

@@ -36,7 +36,8 @@ def load_runner(
 
     `gpu_probe` returns the visible GPUs' memory (`measure.probe_gpus` by default; tests inject a
     fake table). With the planner (synthetic source; local source with 2+ GPUs and device_map
-    auto/balanced) the placement table is logged and kept in `ModelInfo.placement_table`.
+    auto/balanced) the placement table is logged and kept in `ModelInfo.placement_table`
+    (what the speed switches did in `ModelInfo.speed_notes`).
     `rank_hooks`: this process is one rank of a parallel replica (`parallel.engine`); every rank
     loads, compiles and warms up together.
     """
@@ -49,7 +50,7 @@ def load_runner(
     logger.info(
         "loaded %s (%s) in %.1f s; placement:\n%s",
         runner.info.pipeline_class, runner.info.variant, time.perf_counter() - t0,
-        runner.info.placement_table,
+        "\n".join([runner.info.placement_table, *runner.info.speed_notes]),
     )  # fmt: skip
     if model.warmup if model.warmup is not None else model.compile:
         warm_up(runner, generation, model_ids=_warm_up_ids(model))
@@ -123,7 +124,8 @@ def _finish(
         model=model,
         generation=generation,
         device_map=loaded.device_map,
-        placement_table="\n".join([loaded.table, *notes]),
+        placement_table=loaded.table,
+        speed_notes=notes,
         stage_timer=StageTimer.install(pipe),
         rank_hooks=rank_hooks,
         hotswap=hotswap,

@@ -91,6 +91,7 @@ class EditRunner:
         generation: GenerationConfig,
         device_map: dict[str, str],
         placement_table: str = "",
+        speed_notes: list[str] | None = None,
         stage_timer: StageTimer | None = None,
         rank_hooks: RankHooks | None = None,
         hotswap: HotSwap | None = None,
@@ -114,6 +115,7 @@ class EditRunner:
             source=model.source,
             device_map=device_map,
             placement_table=placement_table,
+            speed_notes=list(speed_notes or []),
             variant=_variant_name(pipe),
             tokenizer_json=_tokenizer_json(pipe),
         )

@@ -375,8 +375,9 @@ def build_synthetic_lora(
     """A random LoRA for the synthetic transformer, in the diffusers/peft key format that
     `load_lora_weights` reads, written as `target_dir/pytorch_lora_weights.safetensors` (bf16):
     rank `rank` on every `SYNTHETIC_LORA_TARGETS` linear, scaled so that each adapted weight
-    matrix moves by about `gain / sqrt(in_features)` of its norm (7 % at full width). For GPU tests and benchmarks of LoRA serving (speed and agreement, not
-    quality); the numbers are drawn on the CPU (no CUDA context in the caller)."""
+    matrix moves by about `gain / sqrt(in_features)` of its norm. For GPU tests and benchmarks
+    of LoRA serving (speed and agreement, not quality); the numbers are drawn on the CPU (no CUDA
+    context in the caller)."""
     import torch
     from safetensors.torch import save_file
     from torch import nn

@@ -10,6 +10,7 @@ from serve_app.common.errors import (
     AuthenticationError,
     InvalidRequestError,
     ServiceUnavailableError,
+    client_gone,
     error_body,
     error_for_status,
     error_response,
@@ -20,8 +21,40 @@ from serve_app.common.errors import (
 def test_error_body_has_all_four_keys() -> None:
     body = error_body(InvalidRequestError("bad", param="n"))
     assert body == {
-        "error": {"message": "bad", "type": "invalid_request_error", "param": "n", "code": None}
+        "error": {
+            "message": "bad",
+            "type": "invalid_request_error",
+            "param": "n",
+            "code": "invalid_request",
+        }
     }
+
+
+def _subclasses(cls: type[APIError]) -> list[type[APIError]]:
+    return [cls, *(sub for child in cls.__subclasses__() for sub in _subclasses(child))]
+
+
+@pytest.mark.parametrize(
+    "cls", [c for c in _subclasses(APIError) if c.__name__ != "HTTPStatusError"]
+)
+def test_every_error_has_a_code_without_being_given_one(cls: type[APIError]) -> None:
+    err = cls("x")
+    assert isinstance(err.code, str) and err.code
+    assert isinstance(pickle.loads(pickle.dumps(err)).code, str)
+
+
+def test_a_bare_status_gets_a_code_of_its_own() -> None:
+    assert error_for_status(418, "x").code == "http_418"
+
+
+def test_a_405_keeps_its_allow_header_across_processes() -> None:
+    from starlette.exceptions import HTTPException
+
+    err = to_api_error(HTTPException(405, headers={"Allow": "GET, HEAD"}))
+    assert err.status_code == 405 and err.headers() == {"Allow": "GET, HEAD"}
+    back = pickle.loads(pickle.dumps(err))
+    assert back.headers() == {"Allow": "GET, HEAD"}
+    assert error_response(back).headers["allow"] == "GET, HEAD"
 
 
 def test_errors_survive_pickling_across_processes() -> None:
@@ -32,10 +65,12 @@ def test_errors_survive_pickling_across_processes() -> None:
     assert back.headers() == {"Retry-After": "3"}
 
 
-@pytest.mark.parametrize("status", [400, 401, 404, 405, 408, 413, 429, 503, 504, 418, 502])
+@pytest.mark.parametrize(
+    "status", [400, 401, 403, 404, 405, 408, 413, 415, 429, 431, 503, 504, 418, 502]
+)
 def test_error_for_status(status: int) -> None:
     err = error_for_status(status, "x")
-    assert isinstance(err, APIError) and err.status_code == status
+    assert isinstance(err, APIError) and err.status_code == status and err.code
 
 
 def test_to_api_error_translates_without_mutating() -> None:
@@ -69,3 +104,15 @@ def test_error_response_carries_the_error_headers() -> None:
     resp = error_response(AuthenticationError("no key"))
     assert resp.status_code == 401 and resp.headers["www-authenticate"] == "Bearer"
     assert json.loads(bytes(resp.body)) == error_body(AuthenticationError("no key"))
+
+
+def test_client_gone_knows_every_way_a_client_leaves() -> None:
+    import asyncio
+
+    from ray.exceptions import TaskCancelledError
+    from starlette.requests import ClientDisconnect
+
+    for gone in (ClientDisconnect(), asyncio.CancelledError(), TaskCancelledError()):
+        assert client_gone(gone)
+    for other in (RuntimeError("x"), InvalidRequestError("bad"), OSError("disk")):
+        assert not client_gone(other)

@@ -160,7 +160,9 @@ def test_fp8_linears_on_one_gpu() -> None:
 
     runner = load(synthetic(device_map="cuda", quantization="fp8", compile=True))
     try:
-        assert "quantization fp8: 720 transformer linears" in runner.info.placement_table
+        assert any(
+            "quantization fp8: 720 transformer linears" in note for note in runner.info.speed_notes
+        )
         blocks = runner.pipe.transformer.transformer_blocks
         assert blocks[0].attn.to_q.weight.qdata.dtype == torch.float8_e4m3fn
         assert blocks[59].img_mlp.net[2].weight.qdata.dtype == torch.float8_e4m3fn

@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import io
 import json
+import re
 from typing import Any
 
 import pytest
@@ -51,6 +52,8 @@ def assert_error(resp: Any, status: int, param: str | None) -> dict[str, Any]:
     assert set(body["error"]) == {"message", "type", "param", "code"}
     assert body["error"]["param"] == param
     assert body["error"]["message"]
+    # Every error has a code clients can branch on (every test's error path checks it here).
+    assert isinstance(body["error"]["code"], str) and body["error"]["code"]
     return body["error"]
 
 
@@ -146,6 +149,7 @@ def test_extensions_reach_the_job() -> None:
         ({"prompt": "   "}, "prompt"),
         ({"n": "0"}, "n"),
         ({"n": "5"}, "n"),  # above the configured max_n (4)
+        ({"n": "999"}, "n"),  # above OpenAI's 10 too: still this server's limit in the message
         ({"n": "two"}, "n"),
         ({"size": "big"}, "size"),
         ({"size": "10x10"}, "size"),
@@ -166,6 +170,13 @@ def test_bad_fields_are_400_naming_the_param(data: dict[str, str], param: str) -
     err = assert_error(post_edit(client, **data), 400, param)
     assert err["type"] == "invalid_request_error"
     assert handle.jobs == []
+
+
+@pytest.mark.parametrize("max_n", [1, 3])
+def test_n_above_the_limit_names_this_servers_limit(max_n: int) -> None:
+    client, _ = make_client(limits={"max_n": max_n})
+    err = assert_error(post_edit(client, n=999), 400, "n")
+    assert f"between 1 and {max_n} on this server" in err["message"] and "10" not in err["message"]
 
 
 def test_missing_prompt_and_missing_image() -> None:
@@ -258,6 +269,25 @@ def test_unknown_route_and_method() -> None:
     assert_error(client.get("/v1/images/edits"), 405, None)
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("GET", "/v1/images/edits", {"POST"}),
+        ("PUT", "/v1/images/edits", {"POST"}),
+        ("POST", "/v1/models", {"GET", "HEAD"}),
+        ("DELETE", "/ready", {"GET", "HEAD"}),
+        ("POST", "/", {"GET", "HEAD"}),
+        ("POST", "/openapi.json", {"GET", "HEAD"}),
+    ],
+)
+def test_405_carries_allow_with_the_routes_methods(method: str, path: str, allow: set[str]) -> None:
+    client, _ = make_client()
+    resp = client.request(method, path)
+    err = assert_error(resp, 405, None)
+    assert err["code"] == "method_not_allowed" and method in err["message"]
+    assert {m.strip() for m in resp.headers["allow"].split(",")} == allow
+
+
 def test_model_errors_map_to_status() -> None:
     def fail(job: Any) -> Any:
         raise InvalidRequestError("bad steps", param="num_inference_steps")
@@ -303,6 +333,18 @@ def test_models_say_random_weights_from_the_config_before_the_model_answers() ->
     client, _ = make_client(FakeModelHandle(info_error=InternalError("loading")))
     (card,) = client.get("/v1/models").json()["data"]
     assert card["metadata"]["source"] == "tiny" and card["metadata"]["random_weights"] is True
+
+
+def test_ready_lists_the_placement_table_apart_from_the_speed_notes() -> None:
+    info = dataclasses.replace(
+        FAKE_INFO,
+        placement_table="placement strategy: single\n  transformer -> cuda:0\n",
+        speed_notes=["modulation: 2 projections made once per edit for all its steps"],
+    )
+    client, _ = make_client(FakeModelHandle(info=info))
+    ready = client.get("/ready").json()
+    assert ready["placement"] == ["placement strategy: single", "  transformer -> cuda:0"]
+    assert ready["speed"] == info.speed_notes
 
 
 def test_ready_is_503_while_the_model_does_not_answer() -> None:
@@ -433,3 +475,46 @@ def test_request_id_echo_and_metrics_cover_every_answer() -> None:
         ("/v1/models/{model_id}", 200),
         ("/v1/models", 405),
     ]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "route"),
+    [
+        ("POST", "/v1/images/edits", "/v1/images/edits"),
+        ("GET", "/v1/images/img-1700000000000-" + "0" * 32 + ".png", "/v1/images/{image_id}"),
+        ("GET", "/v1/models", "/v1/models"),
+        ("GET", "/v1/models/qwen-image-edit", "/v1/models/{model_id:path}"),
+        ("GET", "/ready", "/ready"),
+        ("GET", "/", "/"),
+    ],
+)
+def test_serves_proxy_can_name_every_route_in_its_access_log(
+    method: str, path: str, route: str
+) -> None:
+    """Serve's proxy rebuilds the app's routes from their paths (no custom convertors) to name
+    each request's route in the access log and metrics; a route it cannot rebuild makes it
+    name every request by the route prefix ("GET /")."""
+    from ray.serve._private.thirdparty.get_asgi_route_name import (
+        extract_route_patterns,
+        get_asgi_route_name,
+    )
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    client, _ = make_client()
+    patterns = extract_route_patterns(client.app)
+    # The proxy's process registers none of ours: only Starlette's own convertors exist there.
+    for pattern in patterns:
+        used = set(re.findall(r"{\w+:(\w+)}", pattern.path))
+        assert used <= {"str", "path", "int", "float", "uuid"}, pattern.path
+
+    async def endpoint(request: Any) -> None:
+        return None
+
+    # As ray.serve._private.proxy_router.ProxyRouter.match_route_pattern builds it.
+    mock = Starlette(routes=[Route(p.path, endpoint, methods=p.methods) for p in patterns])
+    # Under a route prefix, as the proxy hands the scope on (the path includes the prefix).
+    scope = {"type": "http", "method": method, "path": "/app" + path, "root_path": "/app"}
+    assert get_asgi_route_name(mock, scope) == "/app" + route
+    # The ingress itself still tells a stored image from other names under /v1/images.
+    assert client.get("/v1/images/generations").status_code == 404

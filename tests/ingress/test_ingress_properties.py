@@ -83,6 +83,7 @@ def test_generated_requests_never_5xx(
     body = resp.json()
     if resp.status_code != 200:
         assert set(body["error"]) == {"message", "type", "param", "code"}
+        assert isinstance(body["error"]["code"], str) and body["error"]["code"]
 
 
 @settings(max_examples=1500, deadline=None)

@@ -124,6 +124,7 @@ def test_two_replicas_on_one_location_share_images_and_the_cap(tmp_path: Path) -
 
 
 def make_client(**storage: Any) -> tuple[TestClient, Clock]:
+    """The app as `make run` is addressed: on localhost, one of the default allowed hosts."""
     clock = Clock()
     cfg = AppConfig.model_validate(
         {
@@ -133,7 +134,8 @@ def make_client(**storage: Any) -> tuple[TestClient, Clock]:
         }
     )
     service = EditService(model=FakeModelHandle(), config=cfg, clock=clock)
-    return TestClient(create_app(service), raise_server_exceptions=False), clock
+    app = create_app(service)
+    return TestClient(app, base_url="http://localhost:8000", raise_server_exceptions=False), clock
 
 
 def test_url_response_then_fetch_the_image() -> None:
@@ -143,7 +145,7 @@ def test_url_response_then_fetch_the_image() -> None:
     data = resp.json()["data"]
     assert len(data) == 2 and all(set(d) == {"url"} for d in data)
     # Absolute, built from the request's base URL by default.
-    assert data[0]["url"].startswith("http://testserver/v1/images/img-")
+    assert data[0]["url"].startswith("http://localhost:8000/v1/images/img-")
     fetched = client.get(data[0]["url"])
     assert fetched.status_code == 200
     assert fetched.headers["content-type"] == "image/webp"
@@ -178,11 +180,12 @@ def test_get_on_the_edits_route_stays_405() -> None:
     assert_error(client.get("/v1/images/edits"), 405, None)
 
 
-def test_a_host_header_warning_only_with_keys_and_no_public_base_url() -> None:
-    from serve_app.common.config import StorageConfig
+def test_a_host_header_warning_only_when_any_host_makes_links() -> None:
+    from serve_app.common.config import HttpConfig, StorageConfig
     from serve_app.ingress.storage import host_header_warning
 
-    assert host_header_warning(StorageConfig(), api_keys=False) is None
-    assert "public_base_url" in (host_header_warning(StorageConfig(), api_keys=True) or "")
+    assert host_header_warning(StorageConfig(), HttpConfig()) is None
+    any_host = HttpConfig(allowed_hosts=["*"])
+    assert "public_base_url" in (host_header_warning(StorageConfig(), any_host) or "")
     pinned = StorageConfig(public_base_url="https://images.example.com")
-    assert host_header_warning(pinned, api_keys=True) is None
+    assert host_header_warning(pinned, any_host) is None

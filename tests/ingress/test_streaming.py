@@ -176,3 +176,58 @@ def test_a_refused_stream_keeps_its_503_when_cancelling_raises(
     assert err["code"] == code
     assert int(resp.headers["Retry-After"]) >= 1
     assert calls[0].cancelled == 1  # the queue slot is still given back
+
+
+class _Events:
+    """An EditStream stand-in: previews forever until closed."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def __aiter__(self) -> _Events:
+        return self
+
+    async def __anext__(self) -> PartialImage:
+        return PartialImage(index=0, image=np.zeros((16, 16, 3), np.uint8))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("how", ["closed", "cancelled"])
+def test_a_client_gone_mid_stream_is_one_info_line_and_stops_the_edit(
+    how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+    import logging
+
+    from serve_app.ingress.protocol import EditParams
+    from serve_app.ingress.responses import event_stream_body
+
+    events = _Events()
+    body = event_stream_body(
+        events,  # type: ignore[arg-type]
+        params=EditParams(prompt="x"),
+        size="16x16",
+        clock=lambda: 0.0,
+        request_id="req-stop",
+    )
+
+    async def main() -> None:
+        assert (await anext(body)).startswith(b"event: image_edit.partial_image")
+        if how == "closed":  # Starlette closes the body when the client disconnects
+            await body.aclose()
+            return
+        task = asyncio.ensure_future(anext(body))  # Serve cancels the request instead
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with caplog.at_level(logging.INFO, logger="ray.serve"):
+        asyncio.run(main())
+    assert events.closed
+    records = [r for r in caplog.records if r.name == "ray.serve"]
+    assert [(r.levelno, r.getMessage()) for r in records] == [
+        (logging.INFO, "request req-stop: the client went away mid-stream")
+    ]

@@ -17,14 +17,18 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from serve_app.ingress.origins import PROXY_ENV
 from tests.fixtures import free_port
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# As the launcher and the container image set it for every process of a cluster.
+os.environ.update(PROXY_ENV)
 
 TEST_ARGS: dict[str, Any] = {
     "model": {"source": "tiny", "device_map": "cpu", "aliases": ["qwen-image-edit-2509"]},
@@ -204,3 +208,16 @@ def wait_for(predicate: Any, *, timeout: float, what: str, every_s: float = 0.2)
             return
         time.sleep(every_s)
     pytest.fail(f"timed out waiting for {what}")
+
+
+def serve_log_lines(prefix: str) -> list[str]:
+    """Every line so far of this cluster's Serve log files whose names start with `prefix`
+    (`replica_<app>_` for an application's replicas, `proxy_` for the HTTP proxy's access log),
+    as Ray writes them under its session's logs/serve."""
+    import ray
+
+    node = ray._private.worker._global_node  # the driver's node: where this cluster logs
+    lines: list[str] = []
+    for path in sorted(Path(node.get_logs_dir_path(), "serve").glob(f"{prefix}*.log")):
+        lines += path.read_text(errors="replace").splitlines()
+    return lines

@@ -214,6 +214,90 @@ def test_errors_over_http(
     err = resp.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
     assert err["param"] == param and err["message"]
+    assert isinstance(err["code"], str) and err["code"]
+
+
+def test_n_above_the_limit_states_this_servers_limit(server: Server) -> None:
+    err = edit(server, [("image", ("a.png", png(), "image/png"))], n=999).json()["error"]
+    assert err["param"] == "n" and "between 1 and 3 on this server" in err["message"]
+
+
+def _raw_edit(server: Server, body: bytes, content_type: str) -> httpx.Response:
+    return httpx.post(
+        f"{server.url}/v1/images/edits",
+        content=body,
+        headers={"content-type": content_type.encode("latin-1")},
+        timeout=120,
+    )
+
+
+def test_content_type_is_read_case_insensitively_and_odd_charsets_never_500(
+    server: Server,
+) -> None:
+    from tests.fixtures import BOUNDARY, multipart
+
+    body, _ = multipart([("prompt", b"make it blue"), ("size", b"32x32")], image=png())
+    ok = _raw_edit(server, body, f"Multipart/Form-Data; Boundary={BOUNDARY}; Charset=UTF-8")
+    assert ok.status_code == 200, ok.text[:300]
+    for charset in ("no-such-charset", "rot13", "utf-16", "\xff"):
+        resp = _raw_edit(
+            server, body, f"multipart/form-data; boundary={BOUNDARY}; charset={charset}"
+        )
+        assert resp.status_code == 415, resp.text[:300]
+        assert resp.json()["error"]["code"] == "unsupported_charset"
+
+
+@pytest.mark.parametrize("field", ["mask", "image[]"])
+def test_a_file_field_sent_as_text_is_refused_not_ignored(server: Server, field: str) -> None:
+    before = model_stats("http-api").get("ok", 0)
+    resp = edit(server, [("image", ("a.png", png(), "image/png"))], size="32x32", **{field: "x"})
+    assert resp.status_code == 400, resp.text[:300]
+    assert resp.json()["error"]["param"] == field
+    assert resp.json()["error"]["code"] == "invalid_field_type"
+    assert model_stats("http-api").get("ok", 0) == before  # no edit ran
+
+
+def test_a_scalar_field_sent_as_a_file_is_refused(server: Server) -> None:
+    files = [("image", ("a.png", png(), "image/png")), ("size", ("s.txt", b"32x32", "text/plain"))]
+    err = edit(server, files).json()["error"]
+    assert (err["param"], err["code"]) == ("size", "invalid_field_type")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [("GET", "/v1/images/edits", "POST"), ("POST", "/v1/models", "GET, HEAD")],
+)
+def test_405_names_the_allowed_methods(server: Server, method: str, path: str, allow: str) -> None:
+    resp = httpx.request(method, f"{server.url}{path}")
+    assert resp.status_code == 405 and resp.headers["allow"] == allow
+    assert resp.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_a_spoofed_host_gets_no_link(server: Server) -> None:
+    files = [("image", ("a.png", png(), "image/png"))]
+    data = {"prompt": "p", "size": "32x32", "response_format": "url"}
+    url = f"{server.url}/v1/images/edits"
+    spoofed = httpx.post(url, data=data, files=files, headers={"host": "evil.example"})
+    assert spoofed.status_code == 400, spoofed.text[:300]
+    assert spoofed.json()["error"]["code"] == "host_not_allowed"
+    # Forwarded headers from a client that is no configured proxy change nothing.
+    forwarded = {"x-forwarded-host": "evil.example", "x-forwarded-proto": "https"}
+    link = httpx.post(url, data=data, files=files, headers=forwarded, timeout=120)
+    assert link.status_code == 200, link.text[:300]
+    assert link.json()["data"][0]["url"].startswith(f"{server.url}/v1/images/img-")
+
+
+def test_a_foreign_origin_runs_no_edit_and_the_own_origin_does(server: Server) -> None:
+    files = [("image", ("a.png", png(), "image/png"))]
+    data = {"prompt": "p", "size": "32x32"}
+    url = f"{server.url}/v1/images/edits"
+    before = model_stats("http-api").get("ok", 0)
+    foreign = httpx.post(url, data=data, files=files, headers={"origin": "https://evil.example"})
+    assert foreign.status_code == 403 and foreign.json()["error"]["code"] == "cross_site_request"
+    assert model_stats("http-api").get("ok", 0) == before
+    origin = str(httpx.URL(server.url).copy_with(path="/")).rstrip("/")
+    own = httpx.post(url, data=data, files=files, headers={"origin": origin}, timeout=120)
+    assert own.status_code == 200, own.text[:300]
 
 
 def test_openai_client_sees_bad_request(client: openai.OpenAI) -> None:
@@ -234,6 +318,9 @@ def test_models_and_health(server: Server, client: openai.OpenAI) -> None:
     ready = httpx.get(f"{server.url}/ready").json()
     assert ready["status"] == "ready" and ready["pipeline"] == "QwenImageEditPlusPipeline"
     assert ready["device_map"]["transformer"] == "cpu" and ready["placement"]
+    # The placement table only; what the speed switches did is listed apart.
+    assert not any(line.startswith("modulation") for line in ready["placement"])
+    assert isinstance(ready["speed"], list)
 
 
 def test_request_id_is_echoed_once(server: Server) -> None:

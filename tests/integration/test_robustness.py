@@ -11,6 +11,7 @@ import json
 import socket
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -27,6 +28,7 @@ from tests.integration.conftest import (
     ingress_with_api_keys,
     model_stats,
     remove_app,
+    serve_log_lines,
     wait_for,
 )
 
@@ -39,6 +41,7 @@ ARGS: dict[str, Any] = {
     "limits": {"max_n": 2, "min_output_side": 32, "max_output_side": 64},
     "request_timeout_s": 15,
     "upload_stall_timeout_s": 2,
+    "upload_timeout_s": 5,
 }
 DEPLOYMENTS = [
     {
@@ -310,6 +313,105 @@ def test_a_stalled_upload_gets_the_apps_json_408(server: Server) -> None:
     assert json.loads(answer)["error"]["code"] == "request_timeout"
     assert seconds < 20
     assert edit(server).status_code == 200
+
+
+def test_a_trickled_upload_is_bounded_by_upload_timeout_s(server: Server) -> None:
+    from tests.fixtures import multipart
+
+    body, content_type = multipart([("prompt", b"make it blue"), ("size", b"32x32")])
+    head = _request_head(server, "POST", "/v1/images/edits", {
+        **AUTH, "Content-Type": content_type, "Content-Length": str(len(body))
+    })  # fmt: skip
+    url = httpx.URL(server.url)
+    t0 = time.monotonic()
+    with socket.create_connection((url.host, url.port), timeout=30) as sock:
+        sock.sendall(head)
+        # A byte every 0.5 s: the 2 s stall timer never fires; the 5 s upload bound does.
+        answer = b""
+        for byte in body:
+            with contextlib.suppress(OSError):
+                sock.sendall(bytes([byte]))
+            sock.settimeout(0.5)
+            with contextlib.suppress(TimeoutError):
+                answer += sock.recv(65536)
+            if b"\r\n\r\n" in answer or time.monotonic() - t0 > 20:
+                break
+        seconds = time.monotonic() - t0
+        sock.settimeout(5)  # the rest of the answer; the server closes (Connection: close)
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 408"), answer[:300]
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_timeout"
+    assert 4 <= seconds < 15
+    assert edit(server).status_code == 200
+
+
+def test_headers_of_a_mebibyte_get_the_apps_431(server: Server) -> None:
+    head = _request_head(server, "GET", "/v1/models", {**AUTH, "X-Big": "a" * (1024 * 1024)})
+    status, headers, answer, _ = _raw_exchange(server, head, wait_s=30)
+    assert status == 431, answer[:300]
+    assert headers["content-type"] == "application/json"
+    assert json.loads(answer)["error"]["code"] == "request_headers_too_large"
+    assert httpx.get(f"{server.url}/v1/models", headers=AUTH).status_code == 200
+
+
+def test_clients_that_leave_are_logged_at_info_without_traceback(server: Server) -> None:
+    """Mid-upload, while waiting for the answer, and mid-stream (the playground's Stop): each
+    is one INFO line with its request id in the ingress's log; no replica logs an ERROR."""
+    from tests.fixtures import multipart
+
+    seen = set(serve_log_lines(f"replica_{APP}_"))
+    ids = {stage: f"gone-{stage}-{uuid.uuid4().hex[:8]}" for stage in ("upload", "wait", "stream")}
+    body, content_type = multipart([("prompt", b"make it blue"), ("size", b"32x32")])
+    head = _request_head(server, "POST", "/v1/images/edits", {
+        **AUTH, "Content-Type": content_type, "Content-Length": str(len(body)),
+        "X-Request-Id": ids["upload"],
+    })  # fmt: skip
+    url = httpx.URL(server.url)
+    with socket.create_connection((url.host, url.port), timeout=30) as sock:
+        sock.sendall(head + body[: len(body) // 2])
+        time.sleep(0.5)  # then hang up mid-body
+    data = {"prompt": "p", "size": "32x32", "num_inference_steps": "1000"}
+    files = [("image", ("a.png", png(), "image/png"))]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/images/edits", data=data, files=files, timeout=2,
+                   headers={**AUTH, "X-Request-Id": ids["wait"]})  # fmt: skip
+    streamed = {**data, "num_inference_steps": "100", "stream": "true", "partial_images": "3"}
+    with httpx.stream(
+        "POST",
+        f"{server.url}/v1/images/edits",
+        data=streamed,
+        files=files,
+        headers={**AUTH, "X-Request-Id": ids["stream"]},
+        timeout=60,
+    ) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("event: image_edit.partial_image"):
+                break  # the playground's Stop
+    wait_for(lambda: model_stats(APP)["active"] == 0, timeout=60, what="the edits to stop")
+
+    def gone(request_id: str) -> list[str]:
+        lines = serve_log_lines(f"replica_{APP}_OpenAIIngress")
+        return [line for line in lines if request_id in line and "went away" in line]
+
+    for request_id in ids.values():
+        wait_for(lambda rid=request_id: bool(gone(rid)), timeout=30,
+                 what=f"the log line of {request_id}")  # fmt: skip
+        (line,) = gone(request_id)
+        assert line.startswith("INFO"), line
+    new = [line for line in serve_log_lines(f"replica_{APP}_") if line not in seen]
+    assert not [line for line in new if line.startswith("ERROR") or "Traceback" in line], new
+    assert edit(server).status_code == 200
+
+
+def test_the_access_log_names_each_route(server: Server) -> None:
+    httpx.get(f"{server.url}/v1/models", headers=AUTH)
+    edit(server)
+    wanted = (f"GET /{APP}/v1/models 200", f"POST /{APP}/v1/images/edits 200")
+    wait_for(lambda: all(any(w in line for line in serve_log_lines("proxy_")) for w in wanted),
+             timeout=30, what="the proxy's access log lines")  # fmt: skip
 
 
 def test_what_only_the_proxy_answers_is_plain_text(server: Server) -> None:

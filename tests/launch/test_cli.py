@@ -126,6 +126,13 @@ def test_child_env_tunes_malloc_in_its_own_cluster_only() -> None:
     assert "GLIBC_TUNABLES" not in joined  # another cluster's processes are already running
 
 
+def test_serves_proxy_trusts_no_forwarded_headers_in_its_own_cluster() -> None:
+    local = yaml.safe_load((ROOT / "deploy/local.yaml").read_text())
+    assert launch._child_env({}, local, own_cluster=True)["FORWARDED_ALLOW_IPS"] == ""
+    mine = launch._child_env({"FORWARDED_ALLOW_IPS": "10.0.0.1"}, local, own_cluster=True)
+    assert mine["FORWARDED_ALLOW_IPS"] == "10.0.0.1"
+
+
 def test_port_and_host_overrides() -> None:
     config = {"http_options": {"host": "127.0.0.1", "port": 8000, "request_timeout_s": 300}}
     assert launch._with_http(config, host=None, port=None) is config
@@ -148,13 +155,23 @@ def test_a_signal_echoed_within_a_second_is_not_a_second_request(
     assert stop.forced.is_set()
 
 
-def test_keys_without_a_public_base_url_are_warned_about_loudly() -> None:
+def test_links_that_follow_any_host_are_warned_about_loudly() -> None:
     plain = {"applications": [{"name": "a", "args": {"model": {"source": "tiny"}}}]}
-    assert launch.startup_warnings(plain, {}) == []  # no keys: the demo stays quiet
-    (warning,) = launch.startup_warnings(plain, {"QWEN_API_KEYS": "k"})
+    assert launch.startup_warnings(plain, bind_host="127.0.0.1") == []  # the demo stays quiet
+    any_host = {"applications": [{"name": "a", "args": {"http": {"allowed_hosts": ["*"]}}}]}
+    (warning,) = launch.startup_warnings(any_host, bind_host="127.0.0.1")
     assert "storage.public_base_url" in warning and "Host header" in warning
-    pinned = {"applications": [{"name": "a", "args": {
+    pinned = {"applications": [{"name": "a", "args": {"http": {"allowed_hosts": ["*"]},
         "storage": {"public_base_url": "https://images.example.com"}}}]}  # fmt: skip
-    assert launch.startup_warnings(pinned, {"QWEN_API_KEYS": "k"}) == []
+    assert launch.startup_warnings(pinned, bind_host="0.0.0.0") == []
     shown = banner("http://127.0.0.1:8000", api_keys=True, warnings=[warning])
     assert f"WARNING: {warning}" in shown
+
+
+def test_a_server_beyond_loopback_hears_how_to_name_its_host() -> None:
+    plain = {"applications": [{"name": "a", "args": {"model": {"source": "tiny"}}}]}
+    (warning,) = launch.startup_warnings(plain, bind_host="0.0.0.0")
+    assert "http.allowed_hosts" in warning and "0.0.0.0" in warning
+    named = {"applications": [{"name": "a", "args": {"http": {
+        "allowed_hosts": ["images.example.com"]}}}]}  # fmt: skip
+    assert launch.startup_warnings(named, bind_host="0.0.0.0") == []

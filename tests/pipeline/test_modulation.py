@@ -78,8 +78,7 @@ def test_the_loader_installs_them(runner: EditRunner) -> None:
     assert type(block.img_mod) is TabledModulation
     assert type(block.txt_mod) is TabledModulation
     assert any(
-        "modulation: 2 projections made once per edit" in line
-        for line in runner.info.placement_table.splitlines()
+        "modulation: 2 projections made once per edit" in line for line in runner.info.speed_notes
     )  # one block in the tiny model
 
 
