@@ -23,8 +23,11 @@ MAY_IMPORT: dict[str, set[str]] = {
     "ingress": {"common"},
     "app": {"common", "engine", "ingress", "replica", "pipeline"},
     "client": set(),  # the CLI: a plain HTTP client
-    "launch": {"common", "ingress"},  # `make run`'s launcher (it reads the API key settings)
+    "launch": {"common"},  # `make run`'s launcher: config and API key settings only
 }
+# Third-party frameworks that stay out of the shared layer: both deployments, the launcher and the
+# bench scripts import it, and it must not decide which web framework or cluster they run on.
+COMMON_MUST_NOT_IMPORT = {"starlette", "fastapi", "ray", "torch"}
 # What runs in the CPU ingress (and in Serve's controller, which imports the builder).
 TORCH_FREE = ["common", "engine", "ingress", "replica", "app", "client", "launch"]
 HEAVY = ["torch", "diffusers", "transformers", "accelerate", "torchvision", "torchao", "peft"]
@@ -55,6 +58,17 @@ def _imports(path: Path, modules: dict[str, Path]) -> Iterator[str]:
         yield from (n for n in names if n.split(".")[0] == "serve_app")
 
 
+def _third_party(path: Path) -> set[str]:
+    """The top-level names of every absolute import in `path` (module level or in functions)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
 def _graph() -> dict[str, set[str]]:
     modules = _modules()
     return {name: set(_imports(path, modules)) for name, path in modules.items()}
@@ -77,6 +91,16 @@ def test_nothing_imports_upward() -> None:
         if _package(target) not in {_package(module), *MAY_IMPORT[_package(module)]}
     ]
     assert wrong == []
+
+
+def test_common_imports_no_web_framework_no_ray_no_torch() -> None:
+    wrong = {
+        name: sorted(_third_party(path) & COMMON_MUST_NOT_IMPORT)
+        for name, path in _modules().items()
+        if _package(name) == "common"
+    }
+    assert {name: found for name, found in wrong.items() if found} == {}
+    assert len(wrong) > 5  # the walk found the package
 
 
 def test_the_import_graph_has_no_cycles() -> None:

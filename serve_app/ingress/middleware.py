@@ -2,7 +2,7 @@
 
 - `RequestMetrics`: route, status and latency of every answer;
 - `RequestId`: the request id (the caller's `x-request-id`, else a new one that is echoed);
-- `OpenAIErrors`: whatever is raised inside becomes OpenAI error JSON (`errors.to_api_error`);
+- `OpenAIErrors`: whatever is raised inside becomes OpenAI error JSON (`errors_http.to_api_error`);
 - `auth.RequireApiKey`: 401 before any body is read;
 - `BodySizeLimit`: 413 once the declared or streamed body passes the limit;
 - `BodyTimeout`: 408 when the body stalls or is still arriving at the request's deadline.
@@ -20,13 +20,9 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve_app.common.errors import (
-    PayloadTooLargeError,
-    RequestTimeoutError,
-    error_response,
-    to_api_error,
-)
+from serve_app.common.errors import PayloadTooLargeError, RequestTimeoutError
 from serve_app.common.metrics import IngressMetrics
+from serve_app.ingress.errors_http import error_response, to_api_error
 
 logger = logging.getLogger("ray.serve")
 

@@ -171,14 +171,3 @@ def _expand(url: str) -> str:
 
 def image_url(base_url: str, image_id: str) -> str:
     return f"{base_url.rstrip('/')}/v1/images/{image_id}"
-
-
-def host_header_warning(config: StorageConfig, *, api_keys: bool) -> str | None:
-    """What to say at start when url results would follow the Host header of a guarded server."""
-    if not api_keys or config.public_base_url:
-        return None
-    return (
-        "API keys are on but storage.public_base_url is not set: response_format=url links are"
-        " built from each request's Host header, which any client can set. Set"
-        " storage.public_base_url to the address your clients use (e.g. https://images.example.com)."
-    )

@@ -145,8 +145,8 @@ def _serves_tiny_model(config: Mapping[str, Any]) -> bool:
 
 
 def _app_api_keys_on(app: Mapping[str, Any], env: Mapping[str, str]) -> bool:
+    from serve_app.common.api_keys import load_api_keys
     from serve_app.common.config import AuthConfig
-    from serve_app.ingress.auth import load_api_keys
 
     auth = AuthConfig.model_validate((app.get("args") or {}).get("auth") or {})
     try:
@@ -161,8 +161,8 @@ def _api_keys_on(config: Mapping[str, Any], env: Mapping[str, str]) -> bool:
 
 def startup_warnings(config: Mapping[str, Any], env: Mapping[str, str]) -> list[str]:
     """What the operator must hear at start (the ingress logs it too, less visibly)."""
+    from serve_app.common.api_keys import host_header_warning
     from serve_app.common.config import StorageConfig
-    from serve_app.ingress.storage import host_header_warning
 
     warnings = []
     for app in _applications(config):

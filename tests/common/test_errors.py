@@ -1,20 +1,8 @@
 from __future__ import annotations
 
-import json
 import pickle
 
-import pytest
-
-from serve_app.common.errors import (
-    APIError,
-    AuthenticationError,
-    InvalidRequestError,
-    ServiceUnavailableError,
-    error_body,
-    error_for_status,
-    error_response,
-    to_api_error,
-)
+from serve_app.common.errors import InvalidRequestError, ServiceUnavailableError, error_body
 
 
 def test_error_body_has_all_four_keys() -> None:
@@ -30,42 +18,3 @@ def test_errors_survive_pickling_across_processes() -> None:
     assert isinstance(back, ServiceUnavailableError)
     assert (back.message, back.code, back.retry_after_s) == ("busy", "server_overloaded", 3.2)
     assert back.headers() == {"Retry-After": "3"}
-
-
-@pytest.mark.parametrize("status", [400, 401, 404, 405, 408, 413, 429, 503, 504, 418, 502])
-def test_error_for_status(status: int) -> None:
-    err = error_for_status(status, "x")
-    assert isinstance(err, APIError) and err.status_code == status
-
-
-def test_to_api_error_translates_without_mutating() -> None:
-    from ray.serve.exceptions import BackPressureError
-    from starlette.exceptions import HTTPException
-
-    own = InvalidRequestError("bad", param="n")
-    assert to_api_error(own) is own
-    teapot = to_api_error(HTTPException(418, "short and stout"))
-    assert (teapot.status_code, teapot.error_type, teapot.message) == (
-        418,
-        "invalid_request_error",
-        "short and stout",
-    )
-    assert InvalidRequestError.status_code == 400  # no class (or instance) was changed
-    back = pickle.loads(pickle.dumps(teapot))
-    assert (back.status_code, back.message) == (418, "short and stout")
-    full = to_api_error(
-        BackPressureError(num_queued_requests=8, max_queued_requests=8), retry_after_s=4
-    )
-    assert (full.status_code, full.code, full.headers()) == (
-        503,
-        "server_overloaded",
-        {"Retry-After": "4"},
-    )
-    hidden = to_api_error(RuntimeError("secret"))
-    assert hidden.status_code == 500 and "secret" not in hidden.message
-
-
-def test_error_response_carries_the_error_headers() -> None:
-    resp = error_response(AuthenticationError("no key"))
-    assert resp.status_code == 401 and resp.headers["www-authenticate"] == "Bearer"
-    assert json.loads(bytes(resp.body)) == error_body(AuthenticationError("no key"))
