@@ -185,7 +185,8 @@ def _is_path(token: str) -> bool:
 
 def _resolves(token: str, context: str, paths: set[str]) -> bool:
     """`token` names a file or folder under `context` ("" for the root) or under serve_app/."""
-    names = {token, token.rstrip("/") + "/"}
+    # A folder with or without its slash; a data file may be named without its suffix.
+    names = {token, token.rstrip("/") + "/", *(token + suffix for suffix in _FILE_SUFFIXES)}
     for base in {context, "", "serve_app/"}:
         for name in names:
             if base + name in paths:
