@@ -1,4 +1,4 @@
-# Two commands on a fresh machine: `make run` and `make test`.
+# Two commands on a fresh machine: `make run` and `make test` (`make test-all` for every suite).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +10,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 # (0.17: 2.11); a CPU environment never runs FP8 (refused without a GPU), so never load them here.
 export TORCHAO_FORCE_SKIP_LOADING_SO_FILES ?= 1
 
-.PHONY: install run test lint typecheck clean
+.PHONY: install run test test-integration test-all lint typecheck clean
 
 install: $(STAMP)
 
@@ -28,12 +28,27 @@ run: $(STAMP)
 	exec $(PY) -m serve_app.launch $(CONFIG) $(if $(PORT),--port $(PORT)) \
 		$(if $(ENV_FILE),--env-file $(ENV_FILE))
 
-## Lint, type-check, then the CPU test suite (GPU tests skip with a reason).
+## The tests in two suites, by the pytest markers in pyproject.toml (tests/deploy/test_suites.py
+## checks that every test file is in exactly one):
+## `make test`: lint, type-check, then every test that needs no Ray cluster and no process group
+## (minutes on 2 cores; GPU tests skip with a reason);
+## `make test-integration`: the real Ray Serve app over HTTP (`integration`) and the transformer
+## over several torch.distributed ranks (`multiprocess`);
+## `make test-all`: both (what CI runs).
 # The tests never reach the Hugging Face Hub. (`make run` may: a config can name a model id, and
 # HF_HUB_OFFLINE from the environment or .env applies there.)
+SLOW_MARKERS := integration or multiprocess
+PYTEST := $(PY) -m pytest -q -ra
+
 test: export HF_HUB_OFFLINE ?= 1
 test: $(STAMP) lint typecheck
-	$(PY) -m pytest -q -ra
+	$(PYTEST) -m "not ($(SLOW_MARKERS))"
+
+test-integration: export HF_HUB_OFFLINE ?= 1
+test-integration: $(STAMP)
+	$(PYTEST) -m "$(SLOW_MARKERS)"
+
+test-all: test test-integration
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -403,8 +403,8 @@ _THREAD = threading.local()
 
 def http_client() -> Any:
     """This thread's httpx client, made once (an SSL context and a connection pool: making them
-    for each request cost ~30 ms on a 2-core CPU, time no server spends), kept alive as the
-    openai SDK keeps its own."""
+    for each request is client time no server spends, which results before it counted;
+    docs/gpu.md), kept alive as the openai SDK keeps its own."""
     client = getattr(_THREAD, "client", None)
     if client is None:
         import httpx

@@ -29,7 +29,6 @@ FAKE_INFO = ModelInfo(
     pipeline_class="QwenImageEditPlusPipeline",
     max_input_images=3,
     size_multiple=16,
-    default_steps=4,
     source="fake",
     tokenizer_json=byte_tokenizer_json(),
 )

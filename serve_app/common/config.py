@@ -127,12 +127,12 @@ class ModelConfig(_Strict):
     # torch.compile the transformer's repeated blocks (fullgraph); compiles at replica start.
     compile: bool = False
     # torch.compile's `dynamic`: True compiles once for every size and prompt length; None lets
-    # torch recompile (~12 s, once per device) the first time an input size changes.
+    # torch recompile (once per device) the first time an input size changes.
     compile_dynamic: bool | None = None
     # Inductor's C++ wrapper for the compiled blocks (torch._inductor.config.cpp_wrapper, as
     # TORCHINDUCTOR_CPP_WRAPPER=1): kernels are launched from C++ instead of Python, which
-    # matters only where host time limits a step (measured -0.9 % on one H100, docs/gpu.md).
-    # Needs a C++ compiler; compiling takes longer (ready in ~90 s instead of ~45 s).
+    # matters only where host time limits a step. Needs a C++ compiler; compiling takes longer
+    # (both measured in docs/gpu.md's speed-switch table).
     compile_cpp_wrapper: bool = False
     # diffusers attention dispatcher backend, e.g. "native", "_native_cudnn", "_native_flash",
     # "_native_efficient", "flash" (needs flash-attn), "_flash_3" (FA3). None: diffusers' default.

@@ -60,7 +60,6 @@ class ModelInfo:
     pipeline_class: str
     max_input_images: int
     size_multiple: int  # output width and height are multiples of this
-    default_steps: int
     source: str  # "local", "tiny", "synthetic"
     device_map: dict[str, str] = field(default_factory=dict)
     placement_table: str = ""  # where each component / block range went (the table only)

@@ -4,18 +4,17 @@ Every edit moves multi-MB buffers through the ingress and the model replica: the
 (3 MB for 1 MP), the output array, its PNG (up to as large), its base64 and the JSON body (4 MB).
 glibc serves each allocation above its mmap threshold with a fresh mmap and returns it with munmap,
 and gives freed heap memory above its trim threshold back to the kernel; either way the next
-edit's buffers are new pages that the kernel faults in again. On 2 shared CPU cores that made
-splicing a 4 MB JSON body take ~7 ms instead of ~1 ms (`python -m bench.overhead`'s codec
-figures, before and after; docs/gpu.md). With both thresholds raised the buffers are reused,
-already faulted in.
+edit's buffers are new pages that the kernel faults in again, a cost that shows in every codec
+stage (`python -m bench.overhead`'s codec figures, before and after: docs/gpu.md). With both
+thresholds raised the buffers are reused, already faulted in.
 
 Two ways in, for two kinds of process. `keep_large_buffers()` (mallopt) tunes a process that is
 already running: the ingress and the model replica call it at start, on any Ray cluster. Serve's
 HTTP proxy, which copies every answer's body on its way out, is Ray's process, not ours: glibc
 reads `GLIBC_TUNABLES` from the environment when a process starts, so the clusters we start (the
 launcher's, the benchmarks') and the container image (deploy/Dockerfile) set `CLUSTER_ENV` for
-every process of the cluster. In a probe of the proxy alone that cut a 4 MB answer's time through
-it from ~27 ms to ~21 ms on an H200 host; in a whole edit it did not show (docs/gpu.md).
+every process of the cluster. A probe of the proxy alone found it faster with the setting; in a
+whole edit it did not show (docs/gpu.md, bench/results/h200-proxy-malloc.json).
 
 The price is memory a process keeps: freed buffers stay in the heap (up to `TRIM_THRESHOLD` at
 its top) instead of going back to the kernel, a few edits' worth of buffers per process.

@@ -1,7 +1,7 @@
 """API keys: `Authorization: Bearer <key>`, OpenAI's convention. Off when no key is configured.
 
 For the seed server's clients (docs/migrating.md), HTTP Basic with the key as the password (any
-user name) is the same key, and its `API_KEY` variable is read when ours is not set.
+user name) is the same key. Which keys are on: `common/api_keys.py`.
 """
 
 from __future__ import annotations
@@ -9,41 +9,11 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import logging
-import os
-from collections.abc import Mapping
-from pathlib import Path
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from serve_app.common.config import AuthConfig
 from serve_app.common.errors import AuthenticationError
-
-logger = logging.getLogger(__name__)
-
-# The seed server's single key; used only when the configured variable and key file are unset.
-SEED_API_KEY_ENV = "API_KEY"
-
-
-def load_api_keys(config: AuthConfig, *, environ: Mapping[str, str] | None = None) -> list[str]:
-    """Keys from the env var and the key file; an unreadable key file is a startup error."""
-    env = os.environ if environ is None else environ
-    keys = [k.strip() for k in env.get(config.api_keys_env, "").split(",")]
-    if config.api_keys_file:
-        for line in Path(config.api_keys_file).read_text().splitlines():
-            keys.append(line.split("#", 1)[0].strip())
-    found = sorted({k for k in keys if k})
-    seed_key = env.get(SEED_API_KEY_ENV, "").strip()
-    if not found and seed_key:
-        # A seed server's settings turn auth on with API_KEY; ignoring it would serve openly.
-        logger.warning(
-            "API keys: using %s (the seed server's variable); %s is the name here.",
-            SEED_API_KEY_ENV,
-            config.api_keys_env,
-        )
-        found = [seed_key]
-    return found
 
 
 class ApiKeyChecker:

@@ -14,14 +14,14 @@ from typing import Any
 
 from starlette.types import ASGIApp
 
+from serve_app.common.api_keys import load_api_keys
 from serve_app.common.config import AppConfig
+from serve_app.common.links import host_header_warning
 from serve_app.common.malloc import keep_large_buffers
-from serve_app.common.metrics import RayIngressMetrics
-from serve_app.ingress.auth import load_api_keys
+from serve_app.ingress.metrics import RayIngressMetrics
 from serve_app.ingress.model_client import ModelHandle
 from serve_app.ingress.routes import create_app
 from serve_app.ingress.service import EditService
-from serve_app.ingress.storage import host_header_warning
 
 logger = logging.getLogger("ray.serve")
 

@@ -81,8 +81,8 @@ def decode_image(
 
 
 def _decode_rgb_png(data: bytes, width: int, height: int) -> np.ndarray | None:
-    """An 8-bit RGB PNG without EXIF decoded by imagecodecs (libpng with zlib-ng: ~1.7x Pillow's
-    speed on 1 MP, and this decode is on every edit's critical path), or None: Pillow decodes it.
+    """An 8-bit RGB PNG without EXIF decoded by imagecodecs (libpng with zlib-ng, faster than
+    Pillow: docs/gpu.md; this decode is on every edit's critical path), or None: Pillow decodes it.
     Same pixels as Pillow's (tests/ingress/test_imaging.py). libpng checks every checksum, where
     Pillow lets a bad IDAT CRC pass: what libpng refuses goes to Pillow, so this path never
     rejects what Pillow accepts."""
@@ -134,8 +134,8 @@ def encode_image(array: np.ndarray, *, output_format: str, compression: int | No
     """Encode a (H, W, 3) uint8 array. `compression` is OpenAI's 0-100 output_compression."""
     fmt = _PIL_SAVE_FORMAT[output_format]
     if fmt == "PNG" and compression is None:
-        # The default: a 1 MP photo-like image in ~20-35 ms instead of Pillow's ~125 ms at
-        # zlib level 1 (per-row filter search), and smaller; see serve_app.ingress.png.
+        # The default: faster than Pillow at zlib level 1 (per-row filter search), and smaller;
+        # see serve_app.ingress.png.
         return encode_png(array)
     img = Image.fromarray(array, mode="RGB") if array.ndim == 3 else Image.fromarray(array)
     buf = io.BytesIO()

@@ -2,7 +2,7 @@
 
 - `RequestMetrics`: route, status and latency of every answer;
 - `RequestId`: the request id (the caller's `x-request-id`, else a new one that is echoed);
-- `OpenAIErrors`: whatever is raised inside becomes OpenAI error JSON (`errors.to_api_error`);
+- `OpenAIErrors`: whatever is raised inside becomes OpenAI error JSON (`errors_http.to_api_error`);
 - `HeaderSizeLimit`: 431 when the request's headers together pass the limit;
 - `origins.RefuseCrossSite`: 403 for a browser's POST from another site;
 - `auth.RequireApiKey`: 401 before any body is read;
@@ -22,15 +22,9 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve_app.common.errors import (
-    HeadersTooLargeError,
-    PayloadTooLargeError,
-    RequestTimeoutError,
-    client_gone,
-    error_response,
-    to_api_error,
-)
+from serve_app.common.errors import HeadersTooLargeError, PayloadTooLargeError, RequestTimeoutError
 from serve_app.common.metrics import IngressMetrics
+from serve_app.ingress.errors_http import client_gone, error_response, to_api_error
 
 logger = logging.getLogger("ray.serve")
 

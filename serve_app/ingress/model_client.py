@@ -1,7 +1,7 @@
 """The model deployment as the ingress calls it: plain data in and out, every failure an APIError.
 
 `ModelClient` wraps the DeploymentHandle (a fake in unit tests): what awaiting a call raises (Ray's
-back-pressure, a lost replica, the model's own APIErrors) goes through `errors.to_api_error`.
+back-pressure, a lost replica, the model's own APIErrors) goes through `errors_http.to_api_error`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import logging
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Protocol
 
-from serve_app.common.errors import InternalError, TimeoutError_, to_api_error
+from serve_app.common.errors import InternalError, TimeoutError_
 from serve_app.common.jobs import EditJob, EditOutput, ModelInfo, PartialImage
+from serve_app.ingress.errors_http import to_api_error
 
 logger = logging.getLogger("ray.serve")
 

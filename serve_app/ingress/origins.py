@@ -26,10 +26,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from serve_app.common.config import HttpConfig
 from serve_app.common.errors import ForbiddenError, InvalidRequestError
 
-# For every process of a cluster (the launcher, the container image and the tests set it):
-# Serve's HTTP proxy (uvicorn) would apply X-Forwarded-Proto/For from any loopback client
-# itself; the ingress trusts such headers only from `http.trusted_proxies`, so the proxy none.
-PROXY_ENV = {"FORWARDED_ALLOW_IPS": ""}
 _STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # Sec-Fetch-Site values a browser sends for a request another site's page started.

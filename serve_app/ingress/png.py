@@ -1,15 +1,14 @@
 """A fast PNG writer for the default output: uint8 arrays in, standard PNG bytes out.
 
-Pillow spends most of a 1 MP PNG encode choosing a filter per row (it tries all five): ~125 ms
-for a photo-like image on a slow CPU core, about as long as the rest of the serving overhead
-together. Here every row gets the Up filter (one numpy subtraction), and the filtered rows are
-deflated by ISA-L (the `isal` package: Intel's SIMD deflate) at its level 1. On noise, photo-like
-and smooth 1 MP images it is several times faster than zlib's run-length strategy (what this
-writer used before), at the same size or smaller (`python -m bench.overhead`; docs/gpu.md has the
-figures). The rows are cut into bands deflated on parallel threads (ISA-L drops the GIL) and
-joined into one zlib stream, as pigz does: every band but the last ends on a byte boundary with a
-sync flush, and each band has its own compressor, so no match reaches back into an earlier band.
-ISA-L's SIMD checksums (Adler-32, CRC-32) finish the file.
+Pillow spends most of a 1 MP PNG encode choosing a filter per row (it tries all five), and the
+encode is on every edit's critical path. Here every row gets the Up filter (one numpy subtraction),
+and the filtered rows are deflated by ISA-L (the `isal` package: Intel's SIMD deflate) at level 1.
+On noise, photo-like and smooth 1 MP images it is several times faster than zlib's run-length
+strategy (what this writer used before), at the same size or smaller (`python -m bench.overhead`;
+docs/gpu.md has the figures). The rows are cut into bands deflated on parallel threads (ISA-L drops
+the GIL) and joined into one zlib stream, as pigz does: every band but the last ends on a byte
+boundary with a sync flush, and each band has its own compressor, so no match reaches back into an
+earlier band. ISA-L's SIMD checksums (Adler-32, CRC-32) finish the file.
 """
 
 from __future__ import annotations
@@ -72,7 +71,7 @@ def _up_filtered(array: np.ndarray) -> np.ndarray:
 
 def _deflate_band(band: np.ndarray, *, last: bool) -> bytes:
     # Raw deflate (no zlib header): the bands are joined under one header and checksum.
-    # (ISA-L's level 0 is no faster on noise and writes ~23 % more than it reads.)
+    # (ISA-L's level 0 is no faster on noise and writes more than it reads.)
     compressor = isal_zlib.compressobj(1, isal_zlib.DEFLATED, -15, 8)
     body = compressor.compress(band.data)
     return body + compressor.flush(isal_zlib.Z_FINISH if last else isal_zlib.Z_SYNC_FLUSH)

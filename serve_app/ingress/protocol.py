@@ -181,7 +181,8 @@ _IMAGES_RESPONSE = TypeAdapter(ImagesResponse)
 
 def images_response_json(response: ImagesResponse) -> bytes:
     """The response body: the bytes Starlette's JSONResponse writes (compact, UTF-8, no nulls),
-    serialized by pydantic-core in one pass, ~4x faster with a multi-MB `b64_json`."""
+    serialized by pydantic-core in one pass instead of a dict handed to a second encoder (the
+    difference shows with a multi-MB `b64_json`)."""
     return _IMAGES_RESPONSE.dump_json(response, exclude_none=True)
 
 

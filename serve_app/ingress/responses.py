@@ -48,10 +48,10 @@ def _encode(image: np.ndarray, params: EditParams) -> bytes:
 class Base64Splice:
     """Base64 payloads spliced into a serialized JSON document.
 
-    A multi-MB `b64_json` costs ~7 ms to become a Python str and as much again for the
+    A multi-MB `b64_json` costs time to become a Python str and as much again for the
     serializer to scan for characters to escape; base64 has none, so the document is serialized
     with a short placeholder per payload and the payloads' bytes (pybase64, SIMD) are joined in
-    afterwards: ~0.3 ms for a 3 MB PNG instead of ~15 ms (docs/gpu.md)."""
+    afterwards (the measured difference: docs/gpu.md)."""
 
     def __init__(self) -> None:
         # A fresh nonce per document: no other value in it can equal a placeholder.

@@ -13,10 +13,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from serve_app.common.errors import MethodNotAllowedError, NotFoundError, to_api_error
+from serve_app.common.errors import MethodNotAllowedError, NotFoundError
 from serve_app.common.timing import SERVER_TIMING_HEADER, StageClock, format_server_timing
 from serve_app.ingress import openapi, playground
 from serve_app.ingress.auth import ApiKeyChecker, RequireApiKey
+from serve_app.ingress.errors_http import to_api_error
 from serve_app.ingress.forms import read_edit_form
 from serve_app.ingress.middleware import (
     BodySizeLimit,

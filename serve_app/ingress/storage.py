@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from serve_app.common.config import HttpConfig, StorageConfig
+from serve_app.common.config import StorageConfig
 from serve_app.common.errors import InternalError, NotFoundError
 
 logger = logging.getLogger("ray.serve")
@@ -171,15 +171,3 @@ def _expand(url: str) -> str:
 
 def image_url(base_url: str, image_id: str) -> str:
     return f"{base_url.rstrip('/')}/v1/images/{image_id}"
-
-
-def host_header_warning(storage: StorageConfig, http: HttpConfig) -> str | None:
-    """What to say at start when url links would follow any client's Host header."""
-    if storage.public_base_url or "*" not in http.allowed_hosts:
-        return None
-    return (
-        "http.allowed_hosts is '*' and storage.public_base_url is not set: response_format=url"
-        " links are built from each request's Host header, which any client can set. Set"
-        " storage.public_base_url to the address your clients use (e.g."
-        " https://images.example.com), or list your host names in http.allowed_hosts."
-    )

@@ -37,8 +37,8 @@ from typing import Any
 import yaml
 
 from serve_app.common.config import ENV_DEVICE_MAP, ENV_MODEL_DIR
+from serve_app.common.links import PROXY_ENV
 from serve_app.common.malloc import CLUSTER_ENV
-from serve_app.ingress.origins import PROXY_ENV
 from serve_app.launch import loopback
 from serve_app.launch.preflight import (
     client_url,
@@ -156,8 +156,8 @@ def _serves_tiny_model(config: Mapping[str, Any]) -> bool:
 
 
 def _app_api_keys_on(app: Mapping[str, Any], env: Mapping[str, str]) -> bool:
+    from serve_app.common.api_keys import load_api_keys
     from serve_app.common.config import AuthConfig
-    from serve_app.ingress.auth import load_api_keys
 
     auth = AuthConfig.model_validate((app.get("args") or {}).get("auth") or {})
     try:
@@ -175,7 +175,7 @@ def startup_warnings(config: Mapping[str, Any], *, bind_host: str) -> list[str]:
     links that follow any Host, and a server reachable beyond loopback whose links and browser
     pages work only on loopback names (the default http.allowed_hosts)."""
     from serve_app.common.config import LOOPBACK_HOSTS, HttpConfig, StorageConfig
-    from serve_app.ingress.storage import host_header_warning
+    from serve_app.common.links import host_header_warning
 
     warnings = []
     for app in _applications(config):

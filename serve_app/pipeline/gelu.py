@@ -1,13 +1,14 @@
 """The feed-forward's first linear and its tanh GELU as one cuBLASLt GEMM (bias + GELU epilogue).
 
 Each of the transformer's 120 feed-forwards (image and text stream of 60 blocks) starts with
-diffusers' `GELU` module: a linear to 4x the width, then `gelu(approximate="tanh")`. Compiled,
-that is a cuBLAS GEMM writing the 12288-wide hidden state, then an inductor kernel reading it
-back and writing it again: for the standard edit's 8192 image tokens 2 x 200 MB of memory traffic
-per block, ~8 ms of a ~300 ms forward on an H200 (bench.forward_variants). cuBLASLt computes the
-same tanh GELU in the GEMM's epilogue, on the float32 accumulator before the one rounding to
-bf16 (torch's `_addmm_activation`, which inductor calls as it is). The values differ from the
-two-kernel form by bf16 rounding only (tests/gpu).
+diffusers' `GELU` module: a linear to 4x the width, then `gelu(approximate="tanh")`. Compiled, that
+is a cuBLAS GEMM writing the 12288-wide hidden state, then an inductor kernel reading it back and
+writing it again: for the standard edit's 8192 image tokens 2 x 200 MB of memory traffic per block
+for a pointwise function (that kernel's share of a forward: docs/gpu.md,
+bench/results/h200-forward-variants-gelu.json). cuBLASLt computes the same tanh GELU in the GEMM's
+epilogue, on the float32 accumulator before the one rounding to bf16 (torch's `_addmm_activation`,
+which inductor calls as it is). The values differ from the two-kernel form by bf16 rounding only
+(tests/gpu).
 
 Used where it is the same function: CUDA tensors (on CPU torch's `_addmm_activation` applies
 the exact erf GELU, not tanh), a plain `nn.Linear` with a bias (a LoRA-wrapped or fp8-quantized
@@ -18,9 +19,9 @@ GELU runs after the GEMM as x * sigmoid(2u) instead of 0.5 x (1 + tanh(u)), u = 
 (x + 0.044715 x^3): the same function, since 0.5 (1 + tanh(u)) = sigmoid(2u), but one exp where
 inductor's tanh is a longer libdevice routine. With fp8 the GELU shares a kernel with the per-row
 quantization of the next linear's input, which computes it twice (for the row's maximum, then to
-quantize): 0.23 ms against 0.33 ms for one feed-forward's 8192 tokens on an H200. The two forms
-round differently in float32 (bf16 outputs: relative L2 2e-7 apart, the differing ones nearly
-all tiny values below zero); the sigmoid form is never farther from float64 (tests/gpu).
+quantize), so the cheaper form pays twice (docs/gpu.md, bench/results/h200-forward-fp8-gelu.json).
+The two forms round differently in float32 (the differing bf16 outputs nearly all tiny values
+below zero); the sigmoid form is never farther from float64 (tests/gpu).
 """
 
 from __future__ import annotations

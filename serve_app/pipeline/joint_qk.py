@@ -1,17 +1,18 @@
 """Qwen-Image's joint attention with the text and image streams joined before the QK norm.
 
 diffusers' `QwenDoubleStreamAttnProcessor2_0` normalizes and rotates the text and the image
-queries and keys separately, then joins them (`torch.cat`) for the attention. Compiled on an
-H200 that is a norm + RoPE kernel per stream and a copy of the whole query and key into the
-joined buffer: 9.5 + 4.6 ms of a ~294 ms bf16 forward (`bench.forward_variants`).
+queries and keys separately, then joins them (`torch.cat`) for the attention. Compiled, that is
+a norm + RoPE kernel per stream and a copy of the whole query and key into the joined buffer:
+the query and key of every block written twice.
 
 `joint_qkv` joins the raw projections first: the RMS norm takes, per token, its own stream's
 weight, and the rotary embedding the joined frequency table. Every element gets the same float
 operations as in diffusers' order (the norm is per token and head, the embedding per element):
 on CPU the result is bit for bit diffusers' (tests/pipeline/test_joint_qk.py). With
 `enable_kernel` (compile on CUDA) that step is one Triton kernel (`norm_rope_kernel`), which
-writes the joined query and key directly (5.2 ms); written as PyTorch operations, inductor made
-it two kernels that took longer than the three (7.5 + 10.1 ms).
+writes the joined query and key directly; written as PyTorch operations, inductor made it two
+kernels that took longer than the three they replace (docs/gpu.md,
+bench/results/h200-forward-joint.json and h200-forward-joint-v1.json).
 
 Where the two streams' norms are not weighted RMS norms of the same eps, each stream is
 normalized by its own module, as diffusers does, then joined.

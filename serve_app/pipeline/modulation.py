@@ -3,7 +3,8 @@
 Each of the transformer's 60 blocks starts with `img_mod` and `txt_mod`: SiLU, then a linear from
 the timestep embedding (3072 wide) to 6 x 3072 shift / scale / gate values. Its input is one row
 per sample (two with 2511's zero-timestep references), so each is a matrix-vector product bound by
-reading its weights: 120 x 113 MB, ~13.6 GB per forward, ~4 ms of an H200's ~300 ms. Yet the rows
+reading its weights: 120 x 113 MB, ~13.6 GB per forward (its share of a forward: docs/gpu.md,
+bench/results/h200-forward-modulation.json). Yet the rows
 depend only on the timestep, and the scheduler knows every timestep before the first step. So at
 an edit's first forward, each module computes its output for all of them in one matrix product
 (its weights read once for the edit, not once per forward), and every forward picks its rows.

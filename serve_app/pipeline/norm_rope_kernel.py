@@ -1,11 +1,10 @@
 """One Triton kernel for the joint attention's query (or key): join the two streams, RMS-norm
 each token by its own stream's weight, rotate by the joined frequency table.
 
-What torch.compile made of the same PyTorch operations (`joint_qk`) on an H200, per bf16 forward
-of the standard edit: a norm + RoPE kernel per stream and a copy into the joined buffer,
-9.5 + 4.6 ms; with the streams joined first, two kernels of 7.5 and 10.1 ms
-(`bench.forward_variants`). The forward moves ~12.4 GB through these steps (the query and key
-of 60 blocks, read once and written once), ~3 ms at the H200's bandwidth. This kernel reads each
+What torch.compile makes of the same PyTorch operations (`joint_qk`): a norm + RoPE kernel per
+stream and a copy into the joined buffer; with the streams joined first, two kernels, both slower
+than the memory traffic requires (the query and key of 60 blocks need to be read once and
+written once; docs/gpu.md, bench/results/h200-forward-joint.json). This kernel reads each
 row of 128 values once, keeps it in registers for the norm and the rotation, and writes the
 joined row: registered as a `torch.library.triton_op`, inductor calls it inside the compiled
 blocks.
@@ -25,9 +24,8 @@ from typing import Any
 import torch
 
 OP_NAME = "qwen_image_edit_serve::joint_norm_rope"
-# Rows (one token's one head) per program and warps per program: the fastest of 4-64 rows x 1-8
-# warps on an H200 (16 x 2: 36 us for the standard edit's query, 2.9 TB/s;
-# bench/results/h200-norm-rope-kernel-probe.json).
+# Rows (one token's one head) per program and warps per program: the fastest of a sweep of 4-64
+# rows x 1-8 warps on an H200 (bench/results/h200-norm-rope-kernel-probe.json).
 BLOCK_ROWS = 16
 NUM_WARPS = 2
 
@@ -68,9 +66,9 @@ def launch(
 ) -> torch.Tensor:
     """Run `kernel` (from `make_kernel`) on the streams [B, S, H, D], their norms' weights [D]
     and real frequency tables [S, D/2, 2] (first's, second's); returns the joined
-    [B, S1 + S2, H, D]. One launch
-    per stream: a program then reads rows of one stream only, at addresses the compiler can
-    vectorize (choosing the stream per row made the kernel take 1.6x as long)."""
+    [B, S1 + S2, H, D]. One launch per stream: a program then reads rows of one stream only, at
+    addresses the compiler can vectorize (choosing the stream per row could not be vectorized and
+    was slower: bench/results/h200-forward-joint-v1.json)."""
     batch, first_len, heads, dim = first.shape
     seq = first_len + second.shape[1]
     out = first.new_empty((batch, seq, heads, dim))

@@ -6,8 +6,9 @@ transformer has to be split). No torch, no CUDA, so the rules are unit-tested on
 GPU tables; the numbers come from `measure` (component sizes, the GPUs' free memory).
 
 Why not diffusers' `device_map="balanced"`: it places whole components round-robin and silently puts
-one that does not fit on the CPU (see field notes). Why not accelerate's `infer_auto_device_map`: it
-needs the module itself, fills GPUs greedily in index order and falls back to CPU; we want explicit
+one that does not fit on the CPU (its `_assign_components_to_devices`). Why not accelerate's
+`infer_auto_device_map`: it needs the module itself, fills GPUs greedily in index order and falls
+back to CPU; we want explicit
 headroom per GPU, balanced contiguous block ranges and an error instead of a silent CPU fallback.
 """
 

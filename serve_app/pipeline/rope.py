@@ -2,17 +2,17 @@
 
 diffusers applies the rotary embedding as a complex multiply (`view_as_complex(x) * freqs`);
 TorchInductor has no code generation for complex operators, so inside the compiled blocks that
-step falls back to separate eager kernels (about 20 ms of a 255 ms forward on an H100, measured
-with bench.forward --profile). The same product written with real numbers,
+step falls back to separate eager kernels between the compiled ones (`bench.forward --profile`
+shows them). The same product written with real numbers,
 (a + ib)(c + id) = (ac - bd) + i(ad + bc), in float32 as diffusers computes it, fuses into the
 neighbouring kernels. Results match diffusers' to float32 rounding (tests/pipeline/test_rope.py).
 
 It is written without `stack`: out = x * cos' + swap(x) * sin', where cos' and sin' repeat each
-frequency for both elements of its pair (sin' negated on the first) and swap(x) exchanges the
-two elements of each pair (a flipped view). Every output element is then a pointwise function of
-the input, and inductor makes the QK norm and the embedding one single-pass kernel; with `stack`
-(a concatenation) it was a two-loop kernel that gathered each pair with masked loads: 9.6 against
-12.3-12.9 ms per bf16 forward on an H200 (bench.forward_variants' `stackrope` variant).
+frequency for both elements of its pair (sin' negated on the first) and swap(x) exchanges the two
+elements of each pair (a flipped view). Every output element is then a pointwise function of the
+input, and inductor makes the QK norm and the embedding one single-pass kernel; with `stack` (a
+concatenation) it was a two-loop kernel that gathered each pair with masked loads, a slower one
+(docs/gpu.md; bench.forward_variants' `stackrope` variant, bench/results/h200-forward-rope.json).
 """
 
 from __future__ import annotations

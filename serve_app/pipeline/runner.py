@@ -111,7 +111,6 @@ class EditRunner:
             pipeline_class=self._class_name,
             max_input_images=self._max_images,
             size_multiple=self._multiple,
-            default_steps=generation.default_steps,
             source=model.source,
             device_map=device_map,
             placement_table=placement_table,

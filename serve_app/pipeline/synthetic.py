@@ -223,7 +223,8 @@ def load_tokenizer_and_processor(
         "merge_size": vision_config.get("spatial_merge_size", 2),
         "temporal_patch_size": vision_config.get("temporal_patch_size", 2),
     }
-    # transformers 5 needs an explicit video processor (field notes); Qwen2.5-VL's own pixel range.
+    # transformers 5's Qwen2VLProcessor needs an explicit video processor; Qwen2.5-VL's own pixel
+    # range.
     processor = Qwen2VLProcessor(
         image_processor=_image_processor_class()(min_pixels=3136, max_pixels=12845056, **sizes),
         tokenizer=tokenizer,

@@ -79,7 +79,7 @@ _SCHEDULER_CONFIG: dict[str, Any] = {
     "use_karras_sigmas": False,
 }
 
-# Tiny sizes. Constraints that the real classes impose (see the field notes):
+# Tiny sizes. Constraints that the real classes impose (each fails at load or in the first edit):
 # - transformer in_channels = 4 * z_dim (2x2 packed latents), out_channels = z_dim;
 # - sum(axes_dims_rope) = transformer head dim;
 # - text mrope_section sums to text head_dim / 2;
@@ -89,7 +89,7 @@ _SCHEDULER_CONFIG: dict[str, Any] = {
 # Speed: the Plus pipeline always VAE-encodes every reference at ~1 MP, so the VAE dominates the
 # CPU time. ``num_res_blocks=0`` drops all full-resolution residual blocks (their channel-first
 # RMS norms are slow on CPU), base_dim 2 keeps the convs thin; what is left is conv_in and the
-# mid-block attention over 128x128 latents (~0.1 s each, fixed by the class). One DiT head
+# mid-block attention over 128x128 latents (their cost fixed by the class). One DiT head
 # halves the attention over the ~4k tokens each reference image adds.
 _Z_DIM = 4
 _TEXT_HIDDEN = 32
@@ -155,7 +155,7 @@ def build_tiny_model(
     replaced: that raises ``FileExistsError``.
 
     Weights are drawn from torch's global CPU RNG (seeded, then restored); builds in this module
-    are serialized, but another thread drawing from that RNG during the ~0.2 s build would change
+    are serialized, but another thread drawing from that RNG during the build would change
     the weights, so build before serving starts.
     """
     if variant not in TINY_VARIANTS:

@@ -41,7 +41,7 @@ logger = logging.getLogger("ray.serve")
 
 
 def _default_metrics() -> ModelMetrics:
-    from serve_app.common.metrics import RayModelMetrics
+    from serve_app.replica.metrics import RayModelMetrics
 
     return RayModelMetrics()
 

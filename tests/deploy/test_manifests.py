@@ -317,7 +317,7 @@ def test_dockerfile_tunes_malloc_as_the_launcher_does() -> None:
     # that the replicas also set in themselves (serve_app.common.malloc).
     assert dockerfile_env()["GLIBC_TUNABLES"] == malloc.GLIBC_TUNABLES
     assert malloc.CLUSTER_ENV == {"GLIBC_TUNABLES": malloc.GLIBC_TUNABLES}
-    from serve_app.ingress.origins import PROXY_ENV
+    from serve_app.common.links import PROXY_ENV
 
     assert {name: dockerfile_env()[name] for name in PROXY_ENV} == PROXY_ENV
 

@@ -178,14 +178,3 @@ def test_expired_or_unknown_image_is_openai_404() -> None:
 def test_get_on_the_edits_route_stays_405() -> None:
     client, _ = make_client()
     assert_error(client.get("/v1/images/edits"), 405, None)
-
-
-def test_a_host_header_warning_only_when_any_host_makes_links() -> None:
-    from serve_app.common.config import HttpConfig, StorageConfig
-    from serve_app.ingress.storage import host_header_warning
-
-    assert host_header_warning(StorageConfig(), HttpConfig()) is None
-    any_host = HttpConfig(allowed_hosts=["*"])
-    assert "public_base_url" in (host_header_warning(StorageConfig(), any_host) or "")
-    pinned = StorageConfig(public_base_url="https://images.example.com")
-    assert host_header_warning(pinned, any_host) is None

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from serve_app.ingress.origins import PROXY_ENV
+from serve_app.common.links import PROXY_ENV
 from tests.fixtures import free_port
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")

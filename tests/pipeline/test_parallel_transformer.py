@@ -14,6 +14,10 @@ import torch.multiprocessing as mp
 
 from serve_app.pipeline.parallel.plan import ParallelPlan
 
+# Each test spawns 2 or 4 gloo ranks (a fresh interpreter each, importing torch and diffusers):
+# the slower suite, `make test-integration`.
+pytestmark = pytest.mark.multiprocess
+
 # A small transformer with 4 heads, so Ulysses 2 and 4 each get whole heads.
 CONFIG: dict[str, Any] = {
     "patch_size": 2, "in_channels": 16, "out_channels": 4, "num_layers": 2,

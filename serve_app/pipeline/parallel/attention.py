@@ -3,8 +3,8 @@
 diffusers splits the text and image streams evenly over the Ulysses ranks, so `PromptRecorder`
 pads the text to a multiple of U. With diffusers' processor the padding is hidden by the
 transformer's `encoder_hidden_states_mask`, which makes every attention a masked one: the mask is
-all-gathered in every layer and cuDNN's masked kernel takes ~1.5x the unmasked one's time on an
-H200 (bench.forward_variants --sdpa: ~23 ms per forward at U=2).
+all-gathered in every layer and cuDNN's masked kernel is slower than the unmasked one (docs/gpu.md,
+bench/results/h200-forward-sdpa-mask.json).
 
 `TailPaddedAttnProcessor` is the joint-attention processor (`pipeline/joint_qk.py`: diffusers'
 `QwenDoubleStreamAttnProcessor2_0` with the streams joined before the QK norm, on CUDA by one

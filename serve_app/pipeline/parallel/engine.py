@@ -398,7 +398,3 @@ class ParallelEngine:
         if self._broken is not None:
             raise RuntimeError(self._broken)
         ray.get([w.ping.remote() for w in self._workers], timeout=10)
-
-
-def build_parallel_engine(model: ModelConfig, generation: GenerationConfig) -> ParallelEngine:
-    return ParallelEngine(model, generation)
