@@ -265,11 +265,15 @@ def test_a_scalar_field_sent_as_a_file_is_refused(server: Server) -> None:
 
 @pytest.mark.parametrize(
     ("method", "path", "allow"),
-    [("GET", "/v1/images/edits", "POST"), ("POST", "/v1/models", "GET, HEAD")],
+    [("GET", "/v1/images/edits", {"POST"}), ("POST", "/v1/models", {"GET", "HEAD"})],
 )
-def test_405_names_the_allowed_methods(server: Server, method: str, path: str, allow: str) -> None:
+def test_405_names_the_allowed_methods(
+    server: Server, method: str, path: str, allow: set[str]
+) -> None:
     resp = httpx.request(method, f"{server.url}{path}")
-    assert resp.status_code == 405 and resp.headers["allow"] == allow
+    assert resp.status_code == 405
+    # Starlette lists a route's methods from a set: the order is not fixed (nor need it be).
+    assert {m.strip() for m in resp.headers["allow"].split(",")} == allow
     assert resp.json()["error"]["code"] == "method_not_allowed"
 
 
