@@ -10,18 +10,13 @@ import numpy as np
 from PIL import Image
 
 from serve_app.common.jobs import EditJob, EditOutput, ModelInfo, PartialImage
+from serve_app.pipeline.tokenizer import byte_level_bpe
 
 
-def byte_tokenizer_json(control_tokens: tuple[str, ...] = ("<|im_end|>", "<|image_pad|>")) -> str:
-    """A byte-level tokenizer (`tokenizers` JSON) with no merges: one token per UTF-8 byte, so
-    "a" is 1 token, "猫" 3 and "😀" 4; plus the given control tokens, one token each."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tokenizer.add_special_tokens(list(control_tokens))
-    return str(tokenizer.to_str())
+def byte_tokenizer_json() -> str:
+    """The fake models' byte-level tokenizer (`tokenizers` JSON) with no merges: one token per
+    UTF-8 byte, so "a" is 1 token, "猫" 3 and "😀" 4; the Qwen control tokens one token each."""
+    return str(byte_level_bpe().to_str())
 
 
 FAKE_INFO = ModelInfo(

@@ -35,7 +35,7 @@ from serve_app.pipeline.measure import (
     load_component_config,
 )
 from serve_app.pipeline.placement import ComponentSize, Device, Placement
-from serve_app.pipeline.tiny import QWEN_SPECIAL_TOKENS
+from serve_app.pipeline.tokenizer import QWEN_SPECIAL_TOKENS, byte_level_bpe, qwen2_tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -236,27 +236,7 @@ def load_tokenizer_and_processor(
 def byte_level_tokenizer() -> Any:
     """A Qwen2 tokenizer with no merges: one token per UTF-8 byte, then the Qwen special tokens
     (ids 256..262), whole and never split, as in the real vocabulary's relative order."""
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    # `...Fast` is the name that both transformers 5.17 (GPU machines) and 5.24 accept.
-    from transformers import AddedToken, Qwen2TokenizerFast  # type: ignore[attr-defined]
-
-    vocab = {char: i for i, char in enumerate(sorted(ByteLevel.alphabet()))}
-    for token in QWEN_SPECIAL_TOKENS:
-        vocab[token] = len(vocab)
-    tokenizer = Qwen2TokenizerFast(
-        vocab=vocab,
-        merges=[],
-        unk_token=None,
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        model_max_length=32768,
-    )
-    tokenizer.add_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS]
-    )
-    return tokenizer
+    return qwen2_tokenizer(byte_level_bpe())
 
 
 def special_token_ids(tokenizer: Any) -> dict[str, int]:

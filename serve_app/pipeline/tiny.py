@@ -8,9 +8,9 @@ first Qwen-Image-Edit: one input image, its own prompt template), ``"2509"`` (th
 It is built here, offline, from the *real* component classes (so every code path of the real
 pipeline runs: processor, vision tower, MMDiT, VAE, scheduler) but with configs so small that a
 2-step 64x64 edit with true CFG takes about half a second on two CPU cores. Nothing is
-downloaded: the tokenizer is a byte-level BPE trained here on a fixed corpus, and the weights
-come from torch's RNG seeded with ``seed``, so the same seed always gives byte-identical
-safetensors (checked across transformers 5.17 and 5.24).
+downloaded: the tokenizer is a byte-level BPE trained on a fixed corpus (``tokenizer.py``), and
+the weights come from torch's RNG seeded with ``seed``, so the same seed always gives
+byte-identical safetensors (checked across transformers 5.17 and 5.24).
 
 The folder is written in diffusers format (``model_index.json`` naming
 ``QwenImageEditPlusPipeline``) and loads with ``DiffusionPipeline.from_pretrained``.
@@ -30,6 +30,8 @@ import time
 import uuid
 from typing import Any
 
+from serve_app.pipeline.tokenizer import QWEN_SPECIAL_TOKENS, byte_level_bpe, qwen2_tokenizer
+
 logger = logging.getLogger(__name__)
 
 #: Bump whenever the recipe below changes: it names the cache folder and the marker, so a stale
@@ -48,18 +50,6 @@ _LEFTOVER_AGE_S = 3600.0
 
 #: Serializes builds within a process (they seed torch's process-wide RNG).
 _BUILD_LOCK = threading.Lock()
-
-#: The Qwen special tokens, in the real vocabulary's relative order. The processor and the text
-#: encoder look these up by text, so they must exist as single added tokens.
-QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
 
 #: The real Qwen-Image ``scheduler/scheduler_config.json`` (Qwen/Qwen-Image, -Edit, -Edit-2509).
 _SCHEDULER_CONFIG: dict[str, Any] = {
@@ -392,57 +382,7 @@ def _build_pipeline(seed: int, variant: str = DEFAULT_TINY_VARIANT) -> Any:
 
 
 def _build_tokenizer() -> Any:
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    # In transformers 5 ``Qwen2Tokenizer`` *is* the fast, ``tokenizers``-backed class
-    # (``Qwen2TokenizerFast`` is a lazy alias of it that type checkers cannot see).
-    from transformers import AddedToken, Qwen2Tokenizer
-
-    # Same pre-tokenization as the real Qwen2 tokenizer (regex split, then byte-level), so the
-    # trained merges are of the same kind; training on a fixed corpus is deterministic.
-    split = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=_BPE_VOCAB_SIZE,
-        min_frequency=1,
-        show_progress=False,
-        # Every byte gets a token, so any prompt (any language, emoji) encodes without <unk>.
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=[],
-    )
-    bpe.train_from_iterator(list(_BPE_CORPUS), trainer=trainer)
-    model = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-
-    # The special tokens go right after the BPE vocabulary, in the real relative order, as in the
-    # real Qwen tokenizer (ids 151643+ there); ``add_tokens`` then keeps these ids.
-    vocab: dict[str, int] = dict(model["vocab"])
-    for token in QWEN_SPECIAL_TOKENS:
-        vocab[token] = len(vocab)
-    # As the real Qwen2.5-VL tokenizer: no unk/bos, eos <|im_end|>, pad <|endoftext|>. (A dict,
-    # because transformers' annotations say ``merges: list[str]`` while BPE wants pairs.)
-    options: dict[str, Any] = {
-        "vocab": vocab,
-        "merges": merges,
-        "unk_token": None,
-        "bos_token": None,
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "model_max_length": 32768,
-    }
-    tokenizer = Qwen2Tokenizer(**options)
-    # ``special`` keeps them whole (never split by BPE, skipped when decoding).
-    tokenizer.add_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS]
-    )
-    return tokenizer
+    return qwen2_tokenizer(byte_level_bpe(_BPE_CORPUS, vocab_size=_BPE_VOCAB_SIZE))
 
 
 #: The attention projections of every MMDiT block: the usual LoRA targets for Qwen-Image.
