@@ -23,7 +23,6 @@ FAKE_INFO = ModelInfo(
     served_names=["qwen-image-edit"],
     pipeline_class="QwenImageEditPlusPipeline",
     max_input_images=3,
-    size_multiple=16,
     source="fake",
     tokenizer_json=byte_tokenizer_json(),
 )

@@ -59,7 +59,6 @@ class ModelInfo:
     served_names: list[str]
     pipeline_class: str
     max_input_images: int
-    size_multiple: int  # output width and height are multiples of this
     source: str  # "local", "tiny", "synthetic"
     device_map: dict[str, str] = field(default_factory=dict)
     placement_table: str = ""  # where each component / block range went (the table only)

@@ -23,7 +23,8 @@ from pydantic import (
 
 from serve_app.common.errors import InvalidRequestError
 from serve_app.common.jobs import EditOutput
-from serve_app.ingress.sizing import Size, parse_size
+from serve_app.common.sizing import Size
+from serve_app.ingress.sizing import parse_size
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 

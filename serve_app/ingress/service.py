@@ -22,6 +22,7 @@ from serve_app.common.config import AppConfig, has_random_weights
 from serve_app.common.errors import APIError, ServiceUnavailableError
 from serve_app.common.jobs import EditJob, ModelInfo
 from serve_app.common.metrics import IngressMetrics, NullMetrics
+from serve_app.common.sizing import resolve_size
 from serve_app.common.timing import StageClock
 from serve_app.ingress.forms import EditForm
 from serve_app.ingress.imaging import decode_image
@@ -29,7 +30,6 @@ from serve_app.ingress.masking import decode_mask
 from serve_app.ingress.model_client import ModelClient, ModelHandle
 from serve_app.ingress.protocol import ModelCard, ModelList
 from serve_app.ingress.responses import event_stream_body, json_body
-from serve_app.ingress.sizing import resolve_size
 from serve_app.ingress.storage import ImageStore
 from serve_app.ingress.tokens import tokenizer_for
 from serve_app.ingress.validation import EditRequest, validate_edit
@@ -234,7 +234,6 @@ class EditService:
         width, height = resolve_size(
             params.size,
             first_image_wh=(first_w, first_h),
-            multiple=request.info.size_multiple,
             auto_pixels=self._config.generation.auto_size_pixels,
             limits=limits,
         )

@@ -2,7 +2,8 @@
 
 The inpaint pipeline takes one image and a mask (white = repaint), blends the original image's
 latents back outside the mask at every step, and always works at about 1 MP of the image's
-aspect ratio (it ignores `height`/`width`); the runner resizes its result to the requested size.
+aspect ratio (it ignores `height`/`width`: `serve_app.common.sizing.inpaint_size`); the runner
+resizes its result to the requested size.
 Its prompt template is the single-image one of the first Qwen-Image-Edit, whatever the variant.
 """
 
@@ -11,9 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
-# The inpaint pipeline's fixed working area (pipeline_qwenimage_edit_inpaint.__call__).
-_INPAINT_PIXELS = 1024 * 1024
 
 
 def inpaint_pipeline(pipe: Any) -> Any:
@@ -34,16 +32,6 @@ def inpaint_pipeline(pipe: Any) -> Any:
         inpaint.hf_device_map = pipe.hf_device_map
     inpaint.set_progress_bar_config(disable=True)
     return inpaint
-
-
-def inpaint_size(image_wh: tuple[int, int], *, multiple: int) -> tuple[int, int]:
-    """The (width, height) the inpaint pipeline denoises at for an input of `image_wh`."""
-    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_inpaint import (
-        calculate_dimensions,
-    )
-
-    width, height, _ = calculate_dimensions(_INPAINT_PIXELS, image_wh[0] / image_wh[1])
-    return width // multiple * multiple, height // multiple * multiple
 
 
 def mask_image(mask: np.ndarray) -> Any:

@@ -4,7 +4,6 @@ load through the source's loader (`sources`), then LoRAs, hooks, speed switches 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -13,6 +12,7 @@ import numpy as np
 
 from serve_app.common.config import GenerationConfig, ModelConfig
 from serve_app.common.jobs import EditJob
+from serve_app.common.sizing import square_side
 from serve_app.pipeline.dispatch import strip_inner_hooks
 from serve_app.pipeline.lora import hold_loras
 from serve_app.pipeline.measure import GpuProbe, probe_gpus
@@ -138,8 +138,7 @@ def warm_up(
     """One small true-CFG edit (2 steps) per model id at the default size with one reference of
     that size, so compilation and CUDA/cuDNN autotuning happen before the replica reports ready,
     and every id's LoRA and scheduler have run once."""
-    side = max(runner.info.size_multiple, int(math.sqrt(generation.auto_size_pixels)))
-    side -= side % runner.info.size_multiple
+    side = square_side(generation.auto_size_pixels)
     image = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
     t0 = time.perf_counter()
     for model_id in model_ids or runner.info.served_names[:1]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import math
 import threading
 import time
 import traceback
@@ -21,6 +20,7 @@ import numpy as np
 from serve_app.common.config import GenerationConfig, ModelConfig
 from serve_app.common.errors import InvalidRequestError
 from serve_app.common.jobs import EditJob, EditOutput, ModelInfo, PartialImage
+from serve_app.common.sizing import SIZE_MULTIPLE, inpaint_size, output_tokens, reference_tokens
 from serve_app.engine import (
     EditStopped,
     EngineBroken,
@@ -29,7 +29,7 @@ from serve_app.engine import (
     PartialSink,
     StepHook,
 )
-from serve_app.pipeline.inpaint import inpaint_pipeline, inpaint_size, mask_image
+from serve_app.pipeline.inpaint import inpaint_pipeline, mask_image
 from serve_app.pipeline.lora import HotSwap
 from serve_app.pipeline.parallel.rank import RankHooks
 from serve_app.pipeline.previews import decode_preview, preview_steps
@@ -44,26 +44,21 @@ SUPPORTED_PIPELINES: dict[str, int | None] = {
     "QwenImageEditPipeline": 1,
     "QwenImageEditPlusPipeline": None,  # several; capped by config.max_input_images
 }
-# The Plus pipeline encodes each reference at about 1 MP for the VAE.
-_VAE_REFERENCE_PIXELS = 1024 * 1024
-
-
-def _vae_reference_tokens(image: np.ndarray, *, multiple: int) -> int:
-    h, w = image.shape[:2]
-    ratio = w / h
-    vw = round(math.sqrt(_VAE_REFERENCE_PIXELS * ratio) / 32) * 32
-    vh = round(vw / ratio / 32) * 32
-    return (vw // multiple) * (vh // multiple)
 
 
 def _fit(image: np.ndarray, *, width: int, height: int) -> np.ndarray:
-    """`image` at exactly width x height (the inpaint pipeline works at its own size)."""
+    """`image` resized to exactly width x height: for the modes that cannot denoise at the
+    requested size (see `_pipeline_for`)."""
     if image.shape[:2] == (height, width):
         return image
     from PIL import Image
 
     resized = Image.fromarray(image).resize((width, height), Image.Resampling.LANCZOS)
     return np.ascontiguousarray(np.asarray(resized, dtype=np.uint8))
+
+
+def _reference_tokens(images: list[np.ndarray]) -> int:
+    return sum(reference_tokens((a.shape[1], a.shape[0])) for a in images)
 
 
 def _variant_name(pipe: Any) -> str:
@@ -105,12 +100,17 @@ class EditRunner:
         self._class_name = type(pipe).__name__
         per_class = SUPPORTED_PIPELINES.get(self._class_name)
         self._max_images = per_class if per_class is not None else model.max_input_images
-        self._multiple = int(pipe.vae_scale_factor) * 2
+        multiple = int(pipe.vae_scale_factor) * 2
+        if multiple != SIZE_MULTIPLE:
+            # The ingress rounds every size to SIZE_MULTIPLE before it sees this replica.
+            raise ValueError(
+                f"{self._class_name} needs sizes in multiples of {multiple}; this server sizes"
+                f" outputs in multiples of {SIZE_MULTIPLE} (the Qwen-Image geometry)"
+            )
         self.info = ModelInfo(
             served_names=model.model_ids,
             pipeline_class=self._class_name,
             max_input_images=self._max_images,
-            size_multiple=self._multiple,
             source=model.source,
             device_map=device_map,
             placement_table=placement_table,
@@ -252,12 +252,8 @@ class EditRunner:
             width=job.width,
             height=job.height,
             text_tokens=self._count_text_tokens(job.prompt),
-            input_image_tokens=sum(
-                _vae_reference_tokens(a, multiple=self._multiple) for a in job.images
-            ),
-            output_image_tokens=job.n
-            * (job.width // self._multiple)
-            * (job.height // self._multiple),
+            input_image_tokens=_reference_tokens(job.images),
+            output_image_tokens=job.n * output_tokens((job.width, job.height)),
             timings_s=timings,
             input_images=len(job.images),
         )
@@ -272,19 +268,26 @@ class EditRunner:
     def _pipeline_for(
         self, job: EditJob, pil_images: list[Any]
     ) -> tuple[Any, dict[str, Any], tuple[int, int]]:
-        """(pipeline, its image arguments, the (width, height) it denoises at)."""
+        """(pipeline, its image arguments, the (width, height) it denoises at).
+
+        That is the job's size (the ingress rounded it with `serve_app.common.sizing`), except in
+        the two modes that cannot denoise at it and whose result `_fit` resizes back: a mask edit
+        (the inpaint pipeline ignores height and width and works at ~1 MP of the image's aspect
+        ratio) and a Ulysses replica when the image tokens at the job's size do not split evenly
+        over its ranks.
+        """
+        if job.width % SIZE_MULTIPLE or job.height % SIZE_MULTIPLE:
+            raise InvalidRequestError(
+                f"size {job.width}x{job.height}: each side must be a multiple of {SIZE_MULTIPLE}.",
+                param="size",
+            )
         if job.mask is None:
             image = pil_images if self._max_images > 1 else pil_images[0]
             width, height = job.width, job.height
             if self._rank is not None:
-                # Ulysses splits the image tokens evenly: denoise at a size whose count divides
-                # (the result is resized to the requested size, as for masks).
+                # Ulysses splits the image tokens evenly: denoise at a size whose count divides.
                 width, height = self._rank.work_size(
-                    width,
-                    height,
-                    reference_tokens=sum(
-                        _vae_reference_tokens(a, multiple=self._multiple) for a in job.images
-                    ),
+                    width, height, reference_tokens=_reference_tokens(job.images)
                 )
             return self._pipe, {"image": image, "height": height, "width": width}, (width, height)
         if len(job.images) != 1 or job.mask.shape != job.images[0].shape[:2]:
@@ -298,7 +301,7 @@ class EditRunner:
             "mask_image": mask_image(job.mask),
             "strength": self._generation.mask_strength,
         }
-        return self._inpaint, inputs, inpaint_size(pil_images[0].size, multiple=self._multiple)
+        return self._inpaint, inputs, inpaint_size(pil_images[0].size)
 
     def _count_text_tokens(self, prompt: str) -> int:
         tokenizer = getattr(self._pipe, "tokenizer", None)

@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from serve_app.common.sizing import inpaint_size
 from serve_app.engine import EditStopped
-from serve_app.pipeline.inpaint import inpaint_pipeline, inpaint_size
+from serve_app.pipeline.inpaint import inpaint_pipeline
 from serve_app.pipeline.previews import preview_steps
 from serve_app.pipeline.runner import EditRunner
 from tests.fixtures import make_job, red_left
@@ -53,7 +54,7 @@ def test_white_mask_pixels_are_repainted_the_rest_kept(runner: EditRunner) -> No
                 image=image, mask_image=mask, prompt=prompt, num_inference_steps=2, strength=1.0,
                 output_type="latent", generator=torch.Generator().manual_seed(1),
             ).images  # fmt: skip
-        w, h = inpaint_size((64, 64), multiple=16)
+        w, h = inpaint_size((64, 64))
         return inpaint._unpack_latents(packed, h, w, inpaint.vae_scale_factor)[0, :, 0]
 
     a, b = latents("make it blue"), latents("add a green dog in the background")

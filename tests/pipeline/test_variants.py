@@ -43,8 +43,18 @@ def test_each_variant_is_detected_loaded_and_runs(tiny_models: TinyModels, varia
     assert bool(runner.pipe.transformer.config.zero_cond_t) is zero_cond_t
 
     images = [red_left(), red_left(32, 32)][:max_images]  # Plus: two references, Edit: one
-    out = runner.run(make_job(images=images, width=48, height=32))
+    tokens: list[int] = []
+    hook = runner.pipe.transformer.register_forward_pre_hook(
+        lambda _, args, kwargs: tokens.append(kwargs["hidden_states"].shape[1]), with_kwargs=True
+    )
+    try:
+        out = runner.run(make_job(images=images, width=48, height=32))
+    finally:
+        hook.remove()
     assert len(out.images) == 1 and out.images[0].shape == (32, 48, 3)
+    # The usage it reports is what the transformer was given: output and reference tokens.
+    assert out.output_image_tokens == 3 * 2
+    assert set(tokens) == {out.output_image_tokens + out.input_image_tokens}
     again = runner.run(make_job(images=images, width=48, height=32))
     assert np.array_equal(out.images[0], again.images[0])  # same seed, same bytes
 

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from serve_app.common.sizing import SIZE_MULTIPLE
+
 Degree = int | Literal["auto"]
 
 
@@ -85,7 +87,13 @@ def padded_length(length: int, multiple: int) -> int:
 
 
 def ulysses_work_size(
-    width: int, height: int, *, extra_tokens: int, degree: int, patch: int = 16, search: int = 4
+    width: int,
+    height: int,
+    *,
+    extra_tokens: int,
+    degree: int,
+    patch: int = SIZE_MULTIPLE,
+    search: int = 4,
 ) -> tuple[int, int]:
     """The size to denoise at so that the image tokens split evenly over `degree` Ulysses ranks.
 
