@@ -1,4 +1,14 @@
-"""Real diffusers pipelines (tiny, random weights) for the runner-level tests, built once."""
+"""Real diffusers pipelines (tiny, random weights) for the runner-level tests, built once.
+
+The pipelines resize every reference image to about 1 MP for the VAE (and the inpaint pipeline
+works at 1 MP): on CPU that one size costs most of every test edit, whatever the test's own
+sizes. The runner-level tests assert how the runner drives the pipeline (equal latents across
+paths, switching, shapes, hooks), which holds at any working area, so `small_working_area`
+divides it by 64 in this process, in diffusers and in `serve_app.common.sizing` alike (the
+runner's predictions of the pipelines' sizes stay exact). A module that tests the pipelines at
+their real sizes overrides the fixture (tests/pipeline/test_runner_limits.py); the integration
+tests run the replicas, unpatched, in their own processes.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +28,43 @@ from serve_app.pipeline.tiny import build_tiny_lora, ensure_tiny_model
 from tests.fixtures import red_left
 
 TinyModels = Callable[[str], Path]
+
+#: The working area's divisor in `small_working_area` (1 MP -> 128x128).
+WORKING_AREA_DIVISOR = 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def small_working_area() -> Iterator[None]:
+    """The pipelines' fixed working areas (reference images, inpaint) divided by
+    `WORKING_AREA_DIVISOR`, for the tests of one module (module scope: before its fixtures)."""
+    from diffusers.pipelines.qwenimage import (
+        pipeline_qwenimage_edit,
+        pipeline_qwenimage_edit_inpaint,
+        pipeline_qwenimage_edit_plus,
+    )
+
+    from serve_app.common import sizing
+
+    with pytest.MonkeyPatch.context() as patch:
+        for module in (
+            pipeline_qwenimage_edit,
+            pipeline_qwenimage_edit_inpaint,
+            pipeline_qwenimage_edit_plus,
+        ):
+            patch.setattr(module, "calculate_dimensions", _smaller(module.calculate_dimensions))
+        patch.setattr(
+            sizing,
+            "PIPELINE_WORKING_PIXELS",
+            sizing.PIPELINE_WORKING_PIXELS // WORKING_AREA_DIVISOR,
+        )
+        yield
+
+
+def _smaller(calculate_dimensions: Callable[..., Any]) -> Callable[..., Any]:
+    def smaller(target_area: float, ratio: float) -> Any:
+        return calculate_dimensions(target_area // WORKING_AREA_DIVISOR, ratio)
+
+    return smaller
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,11 @@ LIMITS = LimitsConfig()
 RATIO = int(LIMITS.max_input_aspect_ratio)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def small_working_area() -> None:
+    """The pipelines at their real working areas here (the package's fixture shrinks them)."""
+
+
 @pytest.fixture(scope="module")
 def plus(tiny_models: TinyModels) -> EditRunner:
     return make_runner(tiny_models("2509"))
