@@ -603,7 +603,7 @@ def run_scenario(
         result["peak_gib_per_gpu"] = sampler.peaks_gib()
         result["peak_memory_source"] = "nvidia-smi memory.used (weights+activations+cache+context)"
         if sc.lora and sc.lora_mode == "hotswap" and time.monotonic() < deadline:
-            # A base edit, then the LoRA id: the switch (slot copy + scheduler) in one edit.
+            # A base edit, then the LoRA id: the switch (weights rewritten + scheduler) in one edit.
             edit_http(url, png, steps=2, seed=7)
             after = timed_edit(sc, url, png, steps=steps, seed=8)
             result["latency_after_switch_s"] = round(after.seconds, 3)

@@ -106,7 +106,7 @@ def _finish(
     pipe = loaded.pipe
     pipe.set_progress_bar_config(disable=True)
     # LoRAs before fp8 and compile: fused weights are what gets quantized, and the compiled
-    # blocks see the hot-swap slot from the start.
+    # blocks see plain linears whichever LoRA is switched in.
     hotswap = hold_loras(pipe, model)
     # Whole-GPU components need only their top-level accelerate hook (see strip_inner_hooks).
     for module in (loaded.transformer, pipe.text_encoder, pipe.vae):

@@ -4,12 +4,16 @@
   `fuse_lora`, then its peft layers unloaded), before fp8 and compile: the deployment serves the
   LoRA's model at the base model's cost per forward, and fp8 quantizes the fused weights (never a
   LoRA over a down-cast base).
-- **hotswap**: the base model and every LoRA in one replica. Each LoRA is loaded through diffusers
-  (`load_lora_weights`, which reads every published key format), then its factors are kept on the
-  device, padded to the largest rank with its scale folded in. One resident peft adapter (the
-  slot), of that rank, covers every module any LoRA adapts; switching copies a LoRA's factors into
-  it (the base model: zeros, so each adapted linear adds exact zeros). The compiled blocks see the
-  same modules, shapes and Python state whichever id runs: switching never recompiles.
+- **hotswap**: the base model and every LoRA in one replica, each id at the fused model's cost
+  per forward. Each LoRA is loaded through diffusers (`load_lora_weights`, which reads every
+  published key format); its factors are taken off and the adapters unloaded, so the linears are
+  plain again and fp8 and compile see exactly what they see without LoRAs. The adapted linears'
+  base weights are kept aside (pinned host memory beside a GPU). A request for another id
+  rewrites those linears in place: base + that LoRA's product (what fusing adds), quantized
+  afresh when fp8 is on; the base id gets the base weights back, bit for bit. The compiled
+  blocks see the same modules, shapes and tensors for every id: switching never recompiles.
+  The price is paid once per switch (the base weights copied back), not on every forward as
+  an unfused adapter's extra GEMMs would be.
 
 Callers hold the runner's lock: switching mutates the shared transformer.
 """
@@ -17,7 +21,6 @@ Callers hold the runner's lock: switching mutates the shared transformer.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +31,6 @@ from serve_app.pipeline.hub import is_hub_id, resolve_hub_file
 
 logger = logging.getLogger("ray.serve")
 
-SLOT = "serve_slot"  # the hot-swap adapter's name (never a configured LoRA's: see _UNKNOWN)
 _UNKNOWN = "\x00unknown"  # never a valid model id (config names are user strings)
 
 Resolve = Callable[[LoraConfig], "tuple[str, str | None]"]
@@ -78,69 +80,63 @@ def hold_loras(pipe: Any, model: ModelConfig, *, resolve: Resolve = resolve_lora
 
 
 @dataclass(frozen=True)
-class _Slot:
-    """One adapted linear: the slot's factors and, per LoRA, what to copy into them."""
+class _Linear:
+    """One adapted linear: its module, its base weight (bf16, off to the side) and, per LoRA,
+    the factors whose product is added to that base."""
 
-    a: Any  # slot lora_A weight, (rank, in)
-    b: Any  # slot lora_B weight, (out, rank)
-    factors: dict[str, tuple[Any, Any]]  # LoRA name -> (A padded, B padded and scaled)
+    module: Any  # the transformer's nn.Linear (its weight is rewritten in place)
+    base: Any  # its base weight, as loaded: on the host (pinned) beside a GPU, else a copy
+    factors: dict[str, tuple[Any, Any, float]]  # LoRA name -> (A, B, scale) on the weight's device
 
 
 class HotSwap:
-    """The hot-swap slot over a transformer and the LoRAs it can hold (see the module
-    docstring); `activate` makes one model id's LoRA (or none) the slot's content."""
+    """The LoRAs one replica can switch between, held as weights (see the module docstring);
+    `activate` makes one model id's fused weights (or the base's) the linears' content."""
 
-    def __init__(self, slots: dict[str, _Slot], names: Sequence[str], rank: int) -> None:
-        self._slots = slots
+    def __init__(self, linears: Sequence[_Linear], names: Sequence[str]) -> None:
+        self._linears = list(linears)
         self._names = list(names)
-        self.rank = rank
         # None: the base model; _UNKNOWN: a switch failed half-way, so redo the next one.
-        self._active: str | None = _UNKNOWN
+        self._active: str | None = None
 
     @classmethod
     def build(cls, transformer: Any, loras: Sequence[LoraConfig]) -> HotSwap:
-        """Take each loaded adapter's factors off the transformer, delete the adapters, add the
-        slot over the modules they adapted, and start on the base model."""
+        """Take each loaded adapter's factors off the transformer, unload the adapters (the
+        linears are plain again, with the base weights), and keep each adapted linear's base
+        weight aside. Runs before fp8 and compile: both see plain linears."""
         import torch
-        from peft import LoraConfig as PeftLoraConfig
         from peft.tuners.lora import LoraLayer
 
         names = [spec.name for spec in loras]
-        layers = {n: m for n, m in transformer.named_modules() if isinstance(m, LoraLayer)}
-        rank = max(m.r[name] for m in layers.values() for name in names if name in m.r)
-        taken: dict[str, dict[str, tuple[Any, Any]]] = {}
+        layers: dict[str, Any] = {
+            n: m for n, m in transformer.named_modules() if isinstance(m, LoraLayer)
+        }
+        taken: dict[str, dict[str, tuple[Any, Any, float]]] = {}
         with torch.no_grad():
             for module_name, layer in layers.items():
+                _check_resident(module_name, layer.get_base_layer().weight)
                 taken[module_name] = {
-                    spec.name: _padded(layer, spec.name, rank, scale=spec.scale)
+                    spec.name: (
+                        layer.lora_A[spec.name].weight.detach().clone(),
+                        layer.lora_B[spec.name].weight.detach().clone(),
+                        layer.scaling[spec.name] * spec.scale,
+                    )
                     for spec in loras
                     if spec.name in layer.lora_A
                 }
-        transformer.delete_adapters(names)
-        config = PeftLoraConfig(
-            r=rank, lora_alpha=rank, target_modules=sorted(taken), init_lora_weights=True
-        )
-        with warnings.catch_warnings():
-            # peft warns that the model had adapters before (the ones just deleted).
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            transformer.add_adapter(config, adapter_name=SLOT)
-        transformer.set_adapters([SLOT], [1.0])  # scaling alpha / r = 1: B carries the scale
+        transformer.unload_lora()  # plain linears again, holding the base weights
         modules = dict(transformer.named_modules())
-        slots = {
-            name: _Slot(
-                a=modules[name].lora_A[SLOT].weight,
-                b=modules[name].lora_B[SLOT].weight,
-                factors=factors,
-            )
-            for name, factors in taken.items()
-        }
-        swap = cls(slots, names, rank)
-        swap.activate(None)
+        weights = [modules[name].weight for name in taken]
+        linears = [
+            _Linear(module=modules[name], base=base, factors=factors)
+            for (name, factors), base in zip(taken.items(), _aside(weights), strict=True)
+        ]
+        held = sum(lin.base.numel() * lin.base.element_size() for lin in linears)
         logger.info(
-            "LoRA hot-swap: %d adapters in one rank-%d slot over %d linears",
-            len(names), rank, len(slots),
+            "LoRA hot-swap: %d LoRAs over %d linears; their base weights kept aside (%.2f GiB)",
+            len(names), len(linears), held / 1024**3,
         )  # fmt: skip
-        return swap
+        return cls(linears, names)
 
     @property
     def names(self) -> list[str]:
@@ -150,41 +146,66 @@ class HotSwap:
     def active(self) -> str | None:
         return self._active
 
+    @property
+    def linears(self) -> int:
+        """How many linears switching rewrites."""
+        return len(self._linears)
+
     def activate(self, model_id: str | None) -> None:
-        """Fill the slot with `model_id`'s LoRA, or with zeros for any other id (the base)."""
+        """Make the adapted linears hold `model_id`'s fused weights: base + its LoRA's product,
+        quantized as the linear is (fp8: afresh, per row); any other id gets the base back."""
         import torch
+
+        from serve_app.pipeline.quantization import assign_weight
 
         wanted = model_id if model_id in self._names else None
         if wanted == self._active:
             return
         self._active = _UNKNOWN
-        copy_to, copy_from, zero = [], [], []
-        for slot in self._slots.values():
-            factors = slot.factors.get(wanted) if wanted is not None else None
-            if factors is None:
-                zero.append(slot.b)  # A may keep anything: B = 0 makes the product exact 0
-            else:
-                copy_to += [slot.a, slot.b]
-                copy_from += list(factors)
         with torch.no_grad():
-            # One multi-tensor launch each, instead of two copies per adapted linear.
-            if copy_to:
-                torch._foreach_copy_(copy_to, copy_from)
-            if zero:
-                torch._foreach_zero_(zero)
+            for lin in self._linears:
+                weight = lin.module.weight
+                value = lin.base.to(weight.device, non_blocking=True)
+                factors = lin.factors.get(wanted) if wanted is not None else None
+                if factors is not None:
+                    a, b, scale = factors
+                    # What peft's merge adds (B @ A times the scaling), in the weight's dtype:
+                    # the same fused weights `lora_mode: fused` gets from diffusers.
+                    value = value + (b @ a) * scale
+                assign_weight(weight, value)
         self._active = wanted
 
 
-def _padded(layer: Any, name: str, rank: int, *, scale: float) -> tuple[Any, Any]:
-    """Adapter `name`'s (A, B) on `layer`, zero-padded to `rank`, with peft's scaling and the
-    configured scale folded into B (so the slot's own scaling stays 1)."""
+def _check_resident(name: str, weight: Any) -> None:
+    if weight.device.type == "meta":
+        raise ValueError(
+            f"lora_mode hotswap rewrites the adapted linears' weights, but {name} is offloaded"
+            " (model.cpu_offload / max_memory): give the transformer room on the GPUs, or use"
+            " lora_mode: fused"
+        )
+
+
+_CHUNK_BYTES = 1 << 30  # a power of two: the pinned-host allocator rounds each request up to one
+
+
+def _aside(weights: Sequence[Any]) -> list[Any]:
+    """Copies of `weights` kept off the GPU: beside CUDA weights, views into pinned host chunks
+    of 1 GiB (copying one back is then a fast DMA; one pinned allocation per weight would each be
+    rounded up to a power of two); plain clones otherwise."""
     import torch
 
-    a = layer.lora_A[name].weight
-    b = layer.lora_B[name].weight
-    r = a.shape[0]
-    a_out = torch.zeros((rank, a.shape[1]), dtype=a.dtype, device=a.device)
-    b_out = torch.zeros((b.shape[0], rank), dtype=b.dtype, device=b.device)
-    a_out[:r] = a
-    b_out[:, :r] = b * (layer.scaling[name] * scale)
-    return a_out, b_out
+    if any(w.device.type != "cuda" for w in weights):
+        return [w.detach().clone() for w in weights]
+    held: list[Any] = []
+    chunk, used = None, 0
+    with torch.no_grad():
+        for w in weights:
+            size = w.numel() * w.element_size()
+            if chunk is None or used + size > chunk.numel():
+                chunk = torch.empty(max(size, _CHUNK_BYTES), dtype=torch.uint8, pin_memory=True)
+                used = 0
+            view = chunk[used : used + size].view(w.dtype).view(w.shape)
+            view.copy_(w.detach())
+            held.append(view)
+            used += size
+    return held

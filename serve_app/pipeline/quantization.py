@@ -5,7 +5,7 @@ row, and its input is quantized per row (per token) on the fly; the matmul runs 
 cores (`torch._scaled_mm`, Ada/Hopper and newer) and returns bf16. What stays in bf16, and why:
 the per-block modulation linears (`img_mod`, `txt_mod`: one row per image, no speed to gain, and
 their scales/shifts feed every token), the input/output projections (`img_in`, `txt_in`,
-`proj_out`: few FLOPs, direct effect on the latents), LoRA adapter layers, the text encoder and
+`proj_out`: few FLOPs, direct effect on the latents), the text encoder and
 the VAE (run once per edit).
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 # FP8 tensor cores: compute capability 8.9 (Ada) and newer (Hopper 9.0, Blackwell 10.x).
 MIN_CAPABILITY = (8, 9)
 _BLOCK_LINEAR = re.compile(r"^transformer_blocks\.\d+\.")
-_KEEP_BF16 = re.compile(r"(^|\.)(img_mod|txt_mod)\.|(^|\.)lora_")
+_KEEP_BF16 = re.compile(r"(^|\.)(img_mod|txt_mod)\.")
 
 
 class QuantizationError(RuntimeError):
@@ -100,6 +100,29 @@ def quantize_transformer(
     return QuantizationReport(method, len(targets), before, _weight_bytes(targets))
 
 
+def assign_weight(weight: Any, value: Any) -> None:
+    """Write the high-precision `value` into `weight` in place, quantized as `weight` is: an
+    FP8 weight is quantized afresh from `value` with its own settings (what `quantize_transformer`
+    did at load, so a value equal to the loaded one gives the loaded bytes back), a plain one is
+    copied. In place, so compiled graphs keep reading the same tensors."""
+    qdata = getattr(weight, "qdata", None)
+    if qdata is None:
+        weight.copy_(value)
+        return
+    import torch
+    from torchao.quantization import PerRow
+
+    fresh = type(weight).from_hp(
+        value,
+        float8_dtype=qdata.dtype,
+        granularity=PerRow(),
+        mm_config=weight.mm_config,
+        kernel_preference=weight.kernel_preference,
+        act_quant_kwargs=weight.act_quant_kwargs,
+    )
+    torch._foreach_copy_([qdata, weight.scale], [fresh.qdata, fresh.scale])
+
+
 def _weight_bytes(targets: list[tuple[str, Any]]) -> int:
     total = 0
     for _, module in targets:
@@ -149,6 +172,7 @@ __all__ = [
     "MIN_CAPABILITY",
     "QuantizationError",
     "QuantizationReport",
+    "assign_weight",
     "check_fp8_devices",
     "is_fp8_target",
     "quantize_transformer",

@@ -118,7 +118,7 @@ class EditRunner:
             variant=_variant_name(pipe),
             tokenizer_json=_tokenizer_json(pipe),
         )
-        # Per model id: the LoRA in the hot-swap slot (None: fused or no LoRAs) and the scheduler.
+        # Per model id: the LoRA switched into the weights (None: fused or no LoRAs), the scheduler.
         self._hotswap = hotswap
         self._schedulers = SchedulerSwitch(pipe, model.loras)
         self._inpaint: Any = None  # built on the first mask edit, over the same modules
@@ -263,7 +263,7 @@ class EditRunner:
         )
 
     def _select_model(self, model_id: str) -> None:
-        """The request's model id: its LoRA in the slot, its scheduler on the pipelines."""
+        """The request's model id: its LoRA in the weights, its scheduler on the pipelines."""
         if self._hotswap is not None:
             self._hotswap.activate(model_id)
         pipes = [p for p in (self._pipe, self._inpaint) if p is not None]

@@ -52,7 +52,7 @@ def model_dir(tiny_models: TinyModels) -> Path:
 
 @pytest.fixture(scope="module")
 def loras(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two LoRAs of different ranks (the slot pads the smaller one)."""
+    """Two LoRAs of different ranks."""
     root = tmp_path_factory.mktemp("loras")
     return {
         "l4": build_tiny_lora(model_dir, root / "a", seed=1, rank=4),
@@ -138,7 +138,7 @@ def test_switching_ids_swaps_lora_and_scheduler_and_gives_the_base_back(
     other, _ = served(hotswap, "other", **LIGHTNING)
     base_again, base_sigmas_again = served(hotswap, BASE, num_inference_steps=STEPS)
 
-    assert torch.equal(base, base_again)  # bit for bit: the slot adds exact zeros
+    assert torch.equal(base, base_again)  # bit for bit: the base weights come back
     assert torch.equal(base_sigmas, base_sigmas_again)
     # The LoRA id stepped through the recipe's sigmas, the base id through its own.
     assert torch.equal(lora_sigmas, recipe[1])
@@ -159,7 +159,7 @@ def test_a_lora_without_recipe_keeps_the_model_scheduler(hotswap: EditRunner) ->
 def test_hotswap_scale_is_the_configured_one(
     model_dir: Path, loras: dict[str, Path], hotswap: EditRunner
 ) -> None:
-    """`other` at scale 0.5 in the slot equals diffusers' own adapter at weight 0.5."""
+    """`other` at scale 0.5, switched in, equals diffusers' own adapter at weight 0.5."""
     from diffusers import QwenImageEditPlusPipeline
 
     pipe = QwenImageEditPlusPipeline.from_pretrained(model_dir)
@@ -173,8 +173,8 @@ def test_hotswap_scale_is_the_configured_one(
 
 
 def test_switching_never_recompiles_the_compiled_blocks(hotswap: EditRunner) -> None:
-    """The slot keeps modules, shapes and Python state the same for every id: with dynamo told
-    to fail on any recompile, each id runs through the blocks compiled by the first edit."""
+    """Switching rewrites weights in place, modules and shapes stay: with dynamo told to fail
+    on any recompile, each id runs through the blocks compiled by the first edit."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -196,12 +196,41 @@ def test_switching_never_recompiles_the_compiled_blocks(hotswap: EditRunner) -> 
     assert counters["stats"]["unique_graphs"] == graphs
 
 
-def test_the_slot_covers_every_adapted_linear_at_the_largest_rank(hotswap: EditRunner) -> None:
+def test_hotswap_leaves_plain_linears_and_keeps_each_adapted_base_aside(
+    hotswap: EditRunner,
+) -> None:
+    """No adapter layers stay in the transformer (fp8 and compile see plain linears); every
+    linear either LoRA adapts is held, with its base weight kept aside."""
     swap = hotswap._hotswap
     assert isinstance(swap, HotSwap)
-    assert swap.rank == 8 and swap.names == ["l4", "other"]
-    layers = [n for n, _ in hotswap.pipe.transformer.named_modules() if n.endswith("lora_A")]
-    assert layers and all(".attn." in n for n in layers)
+    assert swap.names == ["l4", "other"]
+    transformer = hotswap.pipe.transformer
+    assert not any("lora_" in name for name, _ in transformer.named_parameters())
+    adapted = {name for lin in swap._linears for name, m in transformer.named_modules()
+               if m is lin.module}  # fmt: skip
+    assert adapted and all(".attn." in name for name in adapted)
+    assert swap.linears == len(adapted)
+    for lin in swap._linears:
+        assert lin.base.data_ptr() != lin.module.weight.data_ptr()  # a copy, not a view
+
+
+def test_hotswap_gives_the_fused_weights(
+    hotswap: EditRunner, model_dir: Path, loras: dict[str, Path]
+) -> None:
+    """A switched-in LoRA is the weights `lora_mode: fused` builds with diffusers' fuse_lora."""
+    fused = make_runner(
+        model_dir,
+        lora_mode="fused",
+        loras=[{"name": "other", "path": str(loras["other"]), "scale": 0.5}],
+    )
+    served(hotswap, "other", true_cfg_scale=1.0)
+    want = dict(fused.pipe.transformer.named_parameters())
+    for name, got in hotswap.pipe.transformer.named_parameters():
+        torch.testing.assert_close(got, want[name], rtol=1e-5, atol=1e-6)
+    served(hotswap, BASE, true_cfg_scale=1.0)
+    base = dict(make_runner(model_dir).pipe.transformer.named_parameters())
+    for name, got in hotswap.pipe.transformer.named_parameters():
+        assert torch.equal(got, base[name]), name
 
 
 # --- LoRAs by Hugging Face id ---------------------------------------------------------------
@@ -243,7 +272,7 @@ def test_a_missing_lora_path_fails_at_load(tiny_models: TinyModels, tmp_path: Pa
 
 
 def test_lora_applies_to_mask_edits_too(hotswap: EditRunner) -> None:
-    # The inpaint pipeline shares the transformer (so the slot) and the scheduler switch.
+    # The inpaint pipeline shares the transformer (so the switched weights) and the scheduler.
     mask = np.zeros((40, 48), np.uint8)
     mask[:, :24] = 255
     job: dict[str, Any] = dict(images=[red_left()], mask=mask, negative_prompt=" ")
