@@ -25,7 +25,8 @@ short warm-up edit per replica, then times:
 - optionally throughput: `clients` concurrent clients, `rounds` requests each (img/min).
 
 Each scenario writes `<out-dir>/<name>.json`. Scenario keys: name, gpus (per replica), replicas,
-compile (0/1), dynamic (compile_dynamic 0/1), cpp (compile_cpp_wrapper 0/1),
+compile (0/1), dynamic (compile_dynamic 0/1), cpp (compile_cpp_wrapper 0/1), te
+(compile_text_encoder 0/1),
 fp8 (quantization fp8 0/1), backend (attention backend), variant (2509/2511), clients,
 rounds, steps, runs, ref (an earlier scenario's name: the first timed output, same seed and
 synthetic weights, is compared with that scenario's, relative L2 error of the pixels); lora (a
@@ -80,6 +81,7 @@ class Scenario:
     dynamic: bool | None = None  # compile_dynamic
     fp8: bool = False
     cpp: bool = False  # compile_cpp_wrapper
+    te: bool = False  # compile_text_encoder
     backend: str | None = None
     variant: str = "2511"
     clients: int = 0
@@ -119,7 +121,7 @@ class Scenario:
                 "lora_rank",
             ):
                 fields[key] = int(value)
-            elif key in ("compile", "dynamic", "fp8", "cpp", "restart"):
+            elif key in ("compile", "dynamic", "fp8", "cpp", "restart", "te"):
                 fields[key] = value.strip().lower() in ("1", "true", "yes", "on")
             elif key in (
                 "name",
@@ -159,6 +161,8 @@ class Scenario:
         )
         if self.cpp:
             parts.append("cpp_wrapper")
+        if self.te:
+            parts.append("compiled-text-encoder")
         parts.append(f"attn={self.backend or 'default'}")
         return "+".join(parts)
 
@@ -292,6 +296,7 @@ def app_config(sc: Scenario, *, steps: int) -> dict[str, Any]:
         "compile": sc.compile,
         "quantization": "fp8" if sc.fp8 else "none",
         "compile_cpp_wrapper": sc.cpp,
+        "compile_text_encoder": sc.te,
         "warmup": True,
     }
     if sc.dynamic is not None:

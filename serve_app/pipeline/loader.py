@@ -20,7 +20,7 @@ from serve_app.pipeline.parallel.rank import RankHooks
 from serve_app.pipeline.profiling import StageTimer
 from serve_app.pipeline.runner import EditRunner
 from serve_app.pipeline.sources import LOADERS, LoadedPipeline, Target
-from serve_app.pipeline.speed import apply_speed_switches
+from serve_app.pipeline.speed import apply_speed_switches, compile_text_encoder
 
 logger = logging.getLogger("ray.serve")
 
@@ -114,6 +114,8 @@ def _finish(
     notes = apply_speed_switches(
         loaded.transformer, model, schedule=lambda: getattr(pipe.scheduler, "timesteps", None)
     )
+    if model.compile_text_encoder:
+        notes.append(compile_text_encoder(pipe.text_encoder))
     if rank_hooks is not None:
         rank_hooks.wrap(pipe)
         notes.append(

@@ -96,6 +96,31 @@ def apply_speed_switches(
     return notes
 
 
+def compile_text_encoder(text_encoder: Any, **options: Any) -> str:
+    """torch.compile each repeated layer of the text encoder (Qwen2.5-VL: the language model's
+    decoder layers, the vision tower's blocks) with dynamic shapes, as regional compile does for
+    the transformer: one compiled graph serves every layer and every prompt length. Returns the
+    log note; `options` go to `Module.compile` (tests pick a backend)."""
+    inner = getattr(text_encoder, "model", text_encoder)
+    groups = {
+        "decoder layers": getattr(getattr(inner, "language_model", None), "layers", None),
+        "vision blocks": getattr(getattr(inner, "visual", None), "blocks", None),
+    }
+    done = []
+    for what, layers in groups.items():
+        if not layers:
+            continue
+        for layer in layers:
+            layer.compile(**{"dynamic": True, **options})
+        done.append(f"{len(layers)} {what}")
+    if done:
+        note = f"compile: text encoder's {' and '.join(done)} (dynamic), compiled by the warm-up"
+    else:
+        note = "warning: compile_text_encoder: no repeated layers found; the text encoder is eager"
+    logger.log(logging.WARNING if not done else logging.INFO, "%s", note)
+    return note
+
+
 def _modulation_note(transformer: Any, schedule: Schedule) -> str:
     if reason := tables_fit(transformer):
         return f"modulation: per forward ({reason})"

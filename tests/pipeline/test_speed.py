@@ -176,3 +176,52 @@ def test_compile_is_skipped_for_a_split_transformer() -> None:
     notes = apply_speed_switches(split, model(compile=True))
     assert split.compiled is None and "compile skipped" in notes[0]
     assert apply_speed_switches(FakeTransformer(["cpu"]), model()) == []
+
+
+def test_compile_text_encoder_compiles_each_repeated_layer_and_keeps_the_output(
+    tiny_models: Any,
+) -> None:
+    """Every decoder layer and vision block is compiled (dynamic shapes); prompts of two
+    lengths then give what the eager encoder gives, without recompiling for the second."""
+    import torch
+    import torch._dynamo
+    from diffusers import QwenImageEditPlusPipeline
+    from PIL import Image
+    from torch._dynamo.utils import counters
+
+    from serve_app.pipeline.speed import compile_text_encoder
+    from tests.fixtures import red_left
+
+    pipe = QwenImageEditPlusPipeline.from_pretrained(tiny_models("2511"))
+    image = [Image.fromarray(red_left())]
+
+    def encode(prompt: str) -> Any:
+        with torch.inference_mode():
+            return pipe.encode_prompt(prompt=prompt, image=image, device="cpu")[0]
+
+    prompts = ("make it blue", "make the left half a deep blue and the right half snow white")
+    eager = [encode(p) for p in prompts]
+    torch._dynamo.reset()
+    counters.clear()
+    note = compile_text_encoder(pipe.text_encoder, backend="eager")
+    try:
+        compiled = [encode(prompts[0])]
+        graphs = counters["stats"]["unique_graphs"]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled.append(encode(prompts[1]))
+    finally:
+        torch._dynamo.reset()
+    model = pipe.text_encoder.model
+    layers = [*model.language_model.layers, *model.visual.blocks]
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    assert "decoder layers and" in note and "vision blocks" in note
+    assert graphs >= 1 and counters["stats"]["unique_graphs"] == graphs
+    assert eager[0].shape != eager[1].shape  # two prompt lengths, one compiled graph
+    for want, got in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_compile_text_encoder_says_so_when_it_finds_no_layers() -> None:
+    from serve_app.pipeline.speed import compile_text_encoder
+
+    assert compile_text_encoder(torch.nn.Linear(2, 2)).startswith("warning: compile_text_encoder")
