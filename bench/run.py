@@ -279,7 +279,7 @@ LORA_FILES: dict[tuple[str, int], Path] = {}
 
 def synthetic_lora(variant: str, rank: int) -> Path:
     if (variant, rank) not in LORA_FILES:
-        from serve_app.pipeline.synthetic import build_synthetic_lora
+        from serve_app.pipeline.random_weights.synthetic import build_synthetic_lora
 
         target = Path(f"/tmp/bench-lora-{variant}-r{rank}")
         LORA_FILES[(variant, rank)] = build_synthetic_lora(
@@ -678,8 +678,11 @@ def throughput(
 def text_token_counts(variant: str) -> dict[str, int]:
     """What the replicas' tokenizer (the embedded tiny model's, see runner) makes of the prompts;
     building it here first also saves the replicas the build."""
-    from serve_app.pipeline.synthetic import load_tokenizer_and_processor, variant_dir
-    from serve_app.pipeline.tiny import ensure_tiny_model
+    from serve_app.pipeline.random_weights.synthetic import (
+        load_tokenizer_and_processor,
+        variant_dir,
+    )
+    from serve_app.pipeline.random_weights.tiny import ensure_tiny_model
 
     config = json.loads((variant_dir(variant) / "text_encoder" / "config.json").read_text())
     _, processor = load_tokenizer_and_processor(
@@ -732,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
     outputs: dict[str, bytes] = {}  # first timed output of each scenario (for `ref=`)
     try:
         for sc in args.scenario:
-            from serve_app.pipeline.synthetic import variant_dir
+            from serve_app.pipeline.random_weights.synthetic import variant_dir
 
             tokens = text_token_counts(sc.variant)
             config_path = variant_dir(sc.variant) / "transformer" / "config.json"

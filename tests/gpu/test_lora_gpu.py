@@ -22,7 +22,7 @@ LAYERS = 60  # the whole transformer
 
 @pytest.fixture(scope="module")
 def lora_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from serve_app.pipeline.synthetic import build_synthetic_lora
+    from serve_app.pipeline.random_weights.synthetic import build_synthetic_lora
 
     return build_synthetic_lora("2511", tmp_path_factory.mktemp("lora"), rank=64)
 
@@ -54,7 +54,7 @@ def test_hotswap_and_fused_give_diffusers_lora_and_switching_never_recompiles(
     from torch._dynamo.utils import counters
 
     from serve_app.common.config import LoraConfig
-    from serve_app.pipeline.lora import HotSwap
+    from serve_app.pipeline.loading.lora import HotSwap
 
     transformer = full_width_blocks(LAYERS)
     base = _forward(transformer)
@@ -128,8 +128,8 @@ def test_fp8_after_fusing_and_under_a_hot_swap_stays_as_close_as_fp8_itself(
     import torch
 
     from serve_app.common.config import LoraConfig
-    from serve_app.pipeline.lora import HotSwap
-    from serve_app.pipeline.quantization import quantize_transformer
+    from serve_app.pipeline.loading.lora import HotSwap
+    from serve_app.pipeline.speed.quantization import quantize_transformer
 
     def fp8_error(*, lora: str) -> float:
         transformer = full_width_blocks(LAYERS)
