@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 SYNTHETIC_VARIANTS = ("2509", "2511")
-CONFIGS_DIR = Path(__file__).parent / "configs"
+CONFIGS_DIR = Path(__file__).parent.parent / "configs"  # pipeline/configs: the bundled real configs
 MODEL_COMPONENTS = ("transformer", "text_encoder", "vae")
 DEFAULT_INIT_STD = 0.02
 # The text encoder's config fields that name special token ids.
