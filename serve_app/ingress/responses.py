@@ -30,7 +30,7 @@ from serve_app.ingress.protocol import (
     Usage,
     images_response_json,
 )
-from serve_app.ingress.storage import ImageStore, image_url
+from serve_app.ingress.storage import ImageStorage, image_url
 
 logger = logging.getLogger("ray.serve")
 
@@ -82,7 +82,7 @@ def json_body(
     *,
     created: int,
     seeds: list[int] | None,
-    store: Callable[[], ImageStore] | None = None,
+    store: Callable[[], ImageStorage] | None = None,
     url_base: str | None = None,
     timing: StageClock,
 ) -> bytes:

@@ -1,14 +1,15 @@
 """`response_format=url`: a bounded, expiring image store that every ingress replica can read.
 
 Images live under one fsspec location (a local folder by default; `s3://...`, `gcs://...` or
-`memory://` by config). All state is in the object names, so replicas share nothing but the
-store itself: an id is `img-<created ms>-<32 random hex>.<ext>`, which gives
+`memory://` by config), or in a Redis server (`redis://...`: `ingress/redis_store.py`), which
+every ingress replica on every node of a cluster reads. An id is
+`img-<created ms>-<32 random hex>.<ext>`, which gives
 
 - expiry without metadata calls: the creation time is in the name, checked on every read;
 - the content type from the extension;
 - unguessable URLs (128 random bits), as OpenAI's result URLs are bearer links.
 
-Every `put` lists the folder, deletes what has expired, then the oldest images until the new
+In a folder all state is in the object names, so replicas share nothing but the store. Every `put` lists the folder, deletes what has expired, then the oldest images until the new
 one fits under `max_total_bytes`. Blocking (fsspec is synchronous): call from a thread.
 """
 
@@ -20,9 +21,9 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from serve_app.common.config import StorageConfig
+from serve_app.common.config import StorageConfig, is_redis_url
 from serve_app.common.errors import InternalError, NotFoundError
 
 logger = logging.getLogger("ray.serve")
@@ -40,6 +41,54 @@ class StoredImage:
     expires_in_s: float
 
 
+class ImageStorage(Protocol):
+    """What url results need of a store; blocking (call from a thread)."""
+
+    def put(self, data: bytes, *, output_format: str) -> str:
+        """Store `data`; returns its id. Makes room first (expired, then oldest images)."""
+        ...
+
+    def get(self, image_id: str) -> StoredImage:
+        """The image, or NotFoundError (404) if the id is malformed, unknown or expired."""
+        ...
+
+    def total_bytes(self) -> int:
+        """The bytes of the images held (expired ones swept first where that is cheap)."""
+        ...
+
+
+def open_image_store(
+    config: StorageConfig, *, clock: Callable[[], float] = time.time, retry_after_s: float = 5.0
+) -> ImageStorage:
+    """The store `config.url` names: Redis for redis:// and rediss://, else an fsspec location."""
+    if is_redis_url(config.url):
+        from serve_app.ingress.redis_store import RedisImageStore
+
+        return RedisImageStore.from_config(config, clock=clock, retry_after_s=retry_after_s)
+    return ImageStore.from_config(config, clock=clock)
+
+
+def new_image_id(now_ms: int, output_format: str) -> str:
+    return f"img-{now_ms:013d}-{secrets.token_hex(16)}.{output_format}"
+
+
+def parse_image_id(image_id: str) -> tuple[int, str]:
+    """(created ms, content type) of a well-formed id; NotFoundError for anything else."""
+    match = _ID_RE.match(image_id)
+    if match is None:
+        raise not_found(image_id)
+    return int(match.group(1)), CONTENT_TYPES[match.group(3)]
+
+
+def too_large() -> InternalError:
+    # A configuration problem, not the client's: the cap is below one image.
+    return InternalError(
+        "The image store is too small for this image; ask the operator to raise"
+        " storage.max_total_bytes.",
+        code="image_store_full",
+    )
+
+
 @dataclass(frozen=True)
 class _Entry:
     path: str
@@ -47,7 +96,7 @@ class _Entry:
     size: int
 
 
-def _not_found(image_id: str) -> NotFoundError:
+def not_found(image_id: str) -> NotFoundError:
     return NotFoundError(
         f"No image '{image_id[:80]}': it never existed or has expired.",
         param="image_id",
@@ -88,34 +137,27 @@ class ImageStore:
     def put(self, data: bytes, *, output_format: str) -> str:
         """Store `data`; returns its id. Evicts expired, then oldest, images to make room."""
         if len(data) > self._max_bytes:
-            # A configuration problem, not the client's: the cap is below one image.
-            raise InternalError(
-                "The image store is too small for this image; ask the operator to raise"
-                " storage.max_total_bytes.",
-                code="image_store_full",
-            )
+            raise too_large()
         now = self._now_ms()
         self._make_room(len(data), now_ms=now)
-        image_id = f"img-{now:013d}-{secrets.token_hex(16)}.{output_format}"
+        image_id = new_image_id(now, output_format)
         self._fs.pipe_file(f"{self._root}/{image_id}", data)
         return image_id
 
     def get(self, image_id: str) -> StoredImage:
         """The image, or NotFoundError (404) if the id is malformed, unknown or expired."""
-        match = _ID_RE.match(image_id)
-        if match is None:
-            raise _not_found(image_id)
-        age_ms = self._now_ms() - int(match.group(1))
+        created_ms, content_type = parse_image_id(image_id)
+        age_ms = self._now_ms() - created_ms
         if age_ms >= self._ttl_ms:
             self._delete(f"{self._root}/{image_id}")
-            raise _not_found(image_id)
+            raise not_found(image_id)
         try:
             data = self._fs.cat_file(f"{self._root}/{image_id}")
         except FileNotFoundError:
-            raise _not_found(image_id) from None
+            raise not_found(image_id) from None
         return StoredImage(
             data=bytes(data),
-            content_type=CONTENT_TYPES[match.group(3)],
+            content_type=content_type,
             expires_in_s=(self._ttl_ms - age_ms) / 1000,
         )
 
