@@ -82,15 +82,20 @@ REDIS_SERVER = "redis-server"
 
 
 @contextlib.contextmanager
-def redis_server(folder: Path, *, timeout_s: float = 20.0) -> Iterator[str]:
+def redis_server(
+    folder: Path, *, password: str | None = None, timeout_s: float = 20.0
+) -> Iterator[str]:
     """A redis-server of the test's own on a free loopback port, its files in `folder`: yields
-    its URL. Skips only where the binary is missing (.ci/run installs Debian's redis-server)."""
+    its URL (without the password). Skips only where the binary is missing (.ci/run installs
+    Debian's redis-server)."""
     binary = shutil.which(REDIS_SERVER)
     if binary is None:
         pytest.skip("redis-server is not installed (.ci/run installs it: apt-get install redis-server)")
     port = free_port()
     command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
                "--save", "", "--appendonly", "no", "--protected-mode", "yes"]  # fmt: skip
+    if password:
+        command += ["--requirepass", password]
     with (folder / "redis.log").open("w") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -98,7 +103,7 @@ def redis_server(folder: Path, *, timeout_s: float = 20.0) -> Iterator[str]:
         while True:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1) as s:
                 s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
+                if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):
                     break
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"redis-server did not start: {(folder / 'redis.log').read_text()}")

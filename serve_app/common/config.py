@@ -297,6 +297,9 @@ class StorageConfig(_Strict):
     # Redis only: every key this server writes starts with it, so one Redis (e.g. the one
     # KubeRay's GCS fault tolerance uses) can hold several deployments' images apart.
     key_prefix: str = Field(default="qwen-image-edit-serve", min_length=1, pattern=r"^[^{}\s]+$")
+    # Redis only: the environment variable of the ingress process holding the server's password
+    # (e.g. from a Kubernetes Secret); the password itself never enters the config (or its logs).
+    password_env: str | None = None
     # Prefix of the returned URLs, e.g. https://images.example.com. Unset: the request's own
     # address, if its Host is in http.allowed_hosts (else response_format=url is refused).
     public_base_url: str | None = None

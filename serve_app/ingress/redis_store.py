@@ -18,6 +18,7 @@ back), never a hang: connects and commands time out. Blocking: call from a threa
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -81,12 +82,13 @@ class RedisImageStore:
         key_prefix: str = "qwen-image-edit-serve",
         clock: Callable[[], float] = time.time,
         retry_after_s: float = 5.0,
-        client: Any = None,
+        password: str | None = None,
     ) -> None:
         import redis
 
-        self._redis: Any = client or redis.Redis.from_url(
+        self._redis: Any = redis.Redis.from_url(
             url,
+            password=password,
             socket_timeout=SOCKET_TIMEOUT_S,
             socket_connect_timeout=SOCKET_TIMEOUT_S,
             health_check_interval=30,
@@ -122,6 +124,7 @@ class RedisImageStore:
             key_prefix=config.key_prefix,
             clock=clock,
             retry_after_s=retry_after_s,
+            password=_password(config.password_env),
         )
 
     def _now_ms(self) -> int:
@@ -166,3 +169,8 @@ class RedisImageStore:
                 code="image_store_unavailable",
                 retry_after_s=self._retry_after_s,
             ) from None
+
+
+def _password(env_name: str | None) -> str | None:
+    # Unset or empty: none, or the URL's own (a password in the URL wins, as redis-py does it).
+    return (os.environ.get(env_name) or None) if env_name else None

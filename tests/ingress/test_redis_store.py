@@ -169,3 +169,16 @@ def test_an_unreachable_store_is_an_openai_503(tmp_path: Path) -> None:
     err = assert_error(resp, 503, None)
     assert err["code"] == "image_store_unavailable"
     assert resp.headers["retry-after"] == "3"
+
+
+def test_the_password_comes_from_the_named_environment_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with redis_server(tmp_path, password="s3cret") as url:
+        config = StorageConfig(url=url, key_prefix="auth", password_env="TEST_REDIS_PASSWORD")
+        monkeypatch.setenv("TEST_REDIS_PASSWORD", "wrong")
+        with pytest.raises(ServiceUnavailableError):  # and the log says why
+            open_image_store(config).put(b"x", output_format="png")
+        monkeypatch.setenv("TEST_REDIS_PASSWORD", "s3cret")
+        chosen = open_image_store(config)
+        assert chosen.get(chosen.put(b"x", output_format="png")).data == b"x"
