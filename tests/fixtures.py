@@ -90,7 +90,9 @@ def redis_server(
     Debian's redis-server)."""
     binary = shutil.which(REDIS_SERVER)
     if binary is None:
-        pytest.skip("redis-server is not installed (.ci/run installs it: apt-get install redis-server)")
+        pytest.skip(
+            "redis-server is not installed (.ci/run installs it: apt-get install redis-server)"
+        )
     port = free_port()
     command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
                "--save", "", "--appendonly", "no", "--protected-mode", "yes"]  # fmt: skip
@@ -101,7 +103,10 @@ def redis_server(
     try:
         deadline = time.monotonic() + timeout_s
         while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1) as s:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", port), 1) as s,
+            ):
                 s.sendall(b"PING\r\n")
                 if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):
                     break

@@ -9,8 +9,9 @@ every ingress replica on every node of a cluster reads. An id is
 - the content type from the extension;
 - unguessable URLs (128 random bits), as OpenAI's result URLs are bearer links.
 
-In a folder all state is in the object names, so replicas share nothing but the store. Every `put` lists the folder, deletes what has expired, then the oldest images until the new
-one fits under `max_total_bytes`. Blocking (fsspec is synchronous): call from a thread.
+In a folder all state is in the object names, so replicas share nothing but the store. Every
+`put` lists the folder, deletes what has expired, then the oldest images until the new one fits
+under `max_total_bytes`. Blocking (fsspec is synchronous): call from a thread.
 """
 
 from __future__ import annotations
