@@ -25,7 +25,7 @@ from typing import Any
 
 from serve_app.common.config import StorageConfig
 from serve_app.common.errors import ServiceUnavailableError
-from serve_app.ingress.storage import (
+from serve_app.ingress.stored_images import (
     StoredImage,
     new_image_id,
     not_found,

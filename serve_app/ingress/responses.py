@@ -30,7 +30,8 @@ from serve_app.ingress.protocol import (
     Usage,
     images_response_json,
 )
-from serve_app.ingress.storage import ImageStorage, image_url
+from serve_app.ingress.storage import image_url
+from serve_app.ingress.stored_images import ImageStorage
 
 logger = logging.getLogger("ray.serve")
 

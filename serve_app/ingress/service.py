@@ -30,7 +30,8 @@ from serve_app.ingress.model_client import ModelClient, ModelHandle
 from serve_app.ingress.protocol import ModelCard, ModelList
 from serve_app.ingress.responses import event_stream_body, json_body
 from serve_app.ingress.sizing import resolve_size
-from serve_app.ingress.storage import ImageStorage, open_image_store
+from serve_app.ingress.storage import open_image_store
+from serve_app.ingress.stored_images import ImageStorage
 from serve_app.ingress.tokens import tokenizer_for
 from serve_app.ingress.validation import EditRequest, validate_edit
 

@@ -17,45 +17,23 @@ under `max_total_bytes`. Blocking (fsspec is synchronous): call from a thread.
 from __future__ import annotations
 
 import logging
-import re
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from serve_app.common.config import StorageConfig, is_redis_url
-from serve_app.common.errors import InternalError, NotFoundError
+from serve_app.ingress.stored_images import (
+    ID_RE,
+    ImageStorage,
+    StoredImage,
+    new_image_id,
+    not_found,
+    parse_image_id,
+    too_large,
+)
 
 logger = logging.getLogger("ray.serve")
-
-# The id's shape, also the route's path convertor (so /v1/images/edits etc. stay other routes).
-ID_PATTERN = r"img-\d{13}-[0-9a-f]{32}\.(?:png|jpeg|webp)"
-_ID_RE = re.compile(r"^img-(\d{13})-([0-9a-f]{32})\.(png|jpeg|webp)$")
-CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-
-
-@dataclass(frozen=True)
-class StoredImage:
-    data: bytes
-    content_type: str
-    expires_in_s: float
-
-
-class ImageStorage(Protocol):
-    """What url results need of a store; blocking (call from a thread)."""
-
-    def put(self, data: bytes, *, output_format: str) -> str:
-        """Store `data`; returns its id. Makes room first (expired, then oldest images)."""
-        ...
-
-    def get(self, image_id: str) -> StoredImage:
-        """The image, or NotFoundError (404) if the id is malformed, unknown or expired."""
-        ...
-
-    def total_bytes(self) -> int:
-        """The bytes of the images held (expired ones swept first where that is cheap)."""
-        ...
 
 
 def open_image_store(
@@ -69,40 +47,11 @@ def open_image_store(
     return ImageStore.from_config(config, clock=clock)
 
 
-def new_image_id(now_ms: int, output_format: str) -> str:
-    return f"img-{now_ms:013d}-{secrets.token_hex(16)}.{output_format}"
-
-
-def parse_image_id(image_id: str) -> tuple[int, str]:
-    """(created ms, content type) of a well-formed id; NotFoundError for anything else."""
-    match = _ID_RE.match(image_id)
-    if match is None:
-        raise not_found(image_id)
-    return int(match.group(1)), CONTENT_TYPES[match.group(3)]
-
-
-def too_large() -> InternalError:
-    # A configuration problem, not the client's: the cap is below one image.
-    return InternalError(
-        "The image store is too small for this image; ask the operator to raise"
-        " storage.max_total_bytes.",
-        code="image_store_full",
-    )
-
-
 @dataclass(frozen=True)
 class _Entry:
     path: str
     created_ms: int
     size: int
-
-
-def not_found(image_id: str) -> NotFoundError:
-    return NotFoundError(
-        f"No image '{image_id[:80]}': it never existed or has expired.",
-        param="image_id",
-        code="image_not_found",
-    )
 
 
 class ImageStore:
@@ -173,7 +122,7 @@ class ImageStore:
         entries = []
         for info in listing:
             name = str(info["name"]).rstrip("/").rsplit("/", 1)[-1]
-            match = _ID_RE.match(name)
+            match = ID_RE.match(name)
             if match is not None and info.get("type") != "directory":
                 size = int(info.get("size") or 0)
                 entries.append(_Entry(f"{self._root}/{name}", int(match.group(1)), size))

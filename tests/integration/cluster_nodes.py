@@ -13,7 +13,7 @@ and started again.
 
 The process prints `{"ready": true}` once Serve runs, then answers each JSON command line with
 one JSON line: `deploy` (a Serve config's applications, applied declaratively), `status`,
-`kill_actor`, `remove_node`, `kill_gcs`, `start_gcs`. It shuts everything down when stdin closes.
+`actors`, `kill_actor`, `remove_node`, `kill_gcs`, `start_gcs`. It shuts everything down when stdin closes.
 """
 
 from __future__ import annotations
@@ -93,6 +93,12 @@ class Driver:
                 for name, d in status.deployments.items()
             },
         }
+
+    def actors(self, name_part: str) -> dict[str, Any]:
+        import ray
+
+        named = ray.util.list_named_actors(all_namespaces=True)
+        return {"names": sorted(a["name"] for a in named if name_part in a["name"])}
 
     def kill_actor(self, name_part: str) -> dict[str, Any]:
         import ray

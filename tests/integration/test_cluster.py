@@ -50,14 +50,16 @@ INGRESS, MODEL = "OpenAIIngress", "QwenImageEditModel"
 RESULTS_ENV = "QWEN_CLUSTER_RESULTS"
 WORKERS = ("a", "b")
 # A request not answered within this long counts as hung.
-HUNG_AFTER_S = 60.0
+HUNG_AFTER_S = 150.0
 FIGURES: dict[str, dict[str, Any]] = {}
 
 ARGS: dict[str, Any] = {
     "model": {"source": "tiny", "device_map": "cpu"},
     "generation": {"default_steps": 2, "max_steps": 40, "auto_size_pixels": 64 * 64},
     "limits": {"max_n": 1, "min_output_side": 32, "max_output_side": 64},
-    "request_timeout_s": 45,
+    # Replica start-ups take the CPUs from the edits here: a generous deadline (its 504 counts
+    # as a failure).
+    "request_timeout_s": 120,
     "retry_after_s": 1,
 }
 # The ingress: one replica on each worker (their `ingress` resource), as the manifests spread
@@ -389,14 +391,17 @@ def test_an_ingress_replica_killed_under_load(deployed: Nodes) -> None:
     with Load(deployed.head_url, clients=3) as load:
         wait_until(lambda: load.answered() >= 3, timeout=60, what="the load to run")
         killed_at = time.monotonic()
-        deployed.call("kill_actor", name_part=f"{APP}#{INGRESS}")
-        replaced = wait_until(
-            lambda: deployed.running(INGRESS) == 2, timeout=120, what="a new ingress replica"
-        )
+        killed = deployed.call("kill_actor", name_part=f"{APP}#{INGRESS}")["killed"]
+
+        def replaced() -> bool:
+            names = deployed.call("actors", name_part=f"{APP}#{INGRESS}")["names"]
+            return killed not in names and len(names) == 2 and deployed.running(INGRESS) == 2
+
+        replaced_s = wait_until(replaced, timeout=120, what="a new ingress replica")
         time.sleep(2)
     figures = record(
         "ingress_replica_killed",
-        {**load.figures(fault_at=killed_at), "replica_replaced_s": round(replaced, 2)},
+        {**load.figures(fault_at=killed_at), "replica_replaced_s": round(replaced_s, 2)},
     )
     # Only requests that had reached the killed replica: at most one per client.
     assert_clean(figures, lost_at_most=3)
@@ -424,7 +429,8 @@ def test_autoscaling_up_to_three_model_replicas_and_back(deployed: Nodes) -> Non
     }
     deployed.deploy(args, [INGRESS_DEPLOYMENT, scaling])
     wait_until(lambda: deployed.app_status() == "RUNNING", timeout=120, what="autoscaling on")
-    with Load(deployed.head_url, clients=6, steps=12) as load:
+    # 4 clients: 4 requests per replica at first (3 wanted), 1.3 at 3 replicas (3 kept).
+    with Load(deployed.head_url, clients=4) as load:
         up = wait_until(lambda: deployed.running(MODEL) == 3, timeout=180, what="3 model replicas")
         time.sleep(2)
     # From the load's end: downscale_delay_s, then the replicas' graceful shutdown.
