@@ -24,6 +24,7 @@ there as JSON (bench/results/cluster-cpu-*.json, which docs/deployment.md quotes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -459,8 +460,9 @@ def test_the_gcs_killed_and_restarted_under_load(deployed: Nodes) -> None:
         killed_at = time.monotonic()
         deployed.call("kill_gcs")
         before = load.answered()
-        # Requests in flight are held, not failed (here none was answered while it was down).
-        time.sleep(GCS_DOWN_S)
+        # Edits are held, not failed (here none was answered while it was down); /health, which
+        # the ingress answers without the model, tells whether the proxy-to-ingress leg works.
+        health = _probe_health(deployed.head_url, seconds=GCS_DOWN_S)
         during = load.answered() - before
         deployed.call("start_gcs")
         back = wait_until(
@@ -470,9 +472,22 @@ def test_the_gcs_killed_and_restarted_under_load(deployed: Nodes) -> None:
     figures = record(
         "gcs_killed",
         {**load.figures(fault_at=killed_at), "down_s": GCS_DOWN_S,
-         "answered_while_down": during, "status_again_s": round(back, 2)},
+         "answered_while_down": during, "health_200_while_down": health[0],
+         "health_probes_while_down": health[1], "status_again_s": round(back, 2)},
     )  # fmt: skip
     assert_clean(figures)
+
+
+def _probe_health(url: str, *, seconds: float) -> tuple[int, int]:
+    """(answered 200, sent) of GET /health, one at a time for `seconds`."""
+    ok = sent = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        sent += 1
+        with contextlib.suppress(httpx.TransportError):
+            ok += httpx.get(f"{url}/health", timeout=2).status_code == 200
+        time.sleep(0.5)
+    return ok, sent
 
 
 def test_a_worker_raylet_killed_under_load(deployed: Nodes) -> None:
