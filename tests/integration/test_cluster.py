@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -278,8 +278,8 @@ def classify(resp: httpx.Response) -> tuple[str, str]:
 class Load:
     """`clients` threads sending edits back to back through `url` until stopped."""
 
-    def __init__(self, url: str, *, clients: int, steps: int | None = None) -> None:
-        self.url, self.steps = url, steps
+    def __init__(self, url: str, *, clients: int) -> None:
+        self.url = url
         self.answers: list[Answer] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -300,11 +300,10 @@ class Load:
         assert not any(t.is_alive() for t in self._threads), "a client thread never returned"
 
     def _run(self) -> None:
-        fields = {"num_inference_steps": str(self.steps)} if self.steps else {}
         while not self._stop.is_set():
             started = time.monotonic()
             try:
-                kind, detail = classify(edit(self.url, **fields))
+                kind, detail = classify(edit(self.url))
             except httpx.TimeoutException as exc:
                 kind, detail = "hung", repr(exc)
             except httpx.TransportError as exc:
@@ -325,7 +324,7 @@ class Load:
         if fault_at is not None:
             bad = [a.ended for a in self.answers if a.kind != "200"]
             figures["seconds_to_full_service"] = round(max([fault_at, *bad]) - fault_at, 2)
-        figures["failures"] = [asdict(a)["detail"] for a in self.answers if a.kind == "failed"][:5]
+        figures["failures"] = [a.detail for a in self.answers if a.kind == "failed"][:5]
         return figures
 
 
