@@ -1,0 +1,111 @@
+"""Putting loaded modules on their devices with accelerate: hooks, CPU offload, and a model
+folder loaded per component onto the planned devices."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from serve_app.pipeline.placement.measure import component_class
+from serve_app.pipeline.placement.planner import TRANSFORMER, Device, Placement
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+def dispatch_component(
+    module: nn.Module, device_map: Mapping[str, Any], *, main_device: Any = None
+) -> None:
+    """Accelerate hooks so the component's forward takes inputs from any device and answers on
+    the caller's (as diffusers' own multi-device loading does). Main device: `main_device`, else
+    where the first module (the input layers) lives, not whatever a set yields."""
+    from accelerate import dispatch_model
+
+    main = main_device if main_device is not None else next(iter(device_map.values()))
+    skip = getattr(module, "_skip_keys", None) or getattr(
+        module, "_skip_keys_device_placement", None
+    )
+    dispatch_model(
+        module,
+        device_map=dict(device_map),
+        main_device=main,
+        force_hooks=True,
+        skip_keys=sorted(skip) if isinstance(skip, set) else skip,
+    )
+
+
+def strip_inner_hooks(module: nn.Module) -> bool:
+    """Keep only the top-level accelerate hook of a component that sits on one device.
+
+    `dispatch_model` with `{"": gpu}` also hooks every submodule that holds weights (an
+    `AlignDevicesHook` per block and per linear layer), which costs Python time on every call and
+    stops `torch.compile(fullgraph=True)` of the blocks. With all weights on one device only the
+    top-level hook (inputs to the component's device, outputs back to the caller's) is needed.
+    Returns whether hooks were removed; a component spread over devices keeps all of them.
+    """
+    from accelerate.hooks import remove_hook_from_submodules
+
+    devices = {p.device for p in module.parameters()}
+    # Weights on "meta" are offloaded: their hooks load them, so they must stay.
+    if not hasattr(module, "_hf_hook") or len(devices) != 1 or devices.pop().type == "meta":
+        return False
+    for child in module.children():
+        remove_hook_from_submodules(child)
+    return True
+
+
+def enable_cpu_offload(pipe: Any, placement: Placement) -> None:
+    """diffusers' model (or sequential) CPU offload onto the plan's offload GPU."""
+    gpu = placement.offload_gpu or 0
+    if placement.sequential_offload:
+        pipe.enable_sequential_cpu_offload(gpu_id=gpu)
+    else:
+        pipe.enable_model_cpu_offload(gpu_id=gpu)
+
+
+def load_local_pipeline(
+    path: str | Path,
+    class_name: str,
+    placement: Placement,
+    *,
+    dtype: Any,
+    to_device: Callable[[Device], Any] | None = None,
+) -> Any:
+    """Load a diffusers model folder laid out as `placement` says.
+
+    Each of transformer / text_encoder / vae is loaded with `from_pretrained(subfolder=...)` and
+    an explicit `device_map` (per block for a split transformer, so its weights stream straight to
+    their GPUs), then the pipeline is assembled around them (scheduler, tokenizer and processor
+    from the folder). `to_device` maps a plan device (GPU index or "cpu") to what `device_map`
+    takes; tests map every GPU to "cpu" to run this path without GPUs.
+    """
+    import diffusers
+
+    convert = to_device or (lambda d: d)
+    pipeline_cls = getattr(diffusers, class_name)
+    if placement.strategy == "cpu_offload":
+        pipe = pipeline_cls.from_pretrained(str(path), dtype=dtype)
+        enable_cpu_offload(pipe, placement)
+        return pipe
+    several_devices = len({r.device for r in placement.rows}) > 1
+    modules: dict[str, Any] = {}
+    for name in placement.device_map:
+        cls: Any = component_class(path, name)
+        if name == TRANSFORMER and placement.transformer_device_map:
+            device_map = {k: convert(v) for k, v in placement.transformer_device_map.items()}
+            module = cls.from_pretrained(
+                str(path), subfolder=name, device_map=device_map, dtype=dtype
+            )
+            if not hasattr(module, "_hf_hook"):
+                dispatch_component(module, device_map)
+        else:
+            device_map = {"": convert(placement.device_map[name])}
+            module = cls.from_pretrained(
+                str(path), subfolder=name, device_map=device_map, dtype=dtype
+            )
+            if several_devices:
+                dispatch_component(module, device_map)
+        module.eval().requires_grad_(False)
+        modules[name] = module
+    return pipeline_cls.from_pretrained(str(path), dtype=dtype, **modules)
