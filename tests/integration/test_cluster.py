@@ -127,7 +127,7 @@ class Nodes:
 
 def _tiny_model_dir() -> str:
     # Shared by every node (their HOMEs differ): the tiny model is built once.
-    from serve_app.pipeline.tiny import default_tiny_model_dir
+    from serve_app.pipeline.random_weights.tiny import default_tiny_model_dir
 
     return str(default_tiny_model_dir())
 
