@@ -280,15 +280,31 @@ class LimitsConfig(_Strict):
         return self
 
 
+REDIS_SCHEMES = ("redis", "rediss")
+
+
+def is_redis_url(url: str) -> bool:
+    """Whether a storage URL names a Redis server (redis://, rediss:// with TLS)."""
+    return "://" in url and url.split("://", 1)[0].lower() in REDIS_SCHEMES
+
+
 class StorageConfig(_Strict):
     """Where `response_format=url` results live: shared by every ingress replica."""
 
-    # A local folder, or any fsspec URL (s3://bucket/prefix, gcs://..., memory:// for tests).
+    # A local folder (one machine: the default), a Redis server (redis://host:6379/0,
+    # rediss:// for TLS; what a cluster's replicas on several nodes share), or any fsspec URL
+    # (s3://bucket/prefix, gcs://..., memory:// for tests).
     url: str = "~/.cache/qwen-image-edit-serve/images"
     # OpenAI's URLs expire after an hour.
     ttl_s: float = Field(default=3600.0, gt=0)
     # The oldest images are evicted to stay under this.
     max_total_bytes: int = Field(default=1024**3, ge=1024)
+    # Redis only: every key this server writes starts with it, so one Redis (e.g. the one
+    # KubeRay's GCS fault tolerance uses) can hold several deployments' images apart.
+    key_prefix: str = Field(default="qwen-image-edit-serve", min_length=1, pattern=r"^[^{}\s]+$")
+    # Redis only: the environment variable of the ingress process holding the server's password
+    # (e.g. from a Kubernetes Secret); the password itself never enters the config (or its logs).
+    password_env: str | None = None
     # Prefix of the returned URLs, e.g. https://images.example.com. Unset: the request's own
     # address, if its Host is in http.allowed_hosts (else response_format=url is refused).
     public_base_url: str | None = None
