@@ -7,8 +7,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from serve_app.pipeline.measure import component_class
+from serve_app.pipeline.measure import EightBit, build_empty_component, component_class
 from serve_app.pipeline.placement import TRANSFORMER, Device, Placement
+from serve_app.pipeline.quantization import quantize_onto
 
 if TYPE_CHECKING:
     from torch import nn
@@ -64,6 +65,22 @@ def enable_cpu_offload(pipe: Any, placement: Placement) -> None:
         pipe.enable_model_cpu_offload(gpu_id=gpu)
 
 
+def stream_from_cpu(pipe: Any, placement: Placement) -> list[str]:
+    """Components the plan keeps on the CPU (all but a "cpu_offload" plan's) get accelerate's
+    `cpu_offload` hooks: their weights are copied to `offload_gpu` a module at a time as their
+    forward runs and dropped after; returns their names."""
+    if placement.strategy == "cpu_offload" or placement.offload_gpu is None:
+        return []
+    import torch
+    from accelerate import cpu_offload
+
+    names = [n for n, d in placement.device_map.items() if d == "cpu"]
+    gpu = torch.device("cuda", placement.offload_gpu)
+    for name in names:
+        cpu_offload(getattr(pipe, name), execution_device=gpu)
+    return names
+
+
 def load_local_pipeline(
     path: str | Path,
     class_name: str,
@@ -71,6 +88,7 @@ def load_local_pipeline(
     *,
     dtype: Any,
     to_device: Callable[[Device], Any] | None = None,
+    eight_bit: EightBit | None = None,
 ) -> Any:
     """Load a diffusers model folder laid out as `placement` says.
 
@@ -78,7 +96,9 @@ def load_local_pipeline(
     an explicit `device_map` (per block for a split transformer, so its weights stream straight to
     their GPUs), then the pipeline is assembled around them (scheduler, tokenizer and processor
     from the folder). `to_device` maps a plan device (GPU index or "cpu") to what `device_map`
-    takes; tests map every GPU to "cpu" to run this path without GPUs.
+    takes; tests map every GPU to "cpu" to run this path without GPUs. A component with layers
+    `eight_bit` names is read into CPU memory and moved to its GPU a layer at a time, each
+    quantized on arrival (`quantization.quantize_onto`): its bf16 weights need not fit the GPU.
     """
     import diffusers
 
@@ -99,6 +119,16 @@ def load_local_pipeline(
             )
             if not hasattr(module, "_hf_hook"):
                 dispatch_component(module, device_map)
+        elif _has_eight_bit(cls, path, name, eight_bit) and placement.device_map[name] != "cpu":
+            module = cls.from_pretrained(str(path), subfolder=name, dtype=dtype)  # on the CPU
+            assert eight_bit is not None
+            quantize_onto(
+                module,
+                convert(placement.device_map[name]),
+                lambda m, fqn, name=name: eight_bit(name, m, fqn),  # type: ignore[misc,arg-type]
+            )
+            if several_devices:
+                dispatch_component(module, {"": convert(placement.device_map[name])})
         else:
             device_map = {"": convert(placement.device_map[name])}
             module = cls.from_pretrained(
@@ -109,3 +139,11 @@ def load_local_pipeline(
         module.eval().requires_grad_(False)
         modules[name] = module
     return pipeline_cls.from_pretrained(str(path), dtype=dtype, **modules)
+
+
+def _has_eight_bit(cls: Any, path: str | Path, name: str, eight_bit: EightBit | None) -> bool:
+    """Whether any layer of component `name` is loaded in 8 bits (checked on the meta device)."""
+    if eight_bit is None:
+        return False
+    module = build_empty_component(path, name)
+    return any(eight_bit(name, m, fqn) for fqn, m in module.named_modules())

@@ -114,6 +114,11 @@ def _finish(
     notes = apply_speed_switches(
         loaded.transformer, model, schedule=lambda: getattr(pipe.scheduler, "timesteps", None)
     )
+    if model.vae_tiling:
+        pipe.vae.enable_tiling()  # a fixed VAE peak, whatever the image size
+        notes.append("vae: tiled encode and decode")
+    if model.text_encoder != "resident":
+        notes.append(f"text encoder: {model.text_encoder}")
     if rank_hooks is not None:
         rank_hooks.wrap(pipe)
         notes.append(
