@@ -179,7 +179,14 @@ def quantize_transformer(
     if modulation:
         (quantize_int8 or _torchao_int8)(transformer, is_modulation_target)
     after = _weight_bytes(targets + modulation + done)
-    return QuantizationReport(method, len(targets) + len(done), before, after, len(modulation))
+    done_int8 = sum(bool(_MODULATION_LINEAR.match(n)) for n, _ in done)
+    return QuantizationReport(
+        method,
+        len(targets) + len(done) - done_int8,
+        before,
+        after,
+        len(modulation) + done_int8,
+    )
 
 
 def _weight_bytes(targets: list[tuple[str, Any]]) -> int:
