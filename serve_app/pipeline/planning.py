@@ -63,17 +63,18 @@ def headroom_for(model: ModelConfig) -> tuple[int, int]:
 
 
 def eight_bit_for(model: ModelConfig) -> EightBit | None:
-    """The layers this config loads in 8 bits (`quantization.eight_bit_kind`), or None."""
-    if model.quantization == "none" and model.text_encoder != "int8":
+    """The layers this config loads in 8 bits (`quantization.eight_bit_kind`), or None.
+
+    With LoRAs the transformer is loaded in bf16 and quantized after them (a fused LoRA is
+    folded into the bf16 weights; hot-swapped adapters wrap the layers first: pipeline/lora.py),
+    so the plan counts it in bf16, what the GPU holds while loading."""
+    quantization = "none" if model.loras else model.quantization
+    if quantization == "none" and model.text_encoder != "int8":
         return None
 
     def kind(component: str, module: object, fqn: str) -> str | None:
         return eight_bit_kind(
-            component,
-            module,
-            fqn,
-            quantization=model.quantization,
-            text_encoder=model.text_encoder,
+            component, module, fqn, quantization=quantization, text_encoder=model.text_encoder
         )
 
     return kind
