@@ -69,12 +69,12 @@ def stream_from_cpu(pipe: Any, placement: Placement) -> list[str]:
     """Components the plan keeps on the CPU (all but a "cpu_offload" plan's) get accelerate's
     `cpu_offload` hooks: their weights are copied to `offload_gpu` a module at a time as their
     forward runs and dropped after; returns their names."""
-    if placement.strategy == "cpu_offload" or placement.offload_gpu is None:
+    names = placement.streamed
+    if not names or placement.offload_gpu is None:
         return []
     import torch
     from accelerate import cpu_offload
 
-    names = [n for n, d in placement.device_map.items() if d == "cpu"]
     gpu = torch.device("cuda", placement.offload_gpu)
     for name in names:
         cpu_offload(getattr(pipe, name), execution_device=gpu)
@@ -108,7 +108,10 @@ def load_local_pipeline(
         pipe = pipeline_cls.from_pretrained(str(path), dtype=dtype)
         enable_cpu_offload(pipe, placement)
         return pipe
-    several_devices = len({r.device for r in placement.rows}) > 1
+    # Streamed components get their own hooks afterwards (`stream_from_cpu`).
+    several_devices = (
+        len({r.device for r in placement.rows if r.component not in placement.streamed}) > 1
+    )
     modules: dict[str, Any] = {}
     for name in placement.device_map:
         cls: Any = component_class(path, name)

@@ -111,6 +111,13 @@ class Placement:
     def bytes_on(self, device: Device) -> int:
         return sum(r.bytes for r in self.rows if r.device == device)
 
+    @property
+    def streamed(self) -> list[str]:
+        """Components kept on the CPU and streamed to `offload_gpu` (not a "cpu_offload" plan)."""
+        if self.strategy == "cpu_offload" or self.offload_gpu is None:
+            return []
+        return [name for name, device in self.device_map.items() if device == "cpu"]
+
 
 class PlacementError(Exception):
     """The components do not fit the replica's GPUs and CPU offload is off."""

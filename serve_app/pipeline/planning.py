@@ -147,6 +147,8 @@ def device_labels(plan: LoadPlan) -> dict[str, str]:
         if name == TRANSFORMER and placement.transformer_device_map:
             devices = sorted({d for d in placement.transformer_device_map.values()}, key=str)
             labels[name] = ",".join(_label(d) for d in devices)
+        elif name in placement.streamed:
+            labels[name] = f"cpu, streamed to {_label(placement.offload_gpu or 0)}"
         else:
             labels[name] = _label(device)
     if placement.strategy == "cpu_offload":

@@ -153,12 +153,7 @@ def _staging(
     from serve_app.pipeline.quantization import quantize_linear
 
     device_map = component_device_map(placement, name)
-    streamed = (
-        placement.strategy != "cpu_offload"
-        and placement.device_map[name] == "cpu"
-        and placement.offload_gpu is not None
-    )
-    if streamed:
+    if name in placement.streamed:
         assert placement.offload_gpu is not None
 
         def to_cpu(module: nn.Module, _: str) -> None:

@@ -211,6 +211,7 @@ def test_one_card_decisions(
     if cfg.text_encoder == "offload":
         assert placement.device_map["text_encoder"] == "cpu" and placement.offload_gpu == 0
         assert "streamed to cuda:0" in plan.table()
+        assert device_labels(plan)["text_encoder"] == "cpu, streamed to cuda:0"
     if cfg.quantization == "fp8":
         assert "bf16+fp8+int8" in plan.table()
 
