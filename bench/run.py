@@ -21,7 +21,8 @@ short warm-up edit per replica, then times:
 - ms per transformer forward = denoising time / (2 x steps) and achieved TFLOP/s from the FLOPs of
   a forward (`bench.flops`, text-token counts from the same tokenizer the replica uses);
 - peak memory per GPU (`nvidia-smi` memory.used, sampled every 0.5 s: weights + activations +
-  allocator cache + CUDA context, i.e. what a card must have);
+  allocator cache + CUDA context, i.e. what a card must have; `peak_gib_per_gpu`), and one
+  replica's allocator peak (`torch.cuda.max_memory_allocated`, `allocator_peak_gib_per_gpu`);
 - optionally throughput: `clients` concurrent clients, `rounds` requests each (img/min).
 
 Each scenario writes `<out-dir>/<name>.json`. Scenario keys: name, gpus (per replica), replicas,
@@ -37,7 +38,10 @@ a base edit is timed too); for one
 replica over several GPUs (one process per GPU, `model.parallel`): ranks (GPUs per replica; with
 gpus=1, or gpus=0 for CPU ranks), cfg and ulysses (degrees, default auto), base (a 1-GPU
 scenario's name: speedup and scaling efficiency against it), restart (1: redeploy after timing and
-time the warm start, the compile cache already on the node).
+time the warm start, the compile cache already on the node); for one card smaller than the
+GPU (docs/gpu.md#one-card): memory_cap_gib (the replica's allocator capped to this many GiB,
+QWEN_CUDA_MEMORY_CAP_GIB, and model.max_memory_gib set to it; written as `memory_cap_gib`),
+text_encoder (resident | int8 | offload), vae_tiling (0/1), max_pixels (headroom_max_pixels).
 """
 
 from __future__ import annotations
