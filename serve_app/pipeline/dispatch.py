@@ -117,9 +117,21 @@ def load_local_pipeline(
         cls: Any = component_class(path, name)
         if name == TRANSFORMER and placement.transformer_device_map:
             device_map = {k: convert(v) for k, v in placement.transformer_device_map.items()}
-            module = cls.from_pretrained(
-                str(path), subfolder=name, device_map=device_map, dtype=dtype
-            )
+            if _has_eight_bit(cls, path, name, eight_bit):
+                assert eight_bit is not None
+                module = cls.from_pretrained(str(path), subfolder=name, dtype=dtype)  # CPU
+                for unit, device in device_map.items():  # each block quantized onto its GPU
+                    quantize_onto(
+                        module.get_submodule(unit),
+                        device,
+                        lambda m, fqn, unit=unit: eight_bit(  # type: ignore[misc,arg-type]
+                            TRANSFORMER, m, f"{unit}.{fqn}" if fqn else unit
+                        ),
+                    )
+            else:
+                module = cls.from_pretrained(
+                    str(path), subfolder=name, device_map=device_map, dtype=dtype
+                )
             if not hasattr(module, "_hf_hook"):
                 dispatch_component(module, device_map)
         elif _has_eight_bit(cls, path, name, eight_bit) and placement.device_map[name] != "cpu":
