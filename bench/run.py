@@ -26,7 +26,8 @@ short warm-up edit per replica, then times:
 - optionally throughput: `clients` concurrent clients, `rounds` requests each (img/min).
 
 Each scenario writes `<out-dir>/<name>.json`. Scenario keys: name, gpus (per replica), replicas,
-compile (0/1), dynamic (compile_dynamic 0/1), cpp (compile_cpp_wrapper 0/1),
+compile (0/1), dynamic (compile_dynamic 0/1), cpp (compile_cpp_wrapper 0/1), te
+(compile_text_encoder 0/1),
 fp8 (quantization fp8 0/1), backend (attention backend), variant (2509/2511), clients,
 rounds, steps, runs, ref (an earlier scenario's name: the first timed output, same seed and
 synthetic weights, is compared with that scenario's, relative L2 error of the pixels); lora (a
@@ -84,6 +85,7 @@ class Scenario:
     dynamic: bool | None = None  # compile_dynamic
     fp8: bool = False
     cpp: bool = False  # compile_cpp_wrapper
+    te: bool = False  # compile_text_encoder
     backend: str | None = None
     variant: str = "2511"
     clients: int = 0
@@ -132,7 +134,7 @@ class Scenario:
                 fields[key] = int(value)
             elif key == "memory_cap_gib":
                 fields[key] = float(value)
-            elif key in ("compile", "dynamic", "fp8", "cpp", "restart", "vae_tiling"):
+            elif key in ("compile", "dynamic", "fp8", "cpp", "restart", "te", "vae_tiling"):
                 fields[key] = value.strip().lower() in ("1", "true", "yes", "on")
             elif key in (
                 "name",
@@ -179,6 +181,8 @@ class Scenario:
         )
         if self.cpp:
             parts.append("cpp_wrapper")
+        if self.te:
+            parts.append("compiled-text-encoder")
         parts.append(f"attn={self.backend or 'default'}")
         return "+".join(parts)
 
@@ -295,7 +299,7 @@ LORA_FILES: dict[tuple[str, int], Path] = {}
 
 def synthetic_lora(variant: str, rank: int) -> Path:
     if (variant, rank) not in LORA_FILES:
-        from serve_app.pipeline.synthetic import build_synthetic_lora
+        from serve_app.pipeline.random_weights.synthetic import build_synthetic_lora
 
         target = Path(f"/tmp/bench-lora-{variant}-r{rank}")
         LORA_FILES[(variant, rank)] = build_synthetic_lora(
@@ -312,6 +316,7 @@ def app_config(sc: Scenario, *, steps: int) -> dict[str, Any]:
         "compile": sc.compile,
         "quantization": "fp8" if sc.fp8 else "none",
         "compile_cpp_wrapper": sc.cpp,
+        "compile_text_encoder": sc.te,
         "warmup": True,
     }
     if sc.dynamic is not None:
@@ -655,7 +660,7 @@ def run_scenario(
             result["vae_tiling"] = sc.vae_tiling
         result["allocator_peak_gib_per_gpu"] = replica_allocator_peaks()
         if sc.lora and sc.lora_mode == "hotswap" and time.monotonic() < deadline:
-            # A base edit, then the LoRA id: the switch (slot copy + scheduler) in one edit.
+            # A base edit, then the LoRA id: the switch (weights rewritten + scheduler) in one edit.
             edit_http(url, png, steps=2, seed=7)
             after = timed_edit(sc, url, png, steps=steps, seed=8)
             result["latency_after_switch_s"] = round(after.seconds, 3)
@@ -725,8 +730,11 @@ def throughput(
 def text_token_counts(variant: str) -> dict[str, int]:
     """What the replicas' tokenizer (the embedded tiny model's, see runner) makes of the prompts;
     building it here first also saves the replicas the build."""
-    from serve_app.pipeline.synthetic import load_tokenizer_and_processor, variant_dir
-    from serve_app.pipeline.tiny import ensure_tiny_model
+    from serve_app.pipeline.random_weights.synthetic import (
+        load_tokenizer_and_processor,
+        variant_dir,
+    )
+    from serve_app.pipeline.random_weights.tiny import ensure_tiny_model
 
     config = json.loads((variant_dir(variant) / "text_encoder" / "config.json").read_text())
     _, processor = load_tokenizer_and_processor(
@@ -779,7 +787,7 @@ def main(argv: list[str] | None = None) -> int:
     outputs: dict[str, bytes] = {}  # first timed output of each scenario (for `ref=`)
     try:
         for sc in args.scenario:
-            from serve_app.pipeline.synthetic import variant_dir
+            from serve_app.pipeline.random_weights.synthetic import variant_dir
 
             tokens = text_token_counts(sc.variant)
             config_path = variant_dir(sc.variant) / "transformer" / "config.json"

@@ -46,10 +46,10 @@ def build_engine(model: ModelConfig, generation: GenerationConfig) -> Engine:
     or with `model.parallel.gpus` > 1 rank 0 of a group of rank processes (imported here, so that
     neither the controller nor the ingress ever imports torch)."""
     if model.parallel.gpus > 1:
-        from serve_app.pipeline.parallel.engine import ParallelEngine
+        from serve_app.pipeline.parallel_engine import ParallelEngine
 
         return ParallelEngine(model, generation)
-    from serve_app.pipeline.loader import load_runner
+    from serve_app.pipeline.loading.loader import load_runner
 
     return load_runner(model, generation)
 

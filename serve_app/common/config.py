@@ -134,6 +134,11 @@ class ModelConfig(_Strict):
     # matters only where host time limits a step. Needs a C++ compiler; compiling takes longer
     # (both measured in docs/gpu.md's speed-switch table).
     compile_cpp_wrapper: bool = False
+    # torch.compile the text encoder's repeated layers too (the language model's decoder layers
+    # and the vision tower's blocks, dynamic shapes: prompt lengths vary). Eager, a few hundred
+    # tokens per edit leave its kernels launch-bound; it matters most for few-step (distilled)
+    # ids, where the text encoder is a large part of an edit (docs/gpu.md). Compiles at start.
+    compile_text_encoder: bool = False
     # diffusers attention dispatcher backend, e.g. "native", "_native_cudnn", "_native_flash",
     # "_native_efficient", "flash" (needs flash-attn), "_flash_3" (FA3). None: diffusers' default.
     attention_backend: str | None = None
@@ -165,9 +170,9 @@ class ModelConfig(_Strict):
     # Loaded once at start; each is chosen per request by its name as `model`.
     loras: list[LoraConfig] = Field(default_factory=list)
     # How LoRAs are held (docs/gpu.md#distilled-loras): hotswap keeps the base model and every
-    # LoRA, switched per request by copying the LoRA's factors into one resident adapter (no
-    # recompile); fused folds the one LoRA into the weights at load (then fp8, then compile): the
-    # base model's cost per forward, and only the LoRA's id is served.
+    # LoRA, switched per request by rewriting the adapted linears' weights (base + the LoRA's
+    # product, no recompile; each id then runs at the base model's cost per forward); fused folds
+    # the one LoRA into the weights at load (then fp8, then compile): only the LoRA's id is served.
     lora_mode: Literal["hotswap", "fused"] = "hotswap"
     # Several GPUs per replica as ranks (CFG x Ulysses sequence parallelism).
     parallel: ParallelConfig = ParallelConfig()

@@ -25,9 +25,9 @@ from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import ServeDeploySchema
 
 from serve_app.common.config import load_config
-from serve_app.pipeline.placement import GiB, GpuMemory, PlacementError
-from serve_app.pipeline.planning import eight_bit_for, offloaded_for, plan_load
-from serve_app.pipeline.synthetic import synthetic_component_sizes
+from serve_app.pipeline.placement.load_plan import eight_bit_for, offloaded_for, plan_load
+from serve_app.pipeline.placement.planner import GiB, GpuMemory, PlacementError
+from serve_app.pipeline.random_weights.synthetic import synthetic_component_sizes
 from tests.deploy.files import (
     AUTOSCALING,
     LOCAL_CONFIG,

@@ -111,8 +111,8 @@ def test_text_encoder_int8_and_offload_against_bf16() -> None:
     import torch
     from accelerate import cpu_offload
 
-    from serve_app.pipeline.quantization import quantize_onto
-    from serve_app.pipeline.synthetic import build_component, variant_dir
+    from serve_app.pipeline.random_weights.synthetic import build_component, variant_dir
+    from serve_app.pipeline.speed.quantization import quantize_onto
 
     free_gpus()
     gpu = torch.device("cuda", 0)
