@@ -157,6 +157,11 @@ class ModelConfig(_Strict):
     # weight-only, any GPU) or offload (its weights stay on the CPU and are streamed to the GPU
     # layer by layer for each encode, accelerate's cpu_offload: a cost per edit, not memory).
     text_encoder: Literal["resident", "int8", "offload"] = "resident"
+    # With fp8 and no LoRAs: each 8-bit layer is quantized as it reaches the GPU (block linears
+    # fp8, the 120 modulation linears int8), so the bf16 weights never have to fit the card at
+    # once (the one-card configs set it; docs/gpu.md#one-card). Off: fp8 quantizes the loaded
+    # bf16 block linears after loading, modulation stays bf16 (the path measured on 80 GB cards).
+    quantize_at_load: bool = False
     # Encode and decode with the VAE in tiles (diffusers' enable_tiling): a small, fixed VAE
     # peak instead of one that grows with the image, for small cards.
     vae_tiling: bool = False

@@ -78,6 +78,7 @@ DISTILLED = {"deploy/configs/1gpu-lightning.yaml"}
 # encoder lives, the VAE in tiles.
 SMALL_CARD_KEYS = (
     f"{_MODEL}.quantization",
+    f"{_MODEL}.quantize_at_load",
     f"{_MODEL}.text_encoder",
     f"{_MODEL}.vae_tiling",
 )

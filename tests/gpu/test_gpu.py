@@ -166,17 +166,15 @@ def test_fp8_linears_on_one_gpu() -> None:
         blocks = runner.pipe.transformer.transformer_blocks
         assert blocks[0].attn.to_q.weight.qdata.dtype == torch.float8_e4m3fn
         assert blocks[59].img_mlp.net[2].weight.qdata.dtype == torch.float8_e4m3fn
-        assert any("120 modulation linears in int8" in n for n in runner.info.speed_notes)
-        assert blocks[0].img_mod[1].weight.qdata.dtype == torch.int8  # modulation: int8 weights
+        assert blocks[0].img_mod[1].weight.dtype == torch.bfloat16  # modulation stays bf16
         assert runner.pipe.transformer.proj_out.weight.dtype == torch.bfloat16
         out = runner.run(job())
         check_image(out)
         assert out.images[0].std() > 1  # an image, not a constant (NaN would decode to 0)
         print(f"timings {out.timings_s}")
         (weights, _peak), *_ = report("1 GPU fp8, 1024x1024, 1 ref, 4 steps CFG")
-        # bf16: 53.8 GiB (test above); the 720 block linears halve (25.3 -> 12.7 GiB), the
-        # 120 modulation linears too (12.7 -> 6.3 GiB): 34.8 GiB planned.
-        assert 32 < weights < 38
+        # bf16: 53.8 GiB (test above); the 720 block linears halve (25.3 -> 12.7 GiB).
+        assert 35 < weights < 45  # measured 41.2: modulation linears (13 GiB) stay bf16
     finally:
         del runner
         free_gpus()

@@ -3,10 +3,10 @@ switch, and int8 weight-only layers where speed does not matter but memory does.
 
 Each Linear of the transformer's 60 blocks gets float8 (e4m3) weights with one scale per output
 row, and its input is quantized per row (per token) on the fly; the matmul runs on FP8 tensor
-cores (`torch._scaled_mm`, Ada/Hopper and newer) and returns bf16. The per-block modulation
-linears (`img_mod`, `txt_mod`: one row per timestep, read once per edit to make the modulation
-tables) get int8 weights instead (weight-only: their bf16 input is kept, the weights are
-dequantized in the matmul), which halves their ~6.8 B parameters at no cost per step. With
+cores (`torch._scaled_mm`, Ada/Hopper and newer) and returns bf16. With `model.quantize_at_load`
+(the one-card configs), the per-block modulation linears (`img_mod`, `txt_mod`: one row per
+timestep, read once per edit to make the modulation tables) get int8 weights (weight-only: their
+bf16 input is kept, the weights are dequantized in the matmul), which halves their ~6.8 B parameters at no cost per step. With
 `model.text_encoder: int8` the text encoder's linears get int8 weights the same way (any GPU: no
 FP8 tensor cores needed). What stays in bf16, and why: the input/output projections (`img_in`,
 `txt_in`, `proj_out`: few FLOPs, direct effect on the latents), and the VAE.
@@ -153,9 +153,11 @@ def quantize_transformer(
     quantize: Callable[[Any, Callable[[Any, str], bool]], None] | None = None,
     quantize_int8: Callable[[Any, Callable[[Any, str], bool]], None] | None = None,
     capability: Capability | None = None,
+    modulation: bool = False,
 ) -> QuantizationReport | None:
-    """Quantize `transformer` in place (fp8 block linears, int8 modulation linears); None when
-    `method` is "none". Layers already quantized at load are counted, not quantized again.
+    """Quantize `transformer` in place (fp8 block linears; with `modulation`, int8 modulation
+    linears: `model.quantize_at_load`); None when `method` is "none". Layers already quantized
+    at load are counted, not quantized again.
 
     `quantize(module, filter_fn)`, `quantize_int8(module, filter_fn)` and `capability(device)`
     default to torchao's `quantize_` with dynamic per-row float8, with int8 weight-only per row,
@@ -166,26 +168,28 @@ def quantize_transformer(
     if method != "fp8":
         raise QuantizationError(f"unknown quantization {method!r}")
     targets = [(n, m) for n, m in transformer.named_modules() if is_fp8_target(m, n)]
-    modulation = [(n, m) for n, m in transformer.named_modules() if is_modulation_target(m, n)]
+    mods = [(n, m) for n, m in transformer.named_modules() if is_modulation_target(m, n)]
+    if not modulation:
+        mods = []
     # Quantized while loading (the synthetic loader on small cards): counted, not redone.
     done = [(n, m) for n, m in transformer.named_modules() if is_quantized(m)]
     if not targets and not done:
         raise QuantizationError("quantization fp8: the transformer has no eligible linear layers")
     devices = {m.weight.device for _, m in targets + done}
     check_fp8_devices(devices, capability=capability or _cuda_capability)
-    before = _weight_bytes(targets + modulation + done)
+    before = _weight_bytes(targets + mods + done)
     if targets:
         (quantize or _torchao_fp8)(transformer, is_fp8_target)
-    if modulation:
+    if mods:
         (quantize_int8 or _torchao_int8)(transformer, is_modulation_target)
-    after = _weight_bytes(targets + modulation + done)
+    after = _weight_bytes(targets + mods + done)
     done_int8 = sum(bool(_MODULATION_LINEAR.match(n)) for n, _ in done)
     return QuantizationReport(
         method,
         len(targets) + len(done) - done_int8,
         before,
         after,
-        len(modulation) + done_int8,
+        len(mods) + done_int8,
     )
 
 

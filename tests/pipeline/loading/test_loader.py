@@ -103,7 +103,13 @@ def test_eight_bit_layers_are_quantized_as_they_arrive(
 
     handed: list[str] = []
     monkeypatch.setattr(quantization, "quantize_linear", lambda module, kind: handed.append(kind))
-    cfg = ModelConfig(source="synthetic", quantization="fp8", compile=True, text_encoder="int8")
+    cfg = ModelConfig(
+        source="synthetic",
+        quantization="fp8",
+        quantize_at_load=True,
+        compile=True,
+        text_encoder="int8",
+    )
     eight_bit = eight_bit_for(cfg)
     sizes = component_sizes_from_configs(tiny_dir, dtype_bytes=4, eight_bit=eight_bit)
     t, te, vae = (c.weight_bytes for c in sizes)

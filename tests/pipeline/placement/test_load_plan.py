@@ -116,14 +116,15 @@ def test_device_labels(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def placed() -> Any:
-    """Component sizes of the full-size 2511 per (quantization, text_encoder), as placed."""
+    """Component sizes of the full-size 2511 per (quantization, text_encoder, quantize_at_load),
+    as placed."""
     from serve_app.pipeline.placement.load_plan import eight_bit_for, offloaded_for
     from serve_app.pipeline.random_weights.synthetic import synthetic_component_sizes
 
-    cache: dict[tuple[str, str], list[ComponentSize]] = {}
+    cache: dict[tuple[str, str, bool], list[ComponentSize]] = {}
 
     def sizes(cfg: ModelConfig) -> list[ComponentSize]:
-        key = (cfg.quantization, cfg.text_encoder)
+        key = (cfg.quantization, cfg.text_encoder, cfg.quantize_at_load)
         if key not in cache:
             cache[key] = synthetic_component_sizes(
                 "2511", eight_bit=eight_bit_for(cfg), offloaded=offloaded_for(cfg)
@@ -139,8 +140,16 @@ def card(gib: int, *, capability: tuple[int, int] = (8, 9)) -> list[GpuMemory]:
 
 
 def one_card(**fields: Any) -> ModelConfig:
+    """A one-card config: 8-bit layers made on arrival (`quantize_at_load`, as they ship)."""
     small = {"headroom_max_pixels": 1024 * 1024} if fields.pop("small", False) else {}
-    return model(compile=True, **small, **fields)
+    return model(compile=True, quantize_at_load=True, **small, **fields)
+
+
+def test_fp8_without_quantize_at_load_plans_the_bf16_load(placed: Any) -> None:
+    """fp8 quantized after loading (the 80 GB path): the card holds bf16 while loading."""
+    bf16 = {c.name: c for c in placed(model())}
+    later = {c.name: c for c in placed(model(compile=True, quantization="fp8"))}
+    assert later["transformer"].weight_bytes == bf16["transformer"].weight_bytes
 
 
 def test_fp8_counts_block_linears_in_fp8_and_modulation_in_int8(placed: Any) -> None:
