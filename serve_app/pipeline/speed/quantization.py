@@ -6,8 +6,8 @@ row, and its input is quantized per row (per token) on the fly; the matmul runs 
 cores (`torch._scaled_mm`, Ada/Hopper and newer) and returns bf16. With `model.quantize_at_load`
 (the one-card configs), the per-block modulation linears (`img_mod`, `txt_mod`: one row per
 timestep, read once per edit to make the modulation tables) get int8 weights (weight-only: their
-bf16 input is kept, the weights are dequantized in the matmul), which halves their ~6.8 B parameters at no cost per step. With
-`model.text_encoder: int8` the text encoder's linears get int8 weights the same way (any GPU: no
+bf16 input is kept, the weights are dequantized in the matmul), which halves their ~6.8 B
+parameters at no cost per step. With `model.text_encoder: int8` the text encoder's linears get int8 weights the same way (any GPU: no
 FP8 tensor cores needed). What stays in bf16, and why: the input/output projections (`img_in`,
 `txt_in`, `proj_out`: few FLOPs, direct effect on the latents), and the VAE.
 
