@@ -7,9 +7,10 @@ cores (`torch._scaled_mm`, Ada/Hopper and newer) and returns bf16. With `model.q
 (the one-card configs), the per-block modulation linears (`img_mod`, `txt_mod`: one row per
 timestep, read once per edit to make the modulation tables) get int8 weights (weight-only: their
 bf16 input is kept, the weights are dequantized in the matmul), which halves their ~6.8 B
-parameters at no cost per step. With `model.text_encoder: int8` the text encoder's linears get int8 weights the same way (any GPU: no
-FP8 tensor cores needed). What stays in bf16, and why: the input/output projections (`img_in`,
-`txt_in`, `proj_out`: few FLOPs, direct effect on the latents), and the VAE.
+parameters at no cost per step. With `model.text_encoder: int8` the text encoder's linears get
+int8 weights the same way (any GPU: no FP8 tensor cores needed). What stays in bf16, and why:
+the input/output projections (`img_in`, `txt_in`, `proj_out`: few FLOPs, direct effect on the
+latents) and the VAE.
 
 `eight_bit_kind` says which layer of which component gets which; the placement planner counts
 bytes with it (`measure`), and the synthetic loader quantizes each layer as it is made, so the
