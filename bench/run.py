@@ -21,7 +21,8 @@ short warm-up edit per replica, then times:
 - ms per transformer forward = denoising time / (2 x steps) and achieved TFLOP/s from the FLOPs of
   a forward (`bench.flops`, text-token counts from the same tokenizer the replica uses);
 - peak memory per GPU (`nvidia-smi` memory.used, sampled every 0.5 s: weights + activations +
-  allocator cache + CUDA context, i.e. what a card must have);
+  allocator cache + CUDA context, i.e. what a card must have; `peak_gib_per_gpu`), and one
+  replica's allocator peak (`torch.cuda.max_memory_allocated`, `allocator_peak_gib_per_gpu`);
 - optionally throughput: `clients` concurrent clients, `rounds` requests each (img/min).
 
 Each scenario writes `<out-dir>/<name>.json`. Scenario keys: name, gpus (per replica), replicas,
@@ -38,7 +39,10 @@ a base edit is timed too); for one
 replica over several GPUs (one process per GPU, `model.parallel`): ranks (GPUs per replica; with
 gpus=1, or gpus=0 for CPU ranks), cfg and ulysses (degrees, default auto), base (a 1-GPU
 scenario's name: speedup and scaling efficiency against it), restart (1: redeploy after timing and
-time the warm start, the compile cache already on the node).
+time the warm start, the compile cache already on the node); for one card smaller than the
+GPU (docs/gpu.md#one-card): memory_cap_gib (the replica's allocator capped to this many GiB,
+QWEN_CUDA_MEMORY_CAP_GIB, and model.max_memory_gib set to it; written as `memory_cap_gib`),
+text_encoder (resident | int8 | offload), vae_tiling (0/1), max_pixels (headroom_max_pixels).
 """
 
 from __future__ import annotations
@@ -103,6 +107,12 @@ class Scenario:
     lora: str | None = None
     lora_mode: str = "fused"
     lora_rank: int = 64
+    # Emulate a smaller card: the replica's allocator capped to this many GiB per GPU
+    # (QWEN_CUDA_MEMORY_CAP_GIB) and model.max_memory_gib set to it; with the one-card settings.
+    memory_cap_gib: float | None = None
+    text_encoder: str = "resident"
+    vae_tiling: bool = False
+    max_pixels: int | None = None  # headroom_max_pixels
 
     @classmethod
     def parse(cls, spec: str) -> Scenario:
@@ -119,9 +129,12 @@ class Scenario:
                 "runs",
                 "ranks",
                 "lora_rank",
+                "max_pixels",
             ):
                 fields[key] = int(value)
-            elif key in ("compile", "dynamic", "fp8", "cpp", "restart", "te"):
+            elif key == "memory_cap_gib":
+                fields[key] = float(value)
+            elif key in ("compile", "dynamic", "fp8", "cpp", "restart", "te", "vae_tiling"):
                 fields[key] = value.strip().lower() in ("1", "true", "yes", "on")
             elif key in (
                 "name",
@@ -133,6 +146,7 @@ class Scenario:
                 "base",
                 "lora",
                 "lora_mode",
+                "text_encoder",
             ):
                 fields[key] = value.strip() or None
             else:
@@ -156,6 +170,12 @@ class Scenario:
             parts.append(f"ranks={self.ranks}(cfg={self.cfg},ulysses={self.ulysses})")
         if self.fp8:
             parts.append("fp8")
+        if self.text_encoder != "resident":
+            parts.append(f"text_encoder={self.text_encoder}")
+        if self.vae_tiling:
+            parts.append("vae_tiling")
+        if self.memory_cap_gib:
+            parts.append(f"cap={self.memory_cap_gib}GiB")
         parts.append(
             ("compile-dynamic" if self.dynamic else "compile") if self.compile else "eager"
         )
@@ -301,6 +321,14 @@ def app_config(sc: Scenario, *, steps: int) -> dict[str, Any]:
     }
     if sc.dynamic is not None:
         model["compile_dynamic"] = sc.dynamic
+    if sc.text_encoder != "resident":
+        model["text_encoder"] = sc.text_encoder
+    if sc.vae_tiling:
+        model["vae_tiling"] = True
+    if sc.max_pixels:
+        model["headroom_max_pixels"] = sc.max_pixels
+    if sc.memory_cap_gib:
+        model["max_memory_gib"] = {0: sc.memory_cap_gib}
     if sc.backend:
         model["attention_backend"] = sc.backend
     if OVERRIDES:
@@ -316,6 +344,9 @@ def app_config(sc: Scenario, *, steps: int) -> dict[str, Any]:
         "max_queued_requests": 16,
         "ray_actor_options": {"num_cpus": 4 if sc.gpus else 1, "num_gpus": sc.gpus},
     }
+    if sc.memory_cap_gib:
+        options = deployment["ray_actor_options"]
+        options["runtime_env"] = {"env_vars": {"QWEN_CUDA_MEMORY_CAP_GIB": str(sc.memory_cap_gib)}}
     if sc.ranks > 1:
         # One bundle per rank from the builder (model.parallel); the replica takes bundle 0.
         model["parallel"] = {
@@ -486,6 +517,22 @@ def replica_device_maps(replicas: int, *, tries: int = 40) -> list[dict[str, str
     return asyncio.run(ask())
 
 
+def replica_allocator_peaks() -> list[float] | None:
+    """One replica's allocator peak per GPU (torch.cuda.max_memory_allocated), GiB; None if
+    it cannot say."""
+    from ray import serve
+
+    async def ask() -> list[tuple[str, int, int]]:
+        handle = serve.get_deployment_handle("QwenImageEditModel", app_name=APP)
+        return list(await handle.memory.remote())
+
+    try:
+        return [round(peak / GiB, 2) for _, _, peak in asyncio.run(ask())]
+    except Exception as exc:  # a figure we cannot read is no reason to lose the run
+        print(f"allocator peaks: {exc}", flush=True)
+        return None
+
+
 def median(values: list[float]) -> float | None:
     return round(statistics.median(values), 3) if values else None
 
@@ -607,6 +654,11 @@ def run_scenario(
                 result["tflops_note"] = "several GPUs: aggregate; ms_per_forward is effective"
         result["peak_gib_per_gpu"] = sampler.peaks_gib()
         result["peak_memory_source"] = "nvidia-smi memory.used (weights+activations+cache+context)"
+        if sc.memory_cap_gib:
+            result["memory_cap_gib"] = sc.memory_cap_gib
+            result["text_encoder"] = sc.text_encoder
+            result["vae_tiling"] = sc.vae_tiling
+        result["allocator_peak_gib_per_gpu"] = replica_allocator_peaks()
         if sc.lora and sc.lora_mode == "hotswap" and time.monotonic() < deadline:
             # A base edit, then the LoRA id: the switch (weights rewritten + scheduler) in one edit.
             edit_http(url, png, steps=2, seed=7)

@@ -150,6 +150,21 @@ class ModelConfig(_Strict):
     # FP8 tensor cores and half the transformer's weight memory, at a small output difference
     # (docs/gpu.md has both measured). none: bf16/fp16 as loaded.
     quantization: Literal["none", "fp8"] = "none"
+    # With fp8, the blocks' 120 modulation linears (img_mod / txt_mod, used once per edit to
+    # make the modulation tables) get int8 weights too (weight-only, one scale per row).
+    # The text encoder: resident (as loaded, on its GPU), or for cards that cannot hold it
+    # beside the transformer (docs/gpu.md#one-card): int8 (its linear layers get int8 weights,
+    # weight-only, any GPU) or offload (its weights stay on the CPU and are streamed to the GPU
+    # layer by layer for each encode, accelerate's cpu_offload: a cost per edit, not memory).
+    text_encoder: Literal["resident", "int8", "offload"] = "resident"
+    # With fp8 and no LoRAs: each 8-bit layer is quantized as it reaches the GPU (block linears
+    # fp8, the 120 modulation linears int8), so the bf16 weights never have to fit the card at
+    # once (the one-card configs set it; docs/gpu.md#one-card). Off: fp8 quantizes the loaded
+    # bf16 block linears after loading, modulation stays bf16 (the path measured on 80 GB cards).
+    quantize_at_load: bool = False
+    # Encode and decode with the VAE in tiles (diffusers' enable_tiling): a small, fixed VAE
+    # peak instead of one that grows with the image, for small cards.
+    vae_tiling: bool = False
     # Run one small edit at replica start (before reporting ready). None: only when compile is on.
     warmup: bool | None = None
     # synthetic source only: config overrides per component (tests shrink the model with it).
@@ -194,6 +209,10 @@ class ModelConfig(_Strict):
     def _quantization_alone(self) -> ModelConfig:
         if self.quantization != "none" and self.device_map == "cpu":
             raise ValueError("model.quantization fp8 needs GPUs (device_map is cpu)")
+        if self.text_encoder != "resident" and self.device_map == "cpu":
+            raise ValueError(
+                f"model.text_encoder {self.text_encoder} needs GPUs (device_map is cpu)"
+            )
         if self.quantization != "none" and not self.compile:
             # Unfused, the per-token activation quantization costs more than FP8 matmuls save.
             raise ValueError(

@@ -44,6 +44,8 @@ def needed_extras(config: AppConfig) -> list[tuple[str, str, str]]:
     needs = []
     if config.model.quantization == "fp8":
         needs.append(("torchao", "fp8", "model.quantization: fp8"))
+    if config.model.text_encoder == "int8":
+        needs.append(("torchao", "fp8", "model.text_encoder: int8"))
     if config.model.loras:
         needs.append(("peft", "lora", "model.loras"))
     url = config.storage.url

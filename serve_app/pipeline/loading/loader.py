@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,7 @@ def load_runner(
     loads, compiles and warms up together.
     """
     t0 = time.perf_counter()
+    cap_memory_from_env()
     target = resolve_target(model, gpu_probe or probe_gpus)
     loaded = LOADERS[model.source](model, target)
     if rank_hooks is not None:
@@ -55,6 +57,26 @@ def load_runner(
     if model.warmup if model.warmup is not None else model.compile:
         warm_up(runner, generation, model_ids=_warm_up_ids(model))
     return runner
+
+
+# Benchmarks emulate a smaller card: the allocator of this process is capped to this many GiB
+# per GPU (`torch.cuda.set_per_process_memory_fraction`); the planner sees the cap as free memory.
+ENV_MEMORY_CAP_GIB = "QWEN_CUDA_MEMORY_CAP_GIB"
+
+
+def cap_memory_from_env(environ: Mapping[str, str] | None = None) -> float | None:
+    """Apply `QWEN_CUDA_MEMORY_CAP_GIB` to every visible GPU; returns the cap, None if unset."""
+    value = (os.environ if environ is None else environ).get(ENV_MEMORY_CAP_GIB)
+    if not value:
+        return None
+    import torch
+
+    cap = float(value)
+    for index in range(torch.cuda.device_count()):
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 1024**3 / total), index)
+    logger.warning("GPU memory capped at %.2f GiB per GPU (%s)", cap, ENV_MEMORY_CAP_GIB)
+    return cap
 
 
 def _warm_up_ids(model: ModelConfig) -> list[str]:
@@ -116,6 +138,11 @@ def _finish(
     )
     if model.compile_text_encoder:
         notes.append(compile_text_encoder(pipe.text_encoder))
+    if model.vae_tiling:
+        pipe.vae.enable_tiling()  # a fixed VAE peak, whatever the image size
+        notes.append("vae: tiled encode and decode")
+    if model.text_encoder != "resident":
+        notes.append(f"text encoder: {model.text_encoder}")
     if rank_hooks is not None:
         rank_hooks.wrap(pipe)
         notes.append(

@@ -3,8 +3,9 @@ on the replica's devices. Each returns a `LoadedPipeline`; `loader.load_runner` 
 
 - `tiny`: the embedded random-weight model (built on first use), loaded as a folder;
 - `local`: a diffusers model folder, or a Hugging Face model id (`hub`: its snapshot in the HF
-  cache); with 2+ GPUs and device_map auto/balanced through the placement planner
-  (per-component loading), else diffusers' own `device_map`;
+  cache); with 2+ GPUs and device_map auto/balanced, or on one GPU with 8-bit layers or a
+  streamed text encoder, through the placement planner (per-component loading), else
+  diffusers' own `device_map`;
 - `synthetic`: the full-size architecture with random weights made on the planned devices.
 """
 
@@ -19,8 +20,13 @@ from typing import Any
 
 from serve_app.common.config import ModelConfig
 from serve_app.pipeline.loading.hub import resolve_model_path
-from serve_app.pipeline.placement.dispatch import load_local_pipeline
-from serve_app.pipeline.placement.load_plan import device_labels, plan_load
+from serve_app.pipeline.placement.dispatch import load_local_pipeline, stream_from_cpu
+from serve_app.pipeline.placement.load_plan import (
+    device_labels,
+    eight_bit_for,
+    offloaded_for,
+    plan_load,
+)
 from serve_app.pipeline.placement.measure import component_sizes_from_configs
 from serve_app.pipeline.placement.planner import ComponentSize, GpuMemory, Placement, PlacementError
 from serve_app.pipeline.running.runner import SUPPORTED_PIPELINES
@@ -62,13 +68,23 @@ def load_local(model: ModelConfig, target: Target) -> LoadedPipeline:
     assert model.path is not None
     # A Hugging Face id becomes its snapshot folder (downloaded if missing).
     path = resolve_model_path(model.path, revision=model.revision)
-    if len(target.gpus) < 2 or target.device_map != "balanced":
+    planned = target.device_map == "balanced" and len(target.gpus) >= 2
+    # 8-bit layers or a streamed text encoder: per component, each layer quantized on arrival.
+    small = target.device_map == "cuda" and bool(eight_bit_for(model) or offloaded_for(model))
+    if not (planned or small):
         return _from_folder(path, target)
     class_name = pipeline_class_name(path)
-    sizes = component_sizes_from_configs(path, dtype_bytes=target.dtype.itemsize)
+    sizes = component_sizes_from_configs(
+        path,
+        dtype_bytes=target.dtype.itemsize,
+        eight_bit=eight_bit_for(model),
+        offloaded=offloaded_for(model),
+    )
 
     def build(placement: Placement) -> Any:
-        return load_local_pipeline(path, class_name, placement, dtype=target.dtype)
+        return load_local_pipeline(
+            path, class_name, placement, dtype=target.dtype, eight_bit=eight_bit_for(model)
+        )
 
     return _planned(model, target, sizes, what=str(path), build=build)
 
@@ -83,6 +99,8 @@ def load_synthetic(model: ModelConfig, target: Target) -> LoadedPipeline:
         model.synthetic_variant,
         dtype_bytes=target.dtype.itemsize,
         overrides=model.synthetic_overrides,
+        eight_bit=eight_bit_for(model),
+        offloaded=offloaded_for(model),
     )
 
     def build(placement: Placement) -> Any:
@@ -96,6 +114,7 @@ def load_synthetic(model: ModelConfig, target: Target) -> LoadedPipeline:
             dtype=target.dtype,
             tokenizer_source=_synthetic_tokenizer_source(model.path),
             overrides=model.synthetic_overrides,
+            eight_bit=eight_bit_for(model),
         )
 
     what = f"synthetic Qwen-Image-Edit-{model.synthetic_variant} (random weights)"
@@ -172,6 +191,7 @@ def _planned(
     table = plan.table()
     logger.info("placement of %s (%s, visible GPUs %d):\n%s", what, target.dtype, len(gpus), table)
     pipe = build(plan.placement)
+    stream_from_cpu(pipe, plan.placement)
     return LoadedPipeline(pipe, device_labels(plan), table, pipe.transformer)
 
 

@@ -16,6 +16,9 @@ if TYPE_CHECKING:
 
 
 GpuProbe = Callable[[], list[GpuMemory]]
+# (component, module, its name inside the component) -> the 8-bit form the layer is loaded in
+# ("fp8", "int8") or None; `quantization.eight_bit_kind` with the config's settings.
+EightBit = Callable[[str, Any, str], "str | None"]
 
 
 def probe_gpus(
@@ -23,24 +26,61 @@ def probe_gpus(
     device_count: Callable[[], int] | None = None,
     mem_get_info: Callable[[int], tuple[int, int]] | None = None,
     name_of: Callable[[int], str] | None = None,
+    capability_of: Callable[[int], tuple[int, int]] | None = None,
 ) -> list[GpuMemory]:
     """Every GPU this process sees (inside a Ray replica: the ones Ray gave it), free and total
-    bytes as the driver reports them now. Each function can be replaced (tests)."""
+    bytes as the driver reports them now, and its compute capability. Each function can be
+    replaced (tests).
+
+    Free memory is also capped by this process's allocator limit where one is set
+    (`torch.cuda.set_per_process_memory_fraction`, how tests emulate a smaller card)."""
     import torch
 
     if device_count is None and not torch.cuda.is_available():
         return []
     count = (device_count or torch.cuda.device_count)()
-    info = mem_get_info or torch.cuda.mem_get_info
+    info = mem_get_info or _mem_get_info
     names = name_of or torch.cuda.get_device_name
+    # A made-up table (tests) has no compute capability unless given one.
+    capability = capability_of or (None if device_count else torch.cuda.get_device_capability)
     gpus = []
     for index in range(count):
         free, total = info(index)
-        gpus.append(GpuMemory(index=index, name=names(index), total_bytes=total, free_bytes=free))
+        cc = capability(index) if capability is not None else None
+        gpus.append(
+            GpuMemory(
+                index=index,
+                name=names(index),
+                total_bytes=total,
+                free_bytes=free,
+                capability=(int(cc[0]), int(cc[1])) if cc is not None else None,
+            )
+        )
     return gpus
 
 
+def _mem_get_info(index: int) -> tuple[int, int]:
+    """(free, total) from the driver, both capped by a per-process memory fraction if set."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info(index)
+    fraction = _memory_fraction(index)
+    if fraction is None:
+        return free, total
+    cap = int(total * fraction)
+    return max(0, min(free, cap - torch.cuda.memory_reserved(index))), cap
+
+
+def _memory_fraction(index: int) -> float | None:
+    import torch
+
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    fraction = float(getter(index)) if getter is not None else 1.0
+    return fraction if fraction < 1.0 else None
+
+
 _DTYPES_BY_BYTES = {1: "float8_e4m3fn", 2: "bfloat16", 4: "float32"}
+_DTYPE_NAMES = {1: "fp8", 2: "bf16", 4: "fp32"}
 SIZED_COMPONENTS = ("transformer", "text_encoder", "vae")
 
 
@@ -51,6 +91,8 @@ def component_sizes_from_configs(
     names: Iterable[str] = SIZED_COMPONENTS,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     split_components: Iterable[str] = (TRANSFORMER,),
+    eight_bit: EightBit | None = None,
+    offloaded: Iterable[str] = (),
 ) -> list[ComponentSize]:
     """Sizes of the components of a diffusers model folder, measured on the meta device.
 
@@ -60,12 +102,23 @@ def component_sizes_from_configs(
     `compute_module_sizes`. Works on the bundled configs (`serve_app/pipeline/configs/...`) and on
     a downloaded model folder alike.
     `overrides` deep-merges into a component's config (tests shrink models with it).
+    `eight_bit` says which layers are loaded in 8 bits (counted as placed: a byte per weight and
+    a scale per row); `offloaded` names components kept on the CPU and streamed to the GPU.
     """
-    split = set(split_components)
+    split, streamed = set(split_components), set(offloaded)
     sizes = []
     for name in names:
         module = build_empty_component(model_dir, name, overrides=(overrides or {}).get(name))
-        sizes.append(measure_module(name, module, dtype_bytes=dtype_bytes, split=name in split))
+        sizes.append(
+            measure_module(
+                name,
+                module,
+                dtype_bytes=dtype_bytes,
+                split=name in split,
+                eight_bit=eight_bit,
+                offloaded=name in streamed,
+            )
+        )
     return sizes
 
 
@@ -85,15 +138,50 @@ def build_empty_component(
         return instantiate(cls, config)
 
 
-def measure_module(name: str, module: nn.Module, *, dtype_bytes: int, split: bool) -> ComponentSize:
-    """Bytes of `module` at `dtype_bytes` per float element, with its placement units if `split`."""
+def measure_module(
+    name: str,
+    module: nn.Module,
+    *,
+    dtype_bytes: int,
+    split: bool,
+    eight_bit: EightBit | None = None,
+    offloaded: bool = False,
+) -> ComponentSize:
+    """Bytes of `module` at `dtype_bytes` per float element, with its placement units if `split`;
+    the layers `eight_bit` names counted in 8 bits. `offloaded`: the largest module's own weights
+    are what its GPU must hold at once (accelerate's cpu_offload moves one module at a time)."""
     import torch
     from accelerate.utils import compute_module_sizes
 
+    from serve_app.pipeline.speed.quantization import eight_bit_bytes
+
     dtype = getattr(torch, _DTYPES_BY_BYTES[dtype_bytes])
-    sizes = compute_module_sizes(module, dtype=dtype)
+    sizes = dict(compute_module_sizes(module, dtype=dtype))
+    kinds: set[str] = set()
+    for fqn, sub in module.named_modules():
+        kind = eight_bit(name, sub, fqn) if eight_bit is not None else None
+        if kind is None:
+            continue
+        kinds.add(kind)
+        saved = sub.weight.numel() * dtype_bytes - eight_bit_bytes(sub)
+        parts = fqn.split(".") if fqn else []
+        for cut in range(len(parts) + 1):
+            sizes[".".join(parts[:cut])] -= saved
     blocks = placement_units(module, sizes) if split else None
-    return ComponentSize(name=name, weight_bytes=int(sizes[""]), blocks=blocks)
+    form = _DTYPE_NAMES[dtype_bytes] + "".join(f"+{k}" for k in sorted(kinds))
+    streamed = None
+    if offloaded:
+        streamed = max(
+            sum(p.numel() for p in sub.parameters(recurse=False)) * dtype_bytes
+            for sub in module.modules()
+        )
+    return ComponentSize(
+        name=name,
+        weight_bytes=int(sizes[""]),
+        blocks=blocks,
+        form=form,
+        streamed_bytes=streamed,
+    )
 
 
 def placement_units(module: nn.Module, sizes: Mapping[str, int]) -> list[tuple[str, int]]:

@@ -18,7 +18,7 @@ import itertools
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 GiB = 1024**3
@@ -42,6 +42,7 @@ class GpuMemory:
     name: str
     total_bytes: int
     free_bytes: int
+    capability: tuple[int, int] | None = None  # CUDA compute capability, when known
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,17 @@ class ComponentSize:
     (`pos_embed`, `time_text_embed`, `txt_norm`, `img_in`, `txt_in`), `transformer_blocks.0..59`,
     then `norm_out`, `proj_out`. Names are module paths inside the component, as accelerate's
     `device_map` and `dispatch_model` take them.
+
+    Bytes are as placed: layers loaded in 8 bits count one byte per weight (`form` says which,
+    e.g. "bf16+fp8+int8"). `streamed_bytes`, when given: the component stays on the CPU and is
+    streamed to the GPU of its stage a module at a time, this many bytes at most at once.
     """
 
     name: str
     weight_bytes: int
     blocks: list[tuple[str, int]] | None = None
+    form: str = ""
+    streamed_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,7 @@ class PlacementRow:
     part: str  # "" for a whole component, else a compact list of module names
     device: Device
     bytes: int
+    form: str = ""  # the weights' form as placed ("bf16", "bf16+fp8+int8"); "" unknown
 
     @property
     def gib(self) -> float:
@@ -87,6 +95,8 @@ class Placement:
       `QwenImageTransformer2DModel.from_pretrained(..., device_map=...)` or `dispatch_model`.
     - `budgets` / `reserved`: per GPU, the bytes the plan could use and the activation headroom kept
       free out of them; shown by `format_placement_table`.
+    - A component kept on the CPU and streamed (`ComponentSize.streamed_bytes`) is `"cpu"` in
+      `device_map`, and `offload_gpu` is the GPU it is streamed to.
     """
 
     strategy: Strategy
@@ -100,6 +110,13 @@ class Placement:
 
     def bytes_on(self, device: Device) -> int:
         return sum(r.bytes for r in self.rows if r.device == device)
+
+    @property
+    def streamed(self) -> list[str]:
+        """Components kept on the CPU and streamed to `offload_gpu` (not a "cpu_offload" plan)."""
+        if self.strategy == "cpu_offload" or self.offload_gpu is None:
+            return []
+        return [name for name, device in self.device_map.items() if device == "cpu"]
 
 
 class PlacementError(Exception):
@@ -200,6 +217,12 @@ def plan_placement(
     if not gpus:
         return _all_on_cpu(components)
     budgets = _budgets(gpus, max_memory)
+    streamed = [c for c in components if c.streamed_bytes is not None]
+    if streamed:
+        # Kept on the CPU: the GPU holding the text encoder / VAE stages keeps room for the
+        # module streamed in at a time, on top of their own peak.
+        components = [c for c in components if c.streamed_bytes is None]
+        aux_headroom_bytes += max(c.streamed_bytes or 0 for c in streamed)
     plan = _plan_on_gpus(
         components,
         budgets,
@@ -208,10 +231,12 @@ def plan_placement(
         transformer_name=transformer_name,
     )
     if plan is not None:
-        return plan
+        return _with_streamed(plan, streamed)
     if allow_cpu_offload:
         return _cpu_offload(
-            components, budgets, headroom=max(activation_headroom_bytes, aux_headroom_bytes)
+            components + streamed,
+            budgets,
+            headroom=max(activation_headroom_bytes, aux_headroom_bytes),
         )
     raise _placement_error(
         components,
@@ -224,16 +249,16 @@ def plan_placement(
 
 def format_placement_table(placement: Placement) -> str:
     """A fixed-width table for logs: one row per component / block range, then one per GPU."""
-    header = ("component", "part", "device", "GiB")
+    header = ("component", "part", "device", "weights", "GiB")
     lines = [
-        (r.component, r.part or "-", _device_label(r.device), f"{r.gib:.2f}")
+        (r.component, r.part or "-", _device_label(r.device), r.form or "-", f"{r.gib:.2f}")
         for r in placement.rows
     ]
-    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(4)]
+    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
 
     def fmt(row: Sequence[str]) -> str:
         return "  ".join(
-            cell.rjust(w) if i == 3 else cell.ljust(w)
+            cell.rjust(w) if i == len(header) - 1 else cell.ljust(w)
             for i, (cell, w) in enumerate(zip(row, widths, strict=True))
         ).rstrip()
 
@@ -253,6 +278,27 @@ def format_placement_table(placement: Placement) -> str:
 
 
 # --- planning ---------------------------------------------------------------------------------
+
+
+def _with_streamed(plan: Placement, streamed: list[ComponentSize]) -> Placement:
+    """The plan with the streamed components on "cpu", each visiting the GPU of the stages
+    that are not the transformer's (where the VAE sits)."""
+    if not streamed:
+        return plan
+    visit = next(
+        (d for n, d in plan.device_map.items() if n != TRANSFORMER and isinstance(d, int)),
+        plan.device_map[TRANSFORMER],
+    )
+    rows = [
+        PlacementRow(c.name, f"streamed to {_device_label(visit)}", "cpu", c.weight_bytes, c.form)
+        for c in streamed
+    ]
+    return replace(
+        plan,
+        device_map={**plan.device_map, **{c.name: "cpu" for c in streamed}},
+        rows=[*plan.rows, *rows],
+        offload_gpu=visit if isinstance(visit, int) else None,
+    )
 
 
 def _check_components(components: list[ComponentSize], transformer_name: str) -> None:
@@ -279,7 +325,7 @@ def _all_on_cpu(components: list[ComponentSize]) -> Placement:
         strategy="single",
         device_map={c.name: "cpu" for c in components},
         transformer_device_map=None,
-        rows=[PlacementRow(c.name, "", "cpu", c.weight_bytes) for c in components],
+        rows=[PlacementRow(c.name, "", "cpu", c.weight_bytes, c.form) for c in components],
     )
 
 
@@ -312,7 +358,7 @@ def _single(
         strategy="single",
         device_map={c.name: index for c in components},
         transformer_device_map=None,
-        rows=[PlacementRow(c.name, "", index, c.weight_bytes) for c in components],
+        rows=[PlacementRow(c.name, "", index, c.weight_bytes, c.form) for c in components],
         budgets=dict(budgets),
         reserved={index: headroom},
     )
@@ -346,8 +392,8 @@ def _by_components(
                 break
         else:
             return None
-    rows = [PlacementRow(transformer.name, "", home, transformer.weight_bytes)]
-    rows += [PlacementRow(c.name, "", device_map[c.name], c.weight_bytes) for c in others]
+    rows = [PlacementRow(transformer.name, "", home, transformer.weight_bytes, transformer.form)]
+    rows += [PlacementRow(c.name, "", device_map[c.name], c.weight_bytes, c.form) for c in others]
     return Placement(
         strategy="components",
         device_map=device_map,
@@ -399,11 +445,17 @@ def _split(
         if units:
             names = [n for n, _ in units]
             rows.append(
-                PlacementRow(transformer.name, _compact(names), gpu, sum(b for _, b in units))
+                PlacementRow(
+                    transformer.name,
+                    _compact(names),
+                    gpu,
+                    sum(b for _, b in units),
+                    transformer.form,
+                )
             )
     device_map: dict[str, Device] = {transformer.name: transformer_map[transformer.blocks[0][0]]}
     device_map.update(assignment)
-    rows += [PlacementRow(c.name, "", assignment[c.name], c.weight_bytes) for c in others]
+    rows += [PlacementRow(c.name, "", assignment[c.name], c.weight_bytes, c.form) for c in others]
     return Placement(
         strategy="split",
         device_map=device_map,
@@ -517,7 +569,7 @@ def _cpu_offload(
         strategy="cpu_offload",
         device_map={c.name: "cpu" for c in components},
         transformer_device_map=None,
-        rows=[PlacementRow(c.name, "", "cpu", c.weight_bytes) for c in components],
+        rows=[PlacementRow(c.name, "", "cpu", c.weight_bytes, c.form) for c in components],
         offload_gpu=gpu,
         sequential_offload=largest + headroom > budgets[gpu],
         budgets=dict(budgets),

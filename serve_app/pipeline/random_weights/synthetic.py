@@ -25,12 +25,13 @@ merge / temporal patch sizes, so the image-token count matches the vision tower)
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from serve_app.pipeline.placement.dispatch import dispatch_component, enable_cpu_offload
 from serve_app.pipeline.placement.measure import (
+    EightBit,
     build_empty_component,
     component_sizes_from_configs,
     load_component_config,
@@ -66,11 +67,21 @@ def variant_dir(variant: str) -> Path:
 
 
 def synthetic_component_sizes(
-    variant: str, *, dtype_bytes: int = 2, overrides: Overrides | None = None
+    variant: str,
+    *,
+    dtype_bytes: int = 2,
+    overrides: Overrides | None = None,
+    eight_bit: EightBit | None = None,
+    offloaded: Iterable[str] = (),
 ) -> list[ComponentSize]:
-    """Transformer (with its placement units), text encoder and VAE sizes, from the meta device."""
+    """Transformer (with its placement units), text encoder and VAE sizes, from the meta device,
+    as placed (`measure.component_sizes_from_configs`: 8-bit layers, components streamed)."""
     return component_sizes_from_configs(
-        variant_dir(variant), dtype_bytes=dtype_bytes, overrides=overrides
+        variant_dir(variant),
+        dtype_bytes=dtype_bytes,
+        overrides=overrides,
+        eight_bit=eight_bit,
+        offloaded=offloaded,
     )
 
 
@@ -83,13 +94,16 @@ def build_synthetic_pipeline(
     overrides: Overrides | None = None,
     init_std: float = DEFAULT_INIT_STD,
     seed: int = 0,
+    eight_bit: EightBit | None = None,
 ) -> QwenImageEditPlusPipeline:
     """A `QwenImageEditPlusPipeline` of the variant, random weights laid out as `placement` says.
 
     "single" / "components" / "split": weights go straight to their devices; with more than one
     device every component gets accelerate hooks (as diffusers' own `device_map` loading does) so
     inputs follow the weights. "cpu_offload": weights on CPU, then model (or sequential) offload
-    to `placement.offload_gpu`.
+    to `placement.offload_gpu`. `eight_bit` (`planning.eight_bit_for`): the layers it names are
+    quantized as soon as they are made; a component the plan streams from the CPU is made on
+    its GPU a module at a time and moved to the CPU (the caller attaches the streaming hooks).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
 
@@ -110,15 +124,17 @@ def build_synthetic_pipeline(
         extra = dict(overrides.get(name) or {})
         if name == "text_encoder":
             extra = {**extra, **token_ids}
+        device_map, then = _staging(placement, name, eight_bit)
         modules[name] = build_component(
             model_dir,
             name,
-            device_map=component_device_map(placement, name),
+            device_map=device_map,
             dtype=dtype,
             overrides=extra,
             init_std=init_std,
             seed=seed + index,
             add_hooks=hooks,
+            then=then,
         )
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler")
     pipe: Any = QwenImageEditPlusPipeline(  # Any: diffusers registers components dynamically
@@ -127,6 +143,34 @@ def build_synthetic_pipeline(
     if placement.strategy == "cpu_offload":
         enable_cpu_offload(pipe, placement)
     return pipe
+
+
+def _staging(
+    placement: Placement, name: str, eight_bit: EightBit | None
+) -> tuple[dict[str, Device], Callable[[nn.Module, str], None] | None]:
+    """Where component `name`'s weights are made, and what happens to each module made."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    from serve_app.pipeline.speed.quantization import quantize_linear
+
+    device_map = component_device_map(placement, name)
+    if name in placement.streamed:
+        assert placement.offload_gpu is not None
+
+        def to_cpu(module: nn.Module, _: str) -> None:
+            for pname, _param in list(module.named_parameters(recurse=False)):
+                set_module_tensor_to_device(module, pname, "cpu", clear_cache=False)
+
+        return {"": placement.offload_gpu}, to_cpu
+    if eight_bit is None or placement.device_map[name] == "cpu":
+        return device_map, None
+
+    def quantize(module: nn.Module, fqn: str) -> None:
+        kind = eight_bit(name, module, fqn)
+        if kind is not None:
+            quantize_linear(module, kind)  # type: ignore[arg-type]
+
+    return device_map, quantize
 
 
 def component_device_map(placement: Placement, name: str) -> dict[str, Device]:
@@ -146,6 +190,7 @@ def build_component(
     init_std: float = DEFAULT_INIT_STD,
     seed: int = 0,
     add_hooks: bool = False,
+    then: Callable[[nn.Module, str], None] | None = None,
 ) -> nn.Module:
     """One component of `model_dir`, random weights allocated where `device_map` puts each module.
 
@@ -154,7 +199,9 @@ def build_component(
     caller's device; a split map always gets hooks.
     """
     module = build_empty_component(model_dir, name, overrides=overrides)
-    materialize_random_(module, device_map=device_map, dtype=dtype, init_std=init_std, seed=seed)
+    materialize_random_(
+        module, device_map=device_map, dtype=dtype, init_std=init_std, seed=seed, then=then
+    )
     module.eval().requires_grad_(False)
     if add_hooks or len(set(device_map.values())) > 1:
         _dispatch(module, device_map)
@@ -168,29 +215,42 @@ def materialize_random_(
     dtype: torch.dtype,
     init_std: float = DEFAULT_INIT_STD,
     seed: int = 0,
+    then: Callable[[nn.Module, str], None] | None = None,
 ) -> None:
     """Replace every meta parameter with a random one on its mapped device; move buffers there too.
 
     Values: weights ~ N(0, init_std) (keeps activations finite through 60 blocks), biases 0,
     normalisation scales 1 (a 0.02 scale would shrink every norm's output 50x). The numbers are
     drawn on the target device (one seeded generator per device): drawing 20 B of them on the CPU
-    would take minutes.
+    would take minutes. `then(submodule, name)` runs as soon as a submodule's own parameters are
+    made (the small-card loader quantizes a layer there, or moves it to the CPU), so the
+    component's full bf16 weights never sit on the GPU at once.
     """
     from accelerate.utils import find_tied_parameters, retie_parameters, set_module_tensor_to_device
 
     tied = find_tied_parameters(module)
     norm_params = _norm_parameter_names(module)
     generators: dict[Device, torch.Generator] = {}
-    for name, param in list(module.named_parameters()):
-        device = _device_for(name, device_map)
-        if device not in generators:
-            generators[device] = _generator(device, seed)
-        value = _random_like(
-            param, name in norm_params, dtype, init_std, _torch_device(device), generators[device]
-        )
-        set_module_tensor_to_device(
-            module, name, _torch_device(device), value=value, dtype=value.dtype, clear_cache=False
-        )
+    seen: set[int] = set()
+    # Module by module, each one's own parameters: the order of `named_parameters()`.
+    for prefix, sub in list(module.named_modules()):
+        for pname, param in list(sub.named_parameters(recurse=False)):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            name = f"{prefix}.{pname}" if prefix else pname
+            device = _device_for(name, device_map)
+            if device not in generators:
+                generators[device] = _generator(device, seed)
+            target = _torch_device(device)
+            value = _random_like(
+                param, name in norm_params, dtype, init_std, target, generators[device]
+            )
+            set_module_tensor_to_device(
+                module, name, target, value=value, dtype=value.dtype, clear_cache=False
+            )
+        if then is not None:
+            then(sub, prefix)
     for name, buffer in list(module.named_buffers()):
         set_module_tensor_to_device(
             module,

@@ -46,7 +46,9 @@ def apply_speed_switches(
     pipeline's timesteps), then regional compile (which must see the quantized layers), on the
     transformer; returns log notes. `find_cxx` finds the C++ compiler (tests inject one)."""
     notes = []
-    report = quantize_transformer(transformer, model.quantization)
+    report = quantize_transformer(
+        transformer, model.quantization, modulation=model.quantize_at_load and not model.loras
+    )
     if report is not None:
         notes.append(report.note())
     if model.attention_backend:

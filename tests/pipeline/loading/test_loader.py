@@ -92,6 +92,54 @@ def test_local_folder_loads_per_component_as_planned(tiny_dir: pathlib.Path, fit
     np.testing.assert_allclose(_tiny_edit(pipe), _tiny_edit(plain), atol=1e-5)
 
 
+@pytest.mark.parametrize("fit", ["single", "split"])
+def test_eight_bit_layers_are_quantized_as_they_arrive(
+    tiny_dir: pathlib.Path, fit: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each layer the config loads in 8 bits is handed to the quantizer on its device (the
+    quantizer is faked: torchao runs in tests/gpu), the rest of the component follows."""
+    import serve_app.pipeline.speed.quantization as quantization
+    from serve_app.pipeline.placement.load_plan import eight_bit_for
+
+    handed: list[str] = []
+    monkeypatch.setattr(quantization, "quantize_linear", lambda module, kind: handed.append(kind))
+    cfg = ModelConfig(
+        source="synthetic",
+        quantization="fp8",
+        quantize_at_load=True,
+        compile=True,
+        text_encoder="int8",
+    )
+    eight_bit = eight_bit_for(cfg)
+    sizes = component_sizes_from_configs(tiny_dir, dtype_bytes=4, eight_bit=eight_bit)
+    t, te, vae = (c.weight_bytes for c in sizes)
+    if fit == "split":
+        # The tiny text encoder outweighs its transformer: it leaves no room for all of it.
+        table = [
+            GpuMemory(0, "fake", GiB, int(0.7 * t)),
+            GpuMemory(1, "fake", GiB, int(0.9 * t) + te),
+        ]
+    else:
+        table = [GpuMemory(0, "fake", GiB, t + te + vae)]
+    placement = plan_placement(sizes, table, activation_headroom_bytes=0, aux_headroom_bytes=0)
+    assert placement.strategy == fit
+    pipe = load_local_pipeline(
+        tiny_dir,
+        "QwenImageEditPlusPipeline",
+        placement,
+        dtype=torch.float32,
+        to_device=lambda d: "cpu",
+        eight_bit=eight_bit,
+    )
+    expected = [
+        eight_bit(name, m, fqn)
+        for name in ("transformer", "text_encoder")
+        for fqn, m in getattr(pipe, name).named_modules()
+    ]
+    assert sorted(handed) == sorted(k for k in expected if k is not None)
+    assert {"fp8", "int8"} <= set(handed)
+
+
 def test_local_source_with_two_gpus_plans_and_reports_what_is_missing(
     tiny_dir: pathlib.Path,
 ) -> None:

@@ -109,3 +109,141 @@ def test_device_labels(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     cpu = LoadPlan(plan_placement(FULL, [], activation_headroom_bytes=0))
     assert device_labels(cpu) == {"transformer": "cpu", "text_encoder": "cpu", "vae": "cpu"}
+
+
+# --- one card, sizes as placed (the bundled 2511 configs on the meta device) ------------------
+
+
+@pytest.fixture(scope="module")
+def placed() -> Any:
+    """Component sizes of the full-size 2511 per (quantization, text_encoder, quantize_at_load),
+    as placed."""
+    from serve_app.pipeline.placement.load_plan import eight_bit_for, offloaded_for
+    from serve_app.pipeline.random_weights.synthetic import synthetic_component_sizes
+
+    cache: dict[tuple[str, str, bool], list[ComponentSize]] = {}
+
+    def sizes(cfg: ModelConfig) -> list[ComponentSize]:
+        key = (cfg.quantization, cfg.text_encoder, cfg.quantize_at_load)
+        if key not in cache:
+            cache[key] = synthetic_component_sizes(
+                "2511", eight_bit=eight_bit_for(cfg), offloaded=offloaded_for(cfg)
+            )
+        return cache[key]
+
+    return sizes
+
+
+def card(gib: int, *, capability: tuple[int, int] = (8, 9)) -> list[GpuMemory]:
+    """One card as a replica sees it: its size less half a GiB of CUDA context."""
+    return [GpuMemory(0, f"{gib} GB", gib * GiB, int((gib - 0.5) * GiB), capability)]
+
+
+def one_card(**fields: Any) -> ModelConfig:
+    """A one-card config: 8-bit layers made on arrival (`quantize_at_load`, as they ship)."""
+    small = {"headroom_max_pixels": 1024 * 1024} if fields.pop("small", False) else {}
+    return model(compile=True, quantize_at_load=True, **small, **fields)
+
+
+def test_fp8_without_quantize_at_load_plans_the_bf16_load(placed: Any) -> None:
+    """fp8 quantized after loading (the 80 GB path): the card holds bf16 while loading."""
+    bf16 = {c.name: c for c in placed(model())}
+    later = {c.name: c for c in placed(model(compile=True, quantization="fp8"))}
+    assert later["transformer"].weight_bytes == bf16["transformer"].weight_bytes
+
+
+def test_fp8_counts_block_linears_in_fp8_and_modulation_in_int8(placed: Any) -> None:
+    bf16 = {c.name: c for c in placed(model())}
+    fp8 = {c.name: c for c in placed(one_card(quantization="fp8"))}
+    # 720 block linears 25.31 -> ~12.66 GiB, 120 modulation linears ~12.66 -> ~6.33 GiB.
+    saved = (bf16["transformer"].weight_bytes - fp8["transformer"].weight_bytes) / GiB
+    assert 18.8 < saved < 19.1
+    assert fp8["transformer"].form == "bf16+fp8+int8" and bf16["transformer"].form == "bf16"
+    assert fp8["text_encoder"].weight_bytes == bf16["text_encoder"].weight_bytes
+    assert fp8["transformer"].blocks is not None
+    assert sum(b for _, b in fp8["transformer"].blocks) == fp8["transformer"].weight_bytes
+    int8 = {c.name: c for c in placed(one_card(quantization="fp8", text_encoder="int8"))}
+    assert int8["text_encoder"].form == "bf16+int8"
+    assert 7.5 * GiB < int8["text_encoder"].weight_bytes < 9 * GiB
+    streamed = {c.name: c for c in placed(one_card(quantization="fp8", text_encoder="offload"))}
+    assert streamed["text_encoder"].streamed_bytes is not None
+    assert streamed["text_encoder"].streamed_bytes < 1.1 * GiB  # the embedding, one module
+
+
+@pytest.mark.parametrize(
+    ("gib", "fields", "expected"),
+    [
+        # bf16 (53.74 GiB): only an 80 GB card.
+        (80, {}, "single"),
+        (48, {}, None),
+        (32, {"small": True}, None),
+        (24, {"small": True}, None),
+        # fp8 transformer, bf16 text encoder resident (~34.8 GiB): 48 GB up to 2 MP, not 4 MP.
+        (80, {"quantization": "fp8"}, "single"),
+        (48, {"quantization": "fp8"}, None),
+        (48, {"quantization": "fp8", "headroom_max_pixels": 2048 * 1024}, "single"),
+        (32, {"quantization": "fp8", "small": True}, None),
+        # int8 text encoder (~27.6 GiB): 32 GB at 1 MP with the VAE tiled.
+        (32, {"quantization": "fp8", "text_encoder": "int8", "small": True}, None),
+        (
+            32,
+            {"quantization": "fp8", "text_encoder": "int8", "small": True, "vae_tiling": True},
+            "single",
+        ),
+        (
+            24,
+            {"quantization": "fp8", "text_encoder": "int8", "small": True, "vae_tiling": True},
+            None,
+        ),
+        # text encoder streamed from the CPU (~19.3 GiB on the card): 24 GB at 1 MP, VAE tiled.
+        (24, {"quantization": "fp8", "text_encoder": "offload", "small": True}, None),
+        (
+            24,
+            {"quantization": "fp8", "text_encoder": "offload", "small": True, "vae_tiling": True},
+            "single",
+        ),
+    ],
+)
+def test_one_card_decisions(
+    placed: Any, gib: int, fields: dict[str, Any], expected: str | None
+) -> None:
+    cfg = one_card(**fields)
+    if expected is None:
+        with pytest.raises(PlacementError, match=r"does not fit the replica's 1 GPU\(s\)"):
+            plan_load(cfg, placed(cfg), card(gib))
+        return
+    plan = plan_load(cfg, placed(cfg), card(gib))
+    placement = plan.placement
+    assert placement.strategy == expected
+    assert placement.bytes_on(0) + placement.reserved[0] <= placement.budgets[0]
+    assert placement.device_map["transformer"] == 0
+    if cfg.text_encoder == "offload":
+        assert placement.device_map["text_encoder"] == "cpu" and placement.offload_gpu == 0
+        assert "streamed to cuda:0" in plan.table()
+        assert device_labels(plan)["text_encoder"] == "cpu, streamed to cuda:0"
+    if cfg.quantization == "fp8":
+        assert "bf16+fp8+int8" in plan.table()
+
+
+def test_the_refusal_says_what_is_missing_and_what_to_change(placed: Any) -> None:
+    cfg = one_card(quantization="fp8")
+    with pytest.raises(PlacementError) as error:
+        plan_load(cfg, placed(cfg), card(24))
+    message = str(error.value)
+    assert "it needs" in message and "GiB missing" in message
+    assert "lower the max resolution" in message and error.value.missing_bytes > 0
+
+
+def test_fp8_is_refused_plainly_on_ampere(placed: Any) -> None:
+    from serve_app.pipeline.speed.quantization import QuantizationError
+
+    cfg = one_card(quantization="fp8", text_encoder="int8", headroom_max_pixels=2048 * 1024)
+    with pytest.raises(QuantizationError, match=r"not supported on cuda:0 48 GB \(8\.6\)"):
+        plan_load(cfg, placed(cfg), card(48, capability=(8, 6)))
+    # int8 weight-only alone needs no FP8 tensor cores.
+    bf16 = one_card(text_encoder="int8", small=True, vae_tiling=True)
+    with pytest.raises(PlacementError):  # but the bf16 transformer does not fit 48 GB either
+        plan_load(bf16, placed(bf16), card(48, capability=(8, 6)))
+    assert plan_load(bf16, placed(bf16), card(80, capability=(8, 0))).placement.strategy == (
+        "single"
+    )

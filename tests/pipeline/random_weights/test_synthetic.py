@@ -267,3 +267,50 @@ def test_shrunk_pipeline_assembles_and_edits_on_cpu() -> None:
 
 def test_model_components_are_the_sized_ones() -> None:
     assert MODEL_COMPONENTS == ("transformer", "text_encoder", "vae")
+
+
+def test_each_module_is_handed_on_once_its_weights_exist_with_the_same_values() -> None:
+    """`then` (the small-card loader quantizes or moves a layer there) sees every module right
+    after its own parameters are made, and the weights equal those of a build without it."""
+    seen: list[str] = []
+
+    def then(module: torch.nn.Module, name: str) -> None:
+        assert all(p.device.type == "cpu" for p in module.parameters(recurse=False))
+        seen.append(name)
+
+    def build(**extra: Any) -> torch.nn.Module:
+        return build_component(
+            variant_dir("2511"),
+            "transformer",
+            device_map={"": "cpu"},
+            dtype=torch.float32,
+            overrides=SHRUNK["transformer"],
+            **extra,
+        )
+
+    plain, handed = build(), build(then=then)
+    assert seen == [name for name, _ in handed.named_modules()]
+    for (name, a), (_, b) in zip(
+        plain.state_dict().items(), handed.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_a_streamed_text_encoder_is_made_on_its_gpu_then_moved_to_the_cpu() -> None:
+    from serve_app.pipeline.placement import GpuMemory
+    from serve_app.pipeline.random_weights.synthetic import _staging
+
+    sizes = synthetic_component_sizes("2511", overrides=SHRUNK)
+    streamed = [
+        ComponentSize(c.name, c.weight_bytes, c.blocks, streamed_bytes=1)
+        if c.name == "text_encoder"
+        else c
+        for c in sizes
+    ]
+    placement = plan_placement(
+        streamed, [GpuMemory(0, "fake", 80 * GiB, 80 * GiB)], activation_headroom_bytes=0
+    )
+    assert placement.device_map["text_encoder"] == "cpu" and placement.offload_gpu == 0
+    device_map, then = _staging(placement, "text_encoder", None)
+    assert device_map == {"": 0} and then is not None
+    assert _staging(placement, "vae", None) == ({"": 0}, None)

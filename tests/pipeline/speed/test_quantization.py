@@ -15,7 +15,9 @@ from serve_app.pipeline.random_weights.synthetic import build_component, variant
 from serve_app.pipeline.speed.quantization import (
     QuantizationError,
     check_fp8_devices,
+    eight_bit_kind,
     is_fp8_target,
+    is_modulation_target,
     quantize_transformer,
 )
 from serve_app.pipeline.speed.switches import apply_speed_switches
@@ -52,8 +54,8 @@ def test_fp8_targets_are_the_block_projections_and_mlps(transformer: Any) -> Non
     assert not [n for n in names if "_mod" in n or not n.startswith("transformer_blocks.")]
 
 
-def test_lora_layers_and_odd_shapes_are_not_targets() -> None:
-    assert not is_fp8_target(torch.nn.Linear(64, 64), "transformer_blocks.0.attn.to_q.lora_A")
+def test_odd_shapes_and_other_layers_are_not_targets() -> None:
+    # (No LoRA adapter layer is ever left to quantize: fused and hot-swapped LoRAs are weights.)
     assert not is_fp8_target(torch.nn.Linear(64, 24), "transformer_blocks.0.attn.to_q")
     assert not is_fp8_target(torch.nn.LayerNorm(64), "transformer_blocks.0.norm")
     assert is_fp8_target(torch.nn.Linear(64, 32), "transformer_blocks.3.attn.to_q")
@@ -61,17 +63,87 @@ def test_lora_layers_and_odd_shapes_are_not_targets() -> None:
 
 def test_quantize_hands_the_filter_to_the_quantizer_and_reports(transformer: Any) -> None:
     seen: list[str] = []
+    seen_int8: list[str] = []
 
     def fake_quantize(module: Any, filter_fn: Any) -> None:
         seen.extend(n for n, m in module.named_modules() if filter_fn(m, n))
 
+    def fake_int8(module: Any, filter_fn: Any) -> None:
+        seen_int8.extend(n for n, m in module.named_modules() if filter_fn(m, n))
+
     report = quantize_transformer(
-        transformer, "fp8", quantize=fake_quantize, capability=lambda d: HOPPER
+        transformer,
+        "fp8",
+        quantize=fake_quantize,
+        quantize_int8=fake_int8,
+        capability=lambda d: HOPPER,
+        modulation=True,
     )
-    assert report is not None and report.layers == 24
+    assert report is not None and report.layers == 24 and report.int8_layers == 4
     assert seen == targets(transformer)
-    assert report.bytes_before == report.bytes_after > 0  # the fake changed nothing
-    assert "quantization fp8: 24 transformer linears" in report.note()
+    assert seen_int8 == [
+        f"transformer_blocks.{i}.{m}.1" for i in range(2) for m in ("img_mod", "txt_mod")
+    ]
+    assert report.bytes_before == report.bytes_after > 0  # the fakes changed nothing
+    assert (
+        "quantization fp8: 24 transformer linears and 4 modulation linears in int8" in report.note()
+    )
+
+
+def test_eight_bit_kinds_by_component_and_setting(transformer: Any) -> None:
+    def kinds(component: str, module: Any, **settings: str) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for fqn, sub in module.named_modules():
+            kind = eight_bit_kind(component, sub, fqn, **settings)
+            if kind is not None:
+                found[kind] = found.get(kind, 0) + 1
+        return found
+
+    assert kinds("transformer", transformer, quantization="fp8", text_encoder="resident") == {
+        "fp8": 24,
+        "int8": 4,
+    }
+    assert kinds("transformer", transformer, quantization="none", text_encoder="int8") == {}
+    encoder = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    assert kinds("text_encoder", encoder, quantization="fp8", text_encoder="resident") == {}
+    assert kinds("text_encoder", encoder, quantization="none", text_encoder="int8") == {"int8": 2}
+
+
+def test_quantize_onto_moves_and_quantizes_one_layer_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import serve_app.pipeline.speed.quantization as quantization
+
+    calls: list[tuple[str, str]] = []
+
+    def fake_linear(module: Any, kind: str) -> None:
+        calls.append((str(module.weight.device), kind))
+
+    monkeypatch.setattr(quantization, "quantize_linear", fake_linear)
+    module = torch.nn.Sequential(
+        torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2)
+    )
+    done = quantization.quantize_onto(
+        module, "cpu", lambda m, fqn: "int8" if isinstance(m, torch.nn.Linear) else None
+    )
+    assert done == 2 and calls == [("cpu", "int8"), ("cpu", "int8")]
+
+
+def test_already_quantized_layers_are_no_targets() -> None:
+    linear = torch.nn.Linear(64, 64)
+
+    class Quantized(torch.Tensor):
+        qdata = torch.zeros(1)
+
+    linear.weight = torch.nn.Parameter(
+        torch.zeros(64, 64).as_subclass(Quantized), requires_grad=False
+    )
+    assert not is_fp8_target(linear, "transformer_blocks.0.attn.to_q")
+    assert not is_modulation_target(linear, "transformer_blocks.0.img_mod.1")
+    assert is_modulation_target(torch.nn.Linear(64, 64), "transformer_blocks.0.img_mod.1")
+    assert not is_modulation_target(
+        torch.nn.Linear(64, 64), "transformer_blocks.0.img_mod.1.lora_A"
+    )
 
 
 def test_none_leaves_the_model_alone(transformer: Any) -> None:
