@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bench.run import versions
-    from serve_app.pipeline.synthetic import build_component, variant_dir
+    from serve_app.pipeline.random_weights.synthetic import build_component, variant_dir
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         results["compiled"] = {}
         import torch._dynamo
 
-        from serve_app.pipeline import rope
+        from serve_app.pipeline.speed import rope
 
         for label, backend, dynamic in (
             ("static", best, None),
@@ -212,7 +212,7 @@ def fp8_section(
     import torch
     import torch._dynamo
 
-    from serve_app.pipeline.quantization import quantize_transformer
+    from serve_app.pipeline.speed.quantization import quantize_transformer
 
     out: dict[str, Any] = {}
     torch._dynamo.reset()
@@ -229,7 +229,7 @@ def fp8_section(
         round(report.bytes_before / 2**30, 2), round(report.bytes_after / 2**30, 2)
     ]  # fmt: skip
     out["weights_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
-    from serve_app.pipeline import rope
+    from serve_app.pipeline.speed import rope
 
     variants = (
         ("eager", False, False, False),

@@ -11,19 +11,19 @@ of the standard edit's shape (8192 image + 219 text tokens) with CUDA synchronis
 - `native_dyn`: what the shipped configs run (native attention, dynamic=True); `cudnn_dyn`,
   `flash_dyn`: diffusers' `_native_cudnn` / `_native_flash` backends instead;
 - `native_dyn_gelu`: as `native_dyn` with the feed-forwards' GELU in the GEMM's epilogue
-  (`serve_app.pipeline.gelu`, what compile on CUDA runs);
+  (`serve_app.pipeline.speed.gelu`, what compile on CUDA runs);
 - `native_dyn_gelu_mod`: as `native_dyn_gelu` with the modulation tables
-  (`serve_app.pipeline.modulation`, what every replica runs; the table of a 50-step schedule
+  (`serve_app.pipeline.speed.modulation`, what every replica runs; the table of a 50-step schedule
   is made at the first call, each timed forward picks its rows);
 - `native_dyn_gelu_mod_stackrope`: as `native_dyn_gelu_mod` with the rotary embedding's pairs
-  joined by `stack`, as `serve_app.pipeline.rope` wrote it before (the same values);
+  joined by `stack`, as `serve_app.pipeline.speed.rope` wrote it before (the same values);
 - `native_dyn_gelu_mod_joint`, `fp8_dyn_mod_sig_joint`: as `native_dyn_gelu_mod` and
   `fp8_dyn_mod_sig` with the text and image streams joined before the QK norm by the Triton
-  kernel (`serve_app.pipeline.joint_qk`, `norm_rope_kernel`: what compile on CUDA runs);
+  kernel (`serve_app.pipeline.speed.joint_qk`, `norm_rope_kernel`: what compile on CUDA runs);
   `native_dyn_gelu_mod_jointpt`: joined by the same steps as PyTorch operations;
 - `fp8_dyn_mod`, `fp8_dyn_mod_sig`: the transformer quantized as `quantization: fp8` does
   (torchao), with the modulation tables; `_sig` computes the feed-forwards' tanh GELU as
-  x * sigmoid(2u) (`serve_app.pipeline.gelu.SigmoidGELU`, what compile on CUDA runs with fp8).
+  x * sigmoid(2u) (`serve_app.pipeline.speed.gelu.SigmoidGELU`, what compile on CUDA runs with fp8).
   Quantizing cannot be undone: fp8 variants come after every bf16 one;
 - `native_static`: dynamic=False (recompiles for every prompt length);
 - `native_dyn_maxat` (+`_cd`): inductor's max-autotune GEMM templates (and coordinate descent);
@@ -109,10 +109,11 @@ _PROFILED = (
 def _stacked_rope(
     x: Any, freqs_cis: Any, use_real: bool = True, use_real_unbind_dim: int = -1
 ) -> Any:
-    """The rotary embedding as `serve_app.pipeline.rope` wrote it before (pairs joined by stack)."""
+    """The rotary embedding as `serve_app.pipeline.speed.rope` wrote it before (pairs joined by
+    stack)."""
     import torch
 
-    from serve_app.pipeline import rope
+    from serve_app.pipeline.speed import rope
 
     if use_real or not torch.is_complex(freqs_cis):
         return rope.apply_rotary_emb_real(x, freqs_cis, use_real, use_real_unbind_dim)
@@ -139,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers.models.transformers import transformer_qwenimage as qwen
 
     from bench.run import versions
-    from serve_app.pipeline import gelu, joint_qk, modulation, rope
-    from serve_app.pipeline.synthetic import build_component, variant_dir
+    from serve_app.pipeline.random_weights.synthetic import build_component, variant_dir
+    from serve_app.pipeline.speed import gelu, joint_qk, modulation, rope
 
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             if quantized and not fp8:
                 raise ValueError("bf16 variants must come before the fp8 ones")
             if fp8 and not quantized:
-                from serve_app.pipeline.quantization import quantize_transformer
+                from serve_app.pipeline.speed.quantization import quantize_transformer
 
                 quantize_transformer(transformer, "fp8")
                 quantized = True

@@ -21,11 +21,13 @@ short warm-up edit per replica, then times:
 - ms per transformer forward = denoising time / (2 x steps) and achieved TFLOP/s from the FLOPs of
   a forward (`bench.flops`, text-token counts from the same tokenizer the replica uses);
 - peak memory per GPU (`nvidia-smi` memory.used, sampled every 0.5 s: weights + activations +
-  allocator cache + CUDA context, i.e. what a card must have);
+  allocator cache + CUDA context, i.e. what a card must have; `peak_gib_per_gpu`), and one
+  replica's allocator peak (`torch.cuda.max_memory_allocated`, `allocator_peak_gib_per_gpu`);
 - optionally throughput: `clients` concurrent clients, `rounds` requests each (img/min).
 
 Each scenario writes `<out-dir>/<name>.json`. Scenario keys: name, gpus (per replica), replicas,
-compile (0/1), dynamic (compile_dynamic 0/1), cpp (compile_cpp_wrapper 0/1),
+compile (0/1), dynamic (compile_dynamic 0/1), cpp (compile_cpp_wrapper 0/1), te
+(compile_text_encoder 0/1),
 fp8 (quantization fp8 0/1), backend (attention backend), variant (2509/2511), clients,
 rounds, steps, runs, ref (an earlier scenario's name: the first timed output, same seed and
 synthetic weights, is compared with that scenario's, relative L2 error of the pixels); lora (a
@@ -37,7 +39,10 @@ a base edit is timed too); for one
 replica over several GPUs (one process per GPU, `model.parallel`): ranks (GPUs per replica; with
 gpus=1, or gpus=0 for CPU ranks), cfg and ulysses (degrees, default auto), base (a 1-GPU
 scenario's name: speedup and scaling efficiency against it), restart (1: redeploy after timing and
-time the warm start, the compile cache already on the node).
+time the warm start, the compile cache already on the node); for one card smaller than the
+GPU (docs/gpu.md#one-card): memory_cap_gib (the replica's allocator capped to this many GiB,
+QWEN_CUDA_MEMORY_CAP_GIB, and model.max_memory_gib set to it; written as `memory_cap_gib`),
+text_encoder (resident | int8 | offload), vae_tiling (0/1), max_pixels (headroom_max_pixels).
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ class Scenario:
     dynamic: bool | None = None  # compile_dynamic
     fp8: bool = False
     cpp: bool = False  # compile_cpp_wrapper
+    te: bool = False  # compile_text_encoder
     backend: str | None = None
     variant: str = "2511"
     clients: int = 0
@@ -101,6 +107,12 @@ class Scenario:
     lora: str | None = None
     lora_mode: str = "fused"
     lora_rank: int = 64
+    # Emulate a smaller card: the replica's allocator capped to this many GiB per GPU
+    # (QWEN_CUDA_MEMORY_CAP_GIB) and model.max_memory_gib set to it; with the one-card settings.
+    memory_cap_gib: float | None = None
+    text_encoder: str = "resident"
+    vae_tiling: bool = False
+    max_pixels: int | None = None  # headroom_max_pixels
 
     @classmethod
     def parse(cls, spec: str) -> Scenario:
@@ -117,9 +129,12 @@ class Scenario:
                 "runs",
                 "ranks",
                 "lora_rank",
+                "max_pixels",
             ):
                 fields[key] = int(value)
-            elif key in ("compile", "dynamic", "fp8", "cpp", "restart"):
+            elif key == "memory_cap_gib":
+                fields[key] = float(value)
+            elif key in ("compile", "dynamic", "fp8", "cpp", "restart", "te", "vae_tiling"):
                 fields[key] = value.strip().lower() in ("1", "true", "yes", "on")
             elif key in (
                 "name",
@@ -131,6 +146,7 @@ class Scenario:
                 "base",
                 "lora",
                 "lora_mode",
+                "text_encoder",
             ):
                 fields[key] = value.strip() or None
             else:
@@ -154,11 +170,19 @@ class Scenario:
             parts.append(f"ranks={self.ranks}(cfg={self.cfg},ulysses={self.ulysses})")
         if self.fp8:
             parts.append("fp8")
+        if self.text_encoder != "resident":
+            parts.append(f"text_encoder={self.text_encoder}")
+        if self.vae_tiling:
+            parts.append("vae_tiling")
+        if self.memory_cap_gib:
+            parts.append(f"cap={self.memory_cap_gib}GiB")
         parts.append(
             ("compile-dynamic" if self.dynamic else "compile") if self.compile else "eager"
         )
         if self.cpp:
             parts.append("cpp_wrapper")
+        if self.te:
+            parts.append("compiled-text-encoder")
         parts.append(f"attn={self.backend or 'default'}")
         return "+".join(parts)
 
@@ -275,7 +299,7 @@ LORA_FILES: dict[tuple[str, int], Path] = {}
 
 def synthetic_lora(variant: str, rank: int) -> Path:
     if (variant, rank) not in LORA_FILES:
-        from serve_app.pipeline.synthetic import build_synthetic_lora
+        from serve_app.pipeline.random_weights.synthetic import build_synthetic_lora
 
         target = Path(f"/tmp/bench-lora-{variant}-r{rank}")
         LORA_FILES[(variant, rank)] = build_synthetic_lora(
@@ -292,10 +316,19 @@ def app_config(sc: Scenario, *, steps: int) -> dict[str, Any]:
         "compile": sc.compile,
         "quantization": "fp8" if sc.fp8 else "none",
         "compile_cpp_wrapper": sc.cpp,
+        "compile_text_encoder": sc.te,
         "warmup": True,
     }
     if sc.dynamic is not None:
         model["compile_dynamic"] = sc.dynamic
+    if sc.text_encoder != "resident":
+        model["text_encoder"] = sc.text_encoder
+    if sc.vae_tiling:
+        model["vae_tiling"] = True
+    if sc.max_pixels:
+        model["headroom_max_pixels"] = sc.max_pixels
+    if sc.memory_cap_gib:
+        model["max_memory_gib"] = {0: sc.memory_cap_gib}
     if sc.backend:
         model["attention_backend"] = sc.backend
     if OVERRIDES:
@@ -311,6 +344,9 @@ def app_config(sc: Scenario, *, steps: int) -> dict[str, Any]:
         "max_queued_requests": 16,
         "ray_actor_options": {"num_cpus": 4 if sc.gpus else 1, "num_gpus": sc.gpus},
     }
+    if sc.memory_cap_gib:
+        options = deployment["ray_actor_options"]
+        options["runtime_env"] = {"env_vars": {"QWEN_CUDA_MEMORY_CAP_GIB": str(sc.memory_cap_gib)}}
     if sc.ranks > 1:
         # One bundle per rank from the builder (model.parallel); the replica takes bundle 0.
         model["parallel"] = {
@@ -481,6 +517,22 @@ def replica_device_maps(replicas: int, *, tries: int = 40) -> list[dict[str, str
     return asyncio.run(ask())
 
 
+def replica_allocator_peaks() -> list[float] | None:
+    """One replica's allocator peak per GPU (torch.cuda.max_memory_allocated), GiB; None if
+    it cannot say."""
+    from ray import serve
+
+    async def ask() -> list[tuple[str, int, int]]:
+        handle = serve.get_deployment_handle("QwenImageEditModel", app_name=APP)
+        return list(await handle.memory.remote())
+
+    try:
+        return [round(peak / GiB, 2) for _, _, peak in asyncio.run(ask())]
+    except Exception as exc:  # a figure we cannot read is no reason to lose the run
+        print(f"allocator peaks: {exc}", flush=True)
+        return None
+
+
 def median(values: list[float]) -> float | None:
     return round(statistics.median(values), 3) if values else None
 
@@ -602,8 +654,13 @@ def run_scenario(
                 result["tflops_note"] = "several GPUs: aggregate; ms_per_forward is effective"
         result["peak_gib_per_gpu"] = sampler.peaks_gib()
         result["peak_memory_source"] = "nvidia-smi memory.used (weights+activations+cache+context)"
+        if sc.memory_cap_gib:
+            result["memory_cap_gib"] = sc.memory_cap_gib
+            result["text_encoder"] = sc.text_encoder
+            result["vae_tiling"] = sc.vae_tiling
+        result["allocator_peak_gib_per_gpu"] = replica_allocator_peaks()
         if sc.lora and sc.lora_mode == "hotswap" and time.monotonic() < deadline:
-            # A base edit, then the LoRA id: the switch (slot copy + scheduler) in one edit.
+            # A base edit, then the LoRA id: the switch (weights rewritten + scheduler) in one edit.
             edit_http(url, png, steps=2, seed=7)
             after = timed_edit(sc, url, png, steps=steps, seed=8)
             result["latency_after_switch_s"] = round(after.seconds, 3)
@@ -673,8 +730,11 @@ def throughput(
 def text_token_counts(variant: str) -> dict[str, int]:
     """What the replicas' tokenizer (the embedded tiny model's, see runner) makes of the prompts;
     building it here first also saves the replicas the build."""
-    from serve_app.pipeline.synthetic import load_tokenizer_and_processor, variant_dir
-    from serve_app.pipeline.tiny import ensure_tiny_model
+    from serve_app.pipeline.random_weights.synthetic import (
+        load_tokenizer_and_processor,
+        variant_dir,
+    )
+    from serve_app.pipeline.random_weights.tiny import ensure_tiny_model
 
     config = json.loads((variant_dir(variant) / "text_encoder" / "config.json").read_text())
     _, processor = load_tokenizer_and_processor(
@@ -727,7 +787,7 @@ def main(argv: list[str] | None = None) -> int:
     outputs: dict[str, bytes] = {}  # first timed output of each scenario (for `ref=`)
     try:
         for sc in args.scenario:
-            from serve_app.pipeline.synthetic import variant_dir
+            from serve_app.pipeline.random_weights.synthetic import variant_dir
 
             tokens = text_token_counts(sc.variant)
             config_path = variant_dir(sc.variant) / "transformer" / "config.json"

@@ -39,6 +39,9 @@ INGRESS_DEPLOYMENT_DEFAULTS: dict[str, Any] = {
     # CPU only: never given a GPU, and never imports torch.
     "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0},
 }
+# Past args.request_timeout_s, the time an answer may still take (encoding, a url result's
+# store write) before a draining ingress replica is stopped.
+INGRESS_DRAIN_MARGIN_S = 30.0
 
 
 def build_engine(model: ModelConfig, generation: GenerationConfig) -> Engine:
@@ -46,10 +49,10 @@ def build_engine(model: ModelConfig, generation: GenerationConfig) -> Engine:
     or with `model.parallel.gpus` > 1 rank 0 of a group of rank processes (imported here, so that
     neither the controller nor the ingress ever imports torch)."""
     if model.parallel.gpus > 1:
-        from serve_app.pipeline.parallel.engine import ParallelEngine
+        from serve_app.pipeline.parallel_engine import ParallelEngine
 
         return ParallelEngine(model, generation)
-    from serve_app.pipeline.loader import load_runner
+    from serve_app.pipeline.loading.loader import load_runner
 
     return load_runner(model, generation)
 
@@ -70,13 +73,24 @@ def model_deployment_options(model: ModelConfig) -> dict[str, Any]:
     return options
 
 
+def ingress_deployment_options(config: AppConfig) -> dict[str, Any]:
+    """The ingress deployment's defaults. A replica being replaced (a config update's rolling
+    update, a scale-down) drains: it stops taking requests and answers those it holds. Serve
+    stops it anyway after graceful_shutdown_timeout_s (20 s by default), which would cut the
+    requests still waiting, e.g. for a model replica that the same update is reloading; every
+    request has its answer within request_timeout_s, so the drain may take that long."""
+    options = copy.deepcopy(INGRESS_DEPLOYMENT_DEFAULTS)
+    options["graceful_shutdown_timeout_s"] = config.request_timeout_s + INGRESS_DRAIN_MARGIN_S
+    return options
+
+
 def build_app(args: Mapping[str, Any] | None = None) -> Application:
     config: AppConfig = load_config(args)
     check_extras(config)  # fp8, LoRA, s3/gcs: their extra installed, or a clear error now
     model: Deployment = serve.deployment(name=MODEL_NAME, **model_deployment_options(config.model))(
         ImageEditModel
     )
-    ingress: Deployment = serve.deployment(name=INGRESS_NAME, **INGRESS_DEPLOYMENT_DEFAULTS)(
+    ingress: Deployment = serve.deployment(name=INGRESS_NAME, **ingress_deployment_options(config))(
         serve.ingress()(Ingress)
     )
     return ingress.bind(

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from serve_app.common.jobs import EditJob, EditOutput, ModelInfo, PartialImage
-from serve_app.pipeline.tokenizer import byte_level_bpe
+from serve_app.pipeline.random_weights.tokenizer import byte_level_bpe
 
 
 def byte_tokenizer_json() -> str:

@@ -4,9 +4,14 @@ app in process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import shutil
 import socket
-from collections.abc import Callable, Coroutine
+import subprocess
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -71,6 +76,51 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+REDIS_SERVER = "redis-server"
+
+
+@contextlib.contextmanager
+def redis_server(
+    folder: Path, *, password: str | None = None, timeout_s: float = 20.0
+) -> Iterator[str]:
+    """A redis-server of the test's own on a free loopback port, its files in `folder`: yields
+    its URL (without the password). Skips only where the binary is missing (.ci/run installs
+    Debian's redis-server)."""
+    binary = shutil.which(REDIS_SERVER)
+    if binary is None:
+        pytest.skip(
+            "redis-server is not installed (.ci/run installs it: apt-get install redis-server)"
+        )
+    port = free_port()
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
+               "--save", "", "--appendonly", "no", "--protected-mode", "yes"]  # fmt: skip
+    if password:
+        command += ["--requirepass", password]
+    with (folder / "redis.log").open("w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", port), 1) as s,
+            ):
+                s.sendall(b"PING\r\n")
+                if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"redis-server did not start: {(folder / 'redis.log').read_text()}")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def ingress_client(config: dict[str, Any], *, api_keys: list[str] | None = None) -> TestClient:

@@ -134,6 +134,11 @@ class ModelConfig(_Strict):
     # matters only where host time limits a step. Needs a C++ compiler; compiling takes longer
     # (both measured in docs/gpu.md's speed-switch table).
     compile_cpp_wrapper: bool = False
+    # torch.compile the text encoder's repeated layers too (the language model's decoder layers
+    # and the vision tower's blocks, dynamic shapes: prompt lengths vary). Eager, a few hundred
+    # tokens per edit leave its kernels launch-bound; it matters most for few-step (distilled)
+    # ids, where the text encoder is a large part of an edit (docs/gpu.md). Compiles at start.
+    compile_text_encoder: bool = False
     # diffusers attention dispatcher backend, e.g. "native", "_native_cudnn", "_native_flash",
     # "_native_efficient", "flash" (needs flash-attn), "_flash_3" (FA3). None: diffusers' default.
     attention_backend: str | None = None
@@ -145,6 +150,21 @@ class ModelConfig(_Strict):
     # FP8 tensor cores and half the transformer's weight memory, at a small output difference
     # (docs/gpu.md has both measured). none: bf16/fp16 as loaded.
     quantization: Literal["none", "fp8"] = "none"
+    # With fp8, the blocks' 120 modulation linears (img_mod / txt_mod, used once per edit to
+    # make the modulation tables) get int8 weights too (weight-only, one scale per row).
+    # The text encoder: resident (as loaded, on its GPU), or for cards that cannot hold it
+    # beside the transformer (docs/gpu.md#one-card): int8 (its linear layers get int8 weights,
+    # weight-only, any GPU) or offload (its weights stay on the CPU and are streamed to the GPU
+    # layer by layer for each encode, accelerate's cpu_offload: a cost per edit, not memory).
+    text_encoder: Literal["resident", "int8", "offload"] = "resident"
+    # With fp8 and no LoRAs: each 8-bit layer is quantized as it reaches the GPU (block linears
+    # fp8, the 120 modulation linears int8), so the bf16 weights never have to fit the card at
+    # once (the one-card configs set it; docs/gpu.md#one-card). Off: fp8 quantizes the loaded
+    # bf16 block linears after loading, modulation stays bf16 (the path measured on 80 GB cards).
+    quantize_at_load: bool = False
+    # Encode and decode with the VAE in tiles (diffusers' enable_tiling): a small, fixed VAE
+    # peak instead of one that grows with the image, for small cards.
+    vae_tiling: bool = False
     # Run one small edit at replica start (before reporting ready). None: only when compile is on.
     warmup: bool | None = None
     # synthetic source only: config overrides per component (tests shrink the model with it).
@@ -155,9 +175,9 @@ class ModelConfig(_Strict):
     # Loaded once at start; each is chosen per request by its name as `model`.
     loras: list[LoraConfig] = Field(default_factory=list)
     # How LoRAs are held (docs/gpu.md#distilled-loras): hotswap keeps the base model and every
-    # LoRA, switched per request by copying the LoRA's factors into one resident adapter (no
-    # recompile); fused folds the one LoRA into the weights at load (then fp8, then compile): the
-    # base model's cost per forward, and only the LoRA's id is served.
+    # LoRA, switched per request by rewriting the adapted linears' weights (base + the LoRA's
+    # product, no recompile; each id then runs at the base model's cost per forward); fused folds
+    # the one LoRA into the weights at load (then fp8, then compile): only the LoRA's id is served.
     lora_mode: Literal["hotswap", "fused"] = "hotswap"
     # Several GPUs per replica as ranks (CFG x Ulysses sequence parallelism).
     parallel: ParallelConfig = ParallelConfig()
@@ -189,6 +209,10 @@ class ModelConfig(_Strict):
     def _quantization_alone(self) -> ModelConfig:
         if self.quantization != "none" and self.device_map == "cpu":
             raise ValueError("model.quantization fp8 needs GPUs (device_map is cpu)")
+        if self.text_encoder != "resident" and self.device_map == "cpu":
+            raise ValueError(
+                f"model.text_encoder {self.text_encoder} needs GPUs (device_map is cpu)"
+            )
         if self.quantization != "none" and not self.compile:
             # Unfused, the per-token activation quantization costs more than FP8 matmuls save.
             raise ValueError(
@@ -275,15 +299,31 @@ class LimitsConfig(_Strict):
         return self
 
 
+REDIS_SCHEMES = ("redis", "rediss")
+
+
+def is_redis_url(url: str) -> bool:
+    """Whether a storage URL names a Redis server (redis://, rediss:// with TLS)."""
+    return "://" in url and url.split("://", 1)[0].lower() in REDIS_SCHEMES
+
+
 class StorageConfig(_Strict):
     """Where `response_format=url` results live: shared by every ingress replica."""
 
-    # A local folder, or any fsspec URL (s3://bucket/prefix, gcs://..., memory:// for tests).
+    # A local folder (one machine: the default), a Redis server (redis://host:6379/0,
+    # rediss:// for TLS; what a cluster's replicas on several nodes share), or any fsspec URL
+    # (s3://bucket/prefix, gcs://..., memory:// for tests).
     url: str = "~/.cache/qwen-image-edit-serve/images"
     # OpenAI's URLs expire after an hour.
     ttl_s: float = Field(default=3600.0, gt=0)
     # The oldest images are evicted to stay under this.
     max_total_bytes: int = Field(default=1024**3, ge=1024)
+    # Redis only: every key this server writes starts with it, so one Redis (e.g. the one
+    # KubeRay's GCS fault tolerance uses) can hold several deployments' images apart.
+    key_prefix: str = Field(default="qwen-image-edit-serve", min_length=1, pattern=r"^[^{}\s]+$")
+    # Redis only: the environment variable of the ingress process holding the server's password
+    # (e.g. from a Kubernetes Secret); the password itself never enters the config (or its logs).
+    password_env: str | None = None
     # Prefix of the returned URLs, e.g. https://images.example.com. Unset: the request's own
     # address, if its Host is in http.allowed_hosts (else response_format=url is refused).
     public_base_url: str | None = None

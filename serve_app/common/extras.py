@@ -1,7 +1,7 @@
 """Optional packages: which pip extra each configured feature needs, checked when the app is built.
 
 A configured feature whose package is missing (fp8 without torchao, LoRAs without peft, an
-s3:// or gcs:// image store without its fsspec backend) fails `serve run` / `serve deploy` at
+s3://, gcs:// or redis:// image store without its client) fails `serve run` / `serve deploy` at
 once, naming the extra to install, instead of an ImportError in a replica (or at the first
 request that needs it).
 """
@@ -24,6 +24,8 @@ _STORE_BACKENDS = {
     "s3a": ("s3fs", "s3"),
     "gs": ("gcsfs", "gcs"),
     "gcs": ("gcsfs", "gcs"),
+    "redis": ("redis", "redis"),
+    "rediss": ("redis", "redis"),
 }
 
 
@@ -42,6 +44,8 @@ def needed_extras(config: AppConfig) -> list[tuple[str, str, str]]:
     needs = []
     if config.model.quantization == "fp8":
         needs.append(("torchao", "fp8", "model.quantization: fp8"))
+    if config.model.text_encoder == "int8":
+        needs.append(("torchao", "fp8", "model.text_encoder: int8"))
     if config.model.loras:
         needs.append(("peft", "lora", "model.loras"))
     url = config.storage.url

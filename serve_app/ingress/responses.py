@@ -30,7 +30,8 @@ from serve_app.ingress.protocol import (
     Usage,
     images_response_json,
 )
-from serve_app.ingress.storage import ImageStore, image_url
+from serve_app.ingress.storage import image_url
+from serve_app.ingress.stored_images import ImageStorage
 
 logger = logging.getLogger("ray.serve")
 
@@ -82,7 +83,7 @@ def json_body(
     *,
     created: int,
     seeds: list[int] | None,
-    store: Callable[[], ImageStore] | None = None,
+    store: Callable[[], ImageStorage] | None = None,
     url_base: str | None = None,
     timing: StageClock,
 ) -> bytes:

@@ -30,7 +30,7 @@ from serve_app.ingress.middleware import (
 )
 from serve_app.ingress.origins import RefuseCrossSite, SitePolicy
 from serve_app.ingress.service import EditService
-from serve_app.ingress.storage import ID_PATTERN
+from serve_app.ingress.stored_images import ID_PATTERN
 
 
 class _StoredImageRoute(Route):

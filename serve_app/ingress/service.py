@@ -30,7 +30,8 @@ from serve_app.ingress.masking import decode_mask
 from serve_app.ingress.model_client import ModelClient, ModelHandle
 from serve_app.ingress.protocol import ModelCard, ModelList
 from serve_app.ingress.responses import event_stream_body, json_body
-from serve_app.ingress.storage import ImageStore
+from serve_app.ingress.storage import open_image_store
+from serve_app.ingress.stored_images import ImageStorage
 from serve_app.ingress.tokens import tokenizer_for
 from serve_app.ingress.validation import EditRequest, validate_edit
 
@@ -51,7 +52,7 @@ class EditService:
         model: ModelHandle,
         config: AppConfig,
         clock: Callable[[], float] = time.time,
-        store: ImageStore | None = None,
+        store: ImageStorage | None = None,
         metrics: IngressMetrics | None = None,
         model_healthy: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
@@ -70,9 +71,11 @@ class EditService:
     def config(self) -> AppConfig:
         return self._config
 
-    def image_store(self) -> ImageStore:
+    def image_store(self) -> ImageStorage:
         if self._store is None:
-            self._store = ImageStore.from_config(self._config.storage, clock=self._clock)
+            self._store = open_image_store(
+                self._config.storage, clock=self._clock, retry_after_s=self._config.retry_after_s
+            )
         return self._store
 
     async def model_info(self) -> ModelInfo:

@@ -1,43 +1,50 @@
 """`response_format=url`: a bounded, expiring image store that every ingress replica can read.
 
 Images live under one fsspec location (a local folder by default; `s3://...`, `gcs://...` or
-`memory://` by config). All state is in the object names, so replicas share nothing but the
-store itself: an id is `img-<created ms>-<32 random hex>.<ext>`, which gives
+`memory://` by config), or in a Redis server (`redis://...`: `ingress/redis_store.py`), which
+every ingress replica on every node of a cluster reads. An id is
+`img-<created ms>-<32 random hex>.<ext>`, which gives
 
 - expiry without metadata calls: the creation time is in the name, checked on every read;
 - the content type from the extension;
 - unguessable URLs (128 random bits), as OpenAI's result URLs are bearer links.
 
-Every `put` lists the folder, deletes what has expired, then the oldest images until the new
-one fits under `max_total_bytes`. Blocking (fsspec is synchronous): call from a thread.
+In a folder all state is in the object names, so replicas share nothing but the store. Every
+`put` lists the folder, deletes what has expired, then the oldest images until the new one fits
+under `max_total_bytes`. Blocking (fsspec is synchronous): call from a thread.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from serve_app.common.config import StorageConfig
-from serve_app.common.errors import InternalError, NotFoundError
+from serve_app.common.config import StorageConfig, is_redis_url
+from serve_app.ingress.stored_images import (
+    ID_RE,
+    ImageStorage,
+    StoredImage,
+    new_image_id,
+    not_found,
+    parse_image_id,
+    too_large,
+)
 
 logger = logging.getLogger("ray.serve")
 
-# The id's shape, also the route's path convertor (so /v1/images/edits etc. stay other routes).
-ID_PATTERN = r"img-\d{13}-[0-9a-f]{32}\.(?:png|jpeg|webp)"
-_ID_RE = re.compile(r"^img-(\d{13})-([0-9a-f]{32})\.(png|jpeg|webp)$")
-CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
+def open_image_store(
+    config: StorageConfig, *, clock: Callable[[], float] = time.time, retry_after_s: float = 5.0
+) -> ImageStorage:
+    """The store `config.url` names: Redis for redis:// and rediss://, else an fsspec location."""
+    if is_redis_url(config.url):
+        from serve_app.ingress.redis_store import RedisImageStore
 
-@dataclass(frozen=True)
-class StoredImage:
-    data: bytes
-    content_type: str
-    expires_in_s: float
+        return RedisImageStore.from_config(config, clock=clock, retry_after_s=retry_after_s)
+    return ImageStore.from_config(config, clock=clock)
 
 
 @dataclass(frozen=True)
@@ -45,14 +52,6 @@ class _Entry:
     path: str
     created_ms: int
     size: int
-
-
-def _not_found(image_id: str) -> NotFoundError:
-    return NotFoundError(
-        f"No image '{image_id[:80]}': it never existed or has expired.",
-        param="image_id",
-        code="image_not_found",
-    )
 
 
 class ImageStore:
@@ -88,34 +87,27 @@ class ImageStore:
     def put(self, data: bytes, *, output_format: str) -> str:
         """Store `data`; returns its id. Evicts expired, then oldest, images to make room."""
         if len(data) > self._max_bytes:
-            # A configuration problem, not the client's: the cap is below one image.
-            raise InternalError(
-                "The image store is too small for this image; ask the operator to raise"
-                " storage.max_total_bytes.",
-                code="image_store_full",
-            )
+            raise too_large()
         now = self._now_ms()
         self._make_room(len(data), now_ms=now)
-        image_id = f"img-{now:013d}-{secrets.token_hex(16)}.{output_format}"
+        image_id = new_image_id(now, output_format)
         self._fs.pipe_file(f"{self._root}/{image_id}", data)
         return image_id
 
     def get(self, image_id: str) -> StoredImage:
         """The image, or NotFoundError (404) if the id is malformed, unknown or expired."""
-        match = _ID_RE.match(image_id)
-        if match is None:
-            raise _not_found(image_id)
-        age_ms = self._now_ms() - int(match.group(1))
+        created_ms, content_type = parse_image_id(image_id)
+        age_ms = self._now_ms() - created_ms
         if age_ms >= self._ttl_ms:
             self._delete(f"{self._root}/{image_id}")
-            raise _not_found(image_id)
+            raise not_found(image_id)
         try:
             data = self._fs.cat_file(f"{self._root}/{image_id}")
         except FileNotFoundError:
-            raise _not_found(image_id) from None
+            raise not_found(image_id) from None
         return StoredImage(
             data=bytes(data),
-            content_type=CONTENT_TYPES[match.group(3)],
+            content_type=content_type,
             expires_in_s=(self._ttl_ms - age_ms) / 1000,
         )
 
@@ -130,7 +122,7 @@ class ImageStore:
         entries = []
         for info in listing:
             name = str(info["name"]).rstrip("/").rsplit("/", 1)[-1]
-            match = _ID_RE.match(name)
+            match = ID_RE.match(name)
             if match is not None and info.get("type") != "directory":
                 size = int(info.get("size") or 0)
                 entries.append(_Entry(f"{self._root}/{name}", int(match.group(1)), size))

@@ -194,6 +194,10 @@ class ImageEditModel:
         finally:
             self._active.pop(job.request_id, None)
 
+    def memory(self) -> list[tuple[str, int, int]]:
+        """(gpu, allocated bytes, allocator peak bytes) per GPU of this replica (benchmarks)."""
+        return [(str(g), int(a), int(p)) for g, a, p in self._engine.memory_report()]
+
     def _report_memory(self) -> None:
         try:
             for gpu, allocated, peak in self._engine.memory_report():

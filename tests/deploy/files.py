@@ -19,6 +19,7 @@ LOCAL_CONFIG = ROOT / "deploy/local.yaml"
 SHAPE_CONFIGS = sorted((ROOT / "deploy/configs").glob("*.yaml"))
 RAYSERVICE = ROOT / "deploy/rayservice.yaml"
 AUTOSCALING = ROOT / "deploy/autoscaling.yaml"
+REDIS = ROOT / "deploy/redis.yaml"
 DOCKERFILE = ROOT / "deploy/Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 CONSTRAINTS = ROOT / "deploy/constraints-gpu.txt"

@@ -25,9 +25,9 @@ from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import ServeDeploySchema
 
 from serve_app.common.config import load_config
-from serve_app.pipeline.placement import GiB, GpuMemory, PlacementError
-from serve_app.pipeline.planning import plan_load
-from serve_app.pipeline.synthetic import synthetic_component_sizes
+from serve_app.pipeline.placement.load_plan import eight_bit_for, offloaded_for, plan_load
+from serve_app.pipeline.placement.planner import GiB, GpuMemory, PlacementError
+from serve_app.pipeline.random_weights.synthetic import synthetic_component_sizes
 from tests.deploy.files import (
     AUTOSCALING,
     LOCAL_CONFIG,
@@ -74,6 +74,20 @@ LORA_KEYS = (
 )
 # Configs that serve a distilled LoRA instead of the base model (fp8 where the card has it).
 DISTILLED = {"deploy/configs/1gpu-lightning.yaml"}
+# What a one-card config for a small card may change besides: 8-bit weights, where the text
+# encoder lives, the VAE in tiles.
+SMALL_CARD_KEYS = (
+    f"{_MODEL}.quantization",
+    f"{_MODEL}.quantize_at_load",
+    f"{_MODEL}.text_encoder",
+    f"{_MODEL}.vae_tiling",
+)
+# One card smaller than 80 GB: the whole model in 8 bits where it must be (fp8 needs Ada or newer).
+SMALL_CARDS = {
+    "deploy/configs/48gb-1gpu.yaml",
+    "deploy/configs/32gb-1gpu.yaml",
+    "deploy/configs/24gb-1gpu.yaml",
+}
 
 # The cards each GPU config is for (GiB per GPU), the placement the planner must choose there
 # (for a replica over ranks: each rank's, on its one GPU) and the GPUs of one replica. README's
@@ -88,6 +102,9 @@ CARDS: dict[str, tuple[int, str, int]] = {
     "deploy/configs/48gb-2gpu.yaml": (48, "components", 2),
     "deploy/configs/40gb-2gpu.yaml": (40, "split", 2),
     "deploy/configs/24gb-4gpu.yaml": (24, "split", 4),
+    "deploy/configs/48gb-1gpu.yaml": (48, "single", 1),
+    "deploy/configs/32gb-1gpu.yaml": (32, "single", 1),
+    "deploy/configs/24gb-1gpu.yaml": (24, "single", 1),
 }
 # A card's free memory as a replica sees it: the CUDA context takes about half a GiB.
 CONTEXT_GIB = 0.5
@@ -172,7 +189,9 @@ def test_the_proxy_waits_longer_than_the_app(path: Path) -> None:
 # --- the GPU shapes --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", [p for p in GPU_CONFIGS if name(p) not in DISTILLED], ids=name)
+@pytest.mark.parametrize(
+    "path", [p for p in GPU_CONFIGS if name(p) not in DISTILLED | SMALL_CARDS], ids=name
+)
 def test_gpu_configs_serve_bf16_by_default(path: Path) -> None:
     model = load_config(app(serve_config_of(path))["args"], environ={}).model
     assert (model.quantization, model.dtype, model.source) == ("none", "auto", "local")
@@ -191,6 +210,7 @@ def test_gpu_configs_serve_bf16_by_default(path: Path) -> None:
 def test_shape_configs_are_serve_config_yaml_in_another_shape(path: Path) -> None:
     ours, reference = serve_config_of(path), serve_config_of(SERVE_CONFIG)
     allowed = SHAPE_KEYS + (LORA_KEYS if name(path) in DISTILLED else ())
+    allowed += SMALL_CARD_KEYS if name(path) in SMALL_CARDS else ()
     unexpected = {
         d for d in differences(ours, reference) if not any(fnmatch.fnmatch(d, p) for p in allowed)
     }
@@ -225,7 +245,11 @@ def _plan(path: Path, card_gib: float, **override: Any) -> Any:
         GpuMemory(i, f"{card_gib} GB", int(card_gib * GiB), int((card_gib - CONTEXT_GIB) * GiB))
         for i in range(_gpus(path))
     ]
-    return plan_load(model, synthetic_component_sizes("2511", dtype_bytes=2), gpus)
+    # The weights as the replica places them (8-bit layers, a text encoder kept on the CPU).
+    sizes = synthetic_component_sizes(
+        "2511", dtype_bytes=2, eight_bit=eight_bit_for(model), offloaded=offloaded_for(model)
+    )
+    return plan_load(model, sizes, gpus)
 
 
 @pytest.mark.parametrize("path", GPU_CONFIGS, ids=name)
@@ -236,7 +260,10 @@ def test_each_shape_places_the_full_model_on_its_cards(path: Path) -> None:
     card_gib, strategy, gpus = CARDS[name(path)]
     plan = _plan(path, card_gib)
     assert plan.placement.strategy == strategy
-    assert "cpu" not in plan.placement.device_map.values()
+    # Only a text encoder the config streams from the CPU stays there.
+    model = load_config(app(serve_config_of(path))["args"], environ={}).model
+    streamed = {"text_encoder"} if model.text_encoder == "offload" else set()
+    assert {n for n, d in plan.placement.device_map.items() if d == "cpu"} == streamed
     assert gpus_per_replica(serve_config_of(path)) == gpus
 
 
@@ -255,6 +282,25 @@ def test_the_lightning_config_serves_the_fused_4_step_recipe_in_fp8() -> None:
     assert lora.weight_name and "2511-Lightning-4steps" in lora.weight_name
     assert model.model_ids == [lora.name]
     assert config.defaults_for(lora.name) == (4, 1.0)
+
+
+@pytest.mark.parametrize("path", sorted(SMALL_CARDS), ids=str)
+def test_small_card_configs_fit_one_card_only_as_configured(path: str) -> None:
+    """Each one-card config fits its card with the limit it sets and its 8-bit / streamed
+    components, the largest edit its limits accept planned for; in bf16 it would not."""
+    config = load_config(app(serve_config_of(ROOT / path))["args"], environ={})
+    model, limits = config.model, config.limits
+    assert (model.quantization, model.compile) == ("fp8", True)
+    assert model.headroom_max_pixels == limits.max_output_pixels
+    assert model.headroom_ref_images is None  # planned for max_input_images references
+    card_gib = CARDS[path][0]
+    plan = _plan(ROOT / path, card_gib)
+    assert plan.placement.device_map["transformer"] == 0
+    expected = "cpu" if model.text_encoder == "offload" else 0
+    assert plan.placement.device_map["text_encoder"] == expected
+    assert "bf16+fp8+int8" in plan.table()
+    with pytest.raises(PlacementError):
+        _plan(ROOT / path, card_gib, quantization="none", text_encoder="resident")
 
 
 def test_24gb_cards_need_the_1mp_limit() -> None:

@@ -1,5 +1,5 @@
-"""Offline checks of the Kubernetes side: deploy/rayservice.yaml, deploy/autoscaling.yaml and
-deploy/Dockerfile.
+"""Offline checks of the Kubernetes side: deploy/rayservice.yaml, deploy/autoscaling.yaml,
+deploy/redis.yaml and deploy/Dockerfile.
 
 The RayService manifests are validated against KubeRay's own CRD schema (vendored in
 tests/deploy/kuberay, see its README), made strict the way `kubectl apply` (server-side field
@@ -18,12 +18,13 @@ from typing import Any
 
 import jsonschema
 import pytest
+import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 from ray.serve.config import AutoscalingConfig
 
 from serve_app.common import malloc
-from serve_app.common.config import ENV_MODEL_DIR, load_config
+from serve_app.common.config import ENV_MODEL_DIR, is_redis_url, load_config
 from tests.deploy.files import (
     AUTOSCALING,
     CRD_PATH,
@@ -33,6 +34,7 @@ from tests.deploy.files import (
     INGRESS_DEPLOYMENT,
     MODEL_DEPLOYMENT,
     RAYSERVICE,
+    REDIS,
     ROOT,
     app,
     cluster,
@@ -67,12 +69,22 @@ CRD_SHA256 = "0a8fc325e6e22b9231c1f282b309555e2ecf94227ca20a03df3d1d9a403907ab"
 FOUR_GPUS = ROOT / "deploy/configs/4gpu.yaml"
 _MODEL_PATH = "applications.*.args.model.path"
 _MODEL_DEP = f"applications.*.deployments.{MODEL_DEPLOYMENT}"
+_INGRESS_DEP = f"applications.*.deployments.{INGRESS_DEPLOYMENT}"
+# A cluster's differences from a one-machine config: the shared url-result store, and the
+# ingress replicated over nodes (docs/deployment.md#what-survives-what).
+_CLUSTER = (
+    "applications.*.args.storage.*",
+    f"{_INGRESS_DEP}.num_replicas",
+    f"{_INGRESS_DEP}.autoscaling_config.*",
+    f"{_INGRESS_DEP}.max_replicas_per_node",
+)
 EMBEDS: dict[Path, tuple[Path, tuple[str, ...]]] = {
-    RAYSERVICE: (FOUR_GPUS, (_MODEL_PATH,)),
+    RAYSERVICE: (FOUR_GPUS, (_MODEL_PATH, *_CLUSTER)),
     AUTOSCALING: (
         FOUR_GPUS,
         (
             _MODEL_PATH,
+            *_CLUSTER,
             f"{_MODEL_DEP}.num_replicas",
             f"{_MODEL_DEP}.autoscaling_config",
             f"{_MODEL_DEP}.autoscaling_config.*",
@@ -195,9 +207,96 @@ def test_autoscaling_example_scales_the_model_only() -> None:
     assert 1 <= scaling.min_replicas <= scaling.max_replicas
     assert scaling.target_ongoing_requests == pytest.approx(1.0)
     assert scaling.upscale_delay_s < scaling.downscale_delay_s
-    assert "autoscaling_config" not in deployment(config, INGRESS_DEPLOYMENT)
     assert cluster(AUTOSCALING)["enableInTreeAutoscaling"] is True
     assert cluster(RAYSERVICE).get("enableInTreeAutoscaling", False) is False
+
+
+# --- no single point of failure -------------------------------------------------------------
+
+
+def _nodes(path: Path, *, bound: str) -> int:
+    """Ray nodes of the cluster: the head and every worker pod (`bound` minReplicas or
+    maxReplicas of each group)."""
+    return 1 + sum(group[bound] for group in cluster(path)["workerGroupSpecs"])
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=name)
+def test_the_ingress_is_replicated_over_nodes_and_scales(path: Path) -> None:
+    config = serve_config_of(path)
+    ingress = deployment(config, INGRESS_DEPLOYMENT)
+    assert "num_replicas" not in ingress
+    scaling = AutoscalingConfig.model_validate(ingress["autoscaling_config"])
+    assert scaling.min_replicas >= 2 and scaling.max_replicas > scaling.min_replicas
+    assert scaling.target_ongoing_requests < ingress["max_ongoing_requests"]
+    # One per node: losing a node loses one replica; the always-there nodes hold them all.
+    assert ingress["max_replicas_per_node"] == 1
+    assert _nodes(path, bound="minReplicas") >= scaling.max_replicas
+    assert config["proxy_location"] == "EveryNode"
+    (cpu,) = [g for g in cluster(path)["workerGroupSpecs"] if g not in gpu_groups(path)]
+    assert cpu["minReplicas"] >= 2
+    spread = pod(cpu)["affinity"]["podAntiAffinity"]
+    terms = spread["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert terms[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert terms[0]["podAffinityTerm"]["labelSelector"]["matchLabels"] == {
+        "ray.io/group": cpu["groupName"]
+    }
+
+
+def _redis_documents() -> dict[str, dict[str, Any]]:
+    documents = list(yaml.safe_load_all(REDIS.read_text()))
+    return {d["kind"]: d for d in documents}
+
+
+def _redis_service() -> tuple[str, int]:
+    service = _redis_documents()["Service"]
+    (port,) = service["spec"]["ports"]
+    return service["metadata"]["name"], port["port"]
+
+
+def test_the_redis_manifest_is_a_service_over_a_durable_password_protected_redis() -> None:
+    documents = _redis_documents()
+    assert set(documents) == {"Service", "PersistentVolumeClaim", "Deployment"}
+    deployment_ = documents["Deployment"]
+    labels = deployment_["spec"]["template"]["metadata"]["labels"]
+    assert documents["Service"]["spec"]["selector"].items() <= labels.items()
+    assert deployment_["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert deployment_["spec"]["strategy"]["type"] == "Recreate"  # one writer per volume
+    (container,) = pod(deployment_["spec"])["containers"]
+    args = container["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    assert env(container)["REDIS_PASSWORD"]["secretKeyRef"] == _REDIS_SECRET
+    (volume,) = pod(deployment_["spec"])["volumes"]
+    claim = documents["PersistentVolumeClaim"]["metadata"]["name"]
+    assert volume["persistentVolumeClaim"]["claimName"] == claim
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/data"}
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert documents["Service"]["spec"]["ports"][0]["targetPort"] in ports
+
+
+_REDIS_SECRET = {"name": "qwen-image-edit-redis", "key": "password"}
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=name)
+def test_gcs_fault_tolerance_and_url_results_use_the_redis(path: Path) -> None:
+    host, port = _redis_service()
+    options = cluster(path)["gcsFaultToleranceOptions"]
+    assert options["backend"] == "redis"
+    assert options["redisAddress"] == f"{host}:{port}"
+    assert options["redisPassword"]["valueFrom"]["secretKeyRef"] == _REDIS_SECRET
+    storage = load_config(app(serve_config_of(path))["args"], environ={}).storage
+    assert is_redis_url(storage.url)
+    assert storage.url.startswith(f"redis://{host}:{port}/")
+    assert not storage.url.endswith("/0"), "database 0 is the GCS's"
+    assert storage.password_env
+    # Every container has the password where the config says: the ingress may run on any node.
+    for container in containers(path):
+        assert env(container)[storage.password_env]["secretKeyRef"] == _REDIS_SECRET
+    # The store's bound fits in Redis's memory beside the GCS tables.
+    (redis,) = pod(_redis_documents()["Deployment"]["spec"])["containers"]
+    maxmemory = redis["args"][redis["args"].index("--maxmemory") + 1]
+    assert maxmemory.endswith("gb") and storage.max_total_bytes < int(maxmemory[:-2]) * 1024**3
 
 
 # --- cluster shape ---------------------------------------------------------------------------

@@ -192,7 +192,9 @@ def test_the_dockerfile_install_resolves_for_the_image(wheel: Path, tmp_path: Pa
     )  # fmt: skip
     for package, version in TESTED_GPU_SET.items():
         assert resolved.get(package) == version, (package, resolved.get(package))
-    assert {"peft", "s3fs", "gcsfs", "huggingface-hub", "python-multipart"} <= set(resolved)
+    assert {"peft", "s3fs", "gcsfs", "redis", "huggingface-hub", "python-multipart"} <= set(
+        resolved
+    )
     cuda = {name for name in resolved if name.startswith("nvidia-") and name.endswith("-cu13")}
     assert cuda, f"torch 2.11.0 resolved without CUDA 13 libraries: {sorted(resolved)}"
 

@@ -16,7 +16,7 @@ def full_width_blocks(layers: int = 4) -> Any:
     """The synthetic 2511 transformer on cuda:0 in bf16: full width, `layers` of the 60 blocks."""
     import torch
 
-    from serve_app.pipeline.synthetic import build_component, variant_dir
+    from serve_app.pipeline.random_weights.synthetic import build_component, variant_dir
 
     torch.manual_seed(0)
     return build_component(

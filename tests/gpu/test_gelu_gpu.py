@@ -1,4 +1,4 @@
-"""The feed-forward GELU in cuBLASLt's GEMM epilogue (`pipeline.gelu`) on a CUDA GPU: the same
+"""The feed-forward GELU in cuBLASLt's GEMM epilogue (`pipeline.speed.gelu`) on a CUDA GPU: the same
 tanh GELU as diffusers' two kernels, no farther from a float32/float64 reference, and what the
 compiled blocks call.
 
@@ -23,7 +23,7 @@ def test_fused_gelu_is_the_tanh_gelu_of_the_linear(tokens: int) -> None:
     import torch.nn.functional as F
     from diffusers.models.activations import GELU
 
-    from serve_app.pipeline.gelu import fusable, gelu_linear
+    from serve_app.pipeline.speed.gelu import fusable, gelu_linear
 
     torch.manual_seed(0)
     module = GELU(3072, 12288, approximate="tanh").to("cuda", torch.bfloat16)
@@ -48,7 +48,7 @@ def test_compiled_blocks_call_the_fused_gemm_and_stay_close() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from serve_app.pipeline.gelu import install_gelu_epilogue
+    from serve_app.pipeline.speed.gelu import install_gelu_epilogue
 
     transformer = full_width_blocks(4)
     reference = copy.deepcopy(transformer).float()
@@ -82,7 +82,7 @@ def test_compiled_sigmoid_form_is_the_tanh_gelu() -> None:
     import torch.nn.functional as F
     from diffusers.models.activations import GELU
 
-    from serve_app.pipeline.gelu import SigmoidGELU
+    from serve_app.pipeline.speed.gelu import SigmoidGELU
 
     torch.manual_seed(0)
     gate = torch.randn(8192, 12288, device="cuda", dtype=torch.bfloat16) * 3

@@ -88,7 +88,7 @@ def free_gpus() -> None:
 
 
 def load(model: ModelConfig) -> Any:
-    from serve_app.pipeline.loader import load_runner
+    from serve_app.pipeline.loading.loader import load_runner
 
     free_gpus()
     t0 = time.perf_counter()

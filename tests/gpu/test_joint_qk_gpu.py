@@ -1,5 +1,5 @@
-"""The streams joined before the QK norm (`pipeline.joint_qk`) on a CUDA GPU: the Triton kernel
-(`pipeline.norm_rope_kernel`) gives the PyTorch operations' values, and the compiled bf16 blocks
+"""The streams joined before the QK norm (`pipeline.speed.joint_qk`) on a CUDA GPU: the Triton kernel
+(`pipeline.speed.norm_rope_kernel`) gives the PyTorch operations' values, and the compiled bf16 blocks
 that call it stay as close to a float32 forward as with diffusers' processor, without the copy
 of the query and key into the joined buffer.
 
@@ -22,8 +22,8 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture
 def real_rope() -> Iterator[None]:
-    from serve_app.pipeline.joint_qk import disable_kernel
-    from serve_app.pipeline.rope import install_real_rope, uninstall_real_rope
+    from serve_app.pipeline.speed.joint_qk import disable_kernel
+    from serve_app.pipeline.speed.rope import install_real_rope, uninstall_real_rope
 
     install_real_rope()  # as compile runs it
     yield
@@ -38,7 +38,7 @@ def test_kernel_gives_the_pytorch_values(real_rope: None, dtype: str, text_first
     import torch
     from diffusers.models.normalization import RMSNorm
 
-    from serve_app.pipeline import joint_qk
+    from serve_app.pipeline.speed import joint_qk
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     at: dict[str, Any] = {"device": "cuda", "generator": gen}
@@ -95,7 +95,7 @@ def _joins(kernels: Counter[str]) -> int:
 def test_compiled_joint_blocks_stay_close_and_copy_less(real_rope: None) -> None:
     import torch
 
-    from serve_app.pipeline.joint_qk import enable_kernel, install_joint_qk
+    from serve_app.pipeline.speed.joint_qk import enable_kernel, install_joint_qk
 
     transformer = full_width_blocks(4)
     reference = copy.deepcopy(transformer).float()

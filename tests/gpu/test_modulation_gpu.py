@@ -1,4 +1,4 @@
-"""Modulation tables (`pipeline.modulation`) on a CUDA GPU: the compiled bf16 blocks reading their
+"""Modulation tables (`pipeline.speed.modulation`) on a CUDA GPU: the compiled bf16 blocks reading their
 modulation from tables made for a whole schedule stay as close to a float32 forward as the
 per-forward products, for every step of the schedule, and compute no modulation product per
 forward.
@@ -22,11 +22,11 @@ def test_compiled_blocks_with_tables_stay_close_at_every_step() -> None:
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from serve_app.pipeline.modulation import (
+    from serve_app.pipeline.random_weights.synthetic import variant_dir
+    from serve_app.pipeline.speed.modulation import (
         install_modulation_tables,
         uninstall_modulation_tables,
     )
-    from serve_app.pipeline.synthetic import variant_dir
 
     transformer = full_width_blocks(4)
     reference = copy.deepcopy(transformer).float()

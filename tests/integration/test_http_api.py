@@ -404,7 +404,7 @@ def test_prometheus_metrics_after_requests(server: Server) -> None:
 def tiny_tokens() -> Any:
     """The tiny model's own tokenizer, as the replica shares it with the ingress."""
     from serve_app.ingress.tokens import PromptTokenizer
-    from serve_app.pipeline.tiny import ensure_tiny_model
+    from serve_app.pipeline.random_weights.tiny import ensure_tiny_model
 
     path = ensure_tiny_model() / "tokenizer" / "tokenizer.json"
     from tokenizers import Tokenizer

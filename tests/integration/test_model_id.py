@@ -18,7 +18,7 @@ import openai
 import pytest
 from PIL import Image
 
-from serve_app.pipeline.tiny import ensure_tiny_model
+from serve_app.pipeline.random_weights.tiny import ensure_tiny_model
 from tests.fakes import png_bytes
 from tests.hub_cache import add_to_hub_cache
 from tests.integration.conftest import TEST_ARGS, Cluster, Server, deploy_app, remove_app

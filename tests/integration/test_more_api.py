@@ -41,7 +41,7 @@ ARGS: dict[str, Any] = {
 
 @pytest.fixture(scope="module")
 def more(serve_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    from serve_app.pipeline.tiny import build_tiny_lora, ensure_tiny_model
+    from serve_app.pipeline.random_weights.tiny import build_tiny_lora, ensure_tiny_model
 
     # The LoRA is made here from the same (cached) tiny model the replica will load.
     lora = build_tiny_lora(ensure_tiny_model(), tmp_path_factory.mktemp("lora"))

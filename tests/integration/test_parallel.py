@@ -65,7 +65,7 @@ def _single_process_image(
 ) -> np.ndarray:
     """The same edit on one process (no Ray): what every parallel shape must reproduce."""
     from serve_app.common.jobs import EditJob
-    from serve_app.pipeline.loader import load_runner
+    from serve_app.pipeline.loading.loader import load_runner
 
     config = AppConfig.model_validate({**args, "model": {**args["model"], "parallel": {}}})
     runner = load_runner(config.model, config.generation)
@@ -101,7 +101,7 @@ def cfg2(
 ) -> Iterator[tuple[Server, dict[str, Any]]]:
     """The tiny model over 2 ranks, CFG split, with a LoRA; health checked every second (the
     kill test)."""
-    from serve_app.pipeline.tiny import build_tiny_lora, ensure_tiny_model
+    from serve_app.pipeline.random_weights.tiny import build_tiny_lora, ensure_tiny_model
 
     lora = build_tiny_lora(ensure_tiny_model(), tmp_path_factory.mktemp("lora"))
     args = _args(

@@ -43,7 +43,7 @@ def test_a_cfg_off_model_id_gets_ulysses_over_every_rank(
 ) -> None:
     """A fused distilled LoRA (no true CFG by its recipe) on two ranks: `parallel: auto` plans
     Ulysses 2, not a CFG split whose second rank would idle, and gives the single-process pixels."""
-    from serve_app.pipeline.synthetic import build_synthetic_lora
+    from serve_app.pipeline.random_weights.synthetic import build_synthetic_lora
 
     lora = build_synthetic_lora(
         "2509", tmp_path_factory.mktemp("lora"), rank=4, overrides=SHRUNK_4_HEADS

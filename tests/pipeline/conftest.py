@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 from serve_app.common.config import GenerationConfig, ModelConfig
-from serve_app.pipeline.loader import load_runner
-from serve_app.pipeline.runner import EditRunner
-from serve_app.pipeline.tiny import build_tiny_lora, ensure_tiny_model
+from serve_app.pipeline.loading.loader import load_runner
+from serve_app.pipeline.random_weights.tiny import build_tiny_lora, ensure_tiny_model
+from serve_app.pipeline.running.runner import EditRunner
 from tests.fixtures import red_left
 
 TinyModels = Callable[[str], Path]

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from serve_app.pipeline.parallel.engine import watch_rank0
+from serve_app.pipeline.parallel_engine import watch_rank0
 
 
 class Followers:

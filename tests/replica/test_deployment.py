@@ -76,6 +76,11 @@ def test_edit_runs_off_the_event_loop_and_returns_output() -> None:
     assert model.info() is FAKE_INFO
 
 
+def test_memory_answers_the_engines_allocator_figures() -> None:
+    """What bench.run reads as one replica's allocator peak per GPU."""
+    assert make(StepRunner()).memory() == [("0", 1, 2)]
+
+
 def test_deadline_stops_denoising_and_raises_504() -> None:
     runner = StepRunner(step_s=0.02)
     with pytest.raises(TimeoutError_):

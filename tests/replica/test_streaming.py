@@ -14,7 +14,7 @@ from serve_app.common.errors import InvalidRequestError
 from serve_app.common.jobs import EditJob, EditOutput, PartialImage
 from serve_app.common.metrics import NullMetrics
 from serve_app.engine import EditStopped
-from serve_app.pipeline.previews import preview_steps
+from serve_app.pipeline.running.previews import preview_steps
 from serve_app.replica.bridge import iterate_in_thread
 from serve_app.replica.deployment import ImageEditModel
 from tests.fakes import FAKE_INFO, fake_edit

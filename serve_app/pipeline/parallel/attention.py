@@ -6,7 +6,7 @@ transformer's `encoder_hidden_states_mask`, which makes every attention a masked
 all-gathered in every layer and cuDNN's masked kernel is slower than the unmasked one (docs/gpu.md,
 bench/results/h200-forward-sdpa-mask.json).
 
-`TailPaddedAttnProcessor` is the joint-attention processor (`pipeline/joint_qk.py`: diffusers'
+`TailPaddedAttnProcessor` is the joint-attention processor (`pipeline/speed/joint_qk.py`: diffusers'
 `QwenDoubleStreamAttnProcessor2_0` with the streams joined before the QK norm, on CUDA by one
 Triton kernel) with one change when a call brings `key_padding`: it joins the streams as
 [image, text] instead of [text, image]. After
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.transformers import transformer_qwenimage as qwen
 
-from serve_app.pipeline.joint_qk import JointQKAttnProcessor, joint_qkv, split_outputs
+from serve_app.pipeline.speed.joint_qk import JointQKAttnProcessor, joint_qkv, split_outputs
 
 # key_padding's length is the padding + this, so it is never 0 or 1 (see the module docstring).
 MARKER_OFFSET = 2
