@@ -6,7 +6,7 @@ sizes. The runner-level tests assert how the runner drives the pipeline (equal l
 paths, switching, shapes, hooks), which holds at any working area, so `small_working_area`
 divides it by 64 in this process, in diffusers and in `serve_app.common.sizing` alike (the
 runner's predictions of the pipelines' sizes stay exact). A module that tests the pipelines at
-their real sizes overrides the fixture (tests/pipeline/test_runner_limits.py); the integration
+their real sizes overrides the fixture (tests/pipeline/running/test_runner_limits.py); the integration
 tests run the replicas, unpatched, in their own processes.
 """
 

@@ -297,7 +297,7 @@ def test_each_module_is_handed_on_once_its_weights_exist_with_the_same_values() 
 
 
 def test_a_streamed_text_encoder_is_made_on_its_gpu_then_moved_to_the_cpu() -> None:
-    from serve_app.pipeline.placement import GpuMemory
+    from serve_app.pipeline.placement.planner import GpuMemory
     from serve_app.pipeline.random_weights.synthetic import _staging
 
     sizes = synthetic_component_sizes("2511", overrides=SHRUNK)
