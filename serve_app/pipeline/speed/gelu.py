@@ -40,7 +40,7 @@ def takes_epilogue(module: Any) -> bool:
     of a plain half-precision `nn.Linear` with a bias."""
     import torch
 
-    proj = getattr(module, "proj", None)
+    proj: Any = getattr(module, "proj", None)
     return (
         getattr(module, "approximate", None) == "tanh"
         and type(proj) is torch.nn.Linear  # a subclass or wrapper (LoRA) is not
