@@ -143,10 +143,6 @@ class HotSwap:
         return list(self._names)
 
     @property
-    def active(self) -> str | None:
-        return self._active
-
-    @property
     def linears(self) -> int:
         """How many linears switching rewrites."""
         return len(self._linears)
