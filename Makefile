@@ -30,14 +30,15 @@ run: $(STAMP)
 
 ## The tests in two suites, by the pytest markers in pyproject.toml (tests/deploy/test_suites.py
 ## checks that every test file is in exactly one):
-## `make test`: lint, type-check, then every test that needs no Ray cluster and no process group
-## (minutes on 2 cores; GPU tests skip with a reason);
-## `make test-integration`: the real Ray Serve app over HTTP (`integration`) and the transformer
-## over several torch.distributed ranks (`multiprocess`);
+## `make test`: lint, type-check, then every test that needs no Ray cluster, no process group and
+## no package registry (minutes on 2 cores; GPU tests skip with a reason);
+## `make test-integration`: the real Ray Serve app over HTTP (`integration`), the transformer
+## over several torch.distributed ranks (`multiprocess`) and the install resolved against PyPI
+## (`network`);
 ## `make test-all`: both (what CI runs).
 # The tests never reach the Hugging Face Hub. (`make run` may: a config can name a model id, and
 # HF_HUB_OFFLINE from the environment or .env applies there.)
-SLOW_MARKERS := integration or multiprocess
+SLOW_MARKERS := integration or multiprocess or network
 PYTEST := $(PY) -m pytest -q -ra
 
 test: export HF_HUB_OFFLINE ?= 1

@@ -22,7 +22,7 @@ MAKEFILE = ROOT / "Makefile"
 CI = ROOT / ".ci/run"
 TESTS = ROOT / "tests"
 SUITES = ("test", "test-integration")  # the Makefile targets that run pytest
-SUITE_MARKERS = {"integration", "multiprocess"}
+SUITE_MARKERS = {"integration", "multiprocess", "network"}
 
 
 def _make_variables(text: str) -> dict[str, str]:
