@@ -135,9 +135,9 @@ class ModelConfig(_Strict):
     # (both measured in docs/gpu.md's speed-switch table).
     compile_cpp_wrapper: bool = False
     # torch.compile the text encoder's repeated layers too (the language model's decoder layers
-    # and the vision tower's blocks, dynamic shapes: prompt lengths vary). Eager, a few hundred
-    # tokens per edit leave its kernels launch-bound; it matters most for few-step (distilled)
-    # ids, where the text encoder is a large part of an edit (docs/gpu.md). Compiles at start.
+    # and the vision tower's blocks, dynamic shapes: prompt lengths vary), for few-step
+    # (distilled) ids, where the text encoder is a large part of an edit. Measured without a
+    # gain on H100 (docs/gpu.md, Distilled LoRAs), so off. Compiles at start.
     compile_text_encoder: bool = False
     # diffusers attention dispatcher backend, e.g. "native", "_native_cudnn", "_native_flash",
     # "_native_efficient", "flash" (needs flash-attn), "_flash_3" (FA3). None: diffusers' default.
