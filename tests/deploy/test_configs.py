@@ -14,12 +14,14 @@ from __future__ import annotations
 import copy
 import fnmatch
 import importlib
+import itertools
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, get_args
 
 import pytest
+import yaml
 from pydantic import BaseModel
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import ServeDeploySchema
@@ -301,6 +303,41 @@ def test_small_card_configs_fit_one_card_only_as_configured(path: str) -> None:
     assert "bf16+fp8+int8" in plan.table()
     with pytest.raises(PlacementError):
         _plan(ROOT / path, card_gib, quantization="none", text_encoder="resident")
+
+
+LIGHTNING_MARK = "The 4-step Lightning model instead: uncomment these lines"
+
+
+def commented_lightning(path: Path) -> dict[str, Any]:
+    """The model keys a one-card config carries commented out under `LIGHTNING_MARK`."""
+    lines = path.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if LIGHTNING_MARK in line)
+    prefix = lines[start][: lines[start].index("#")] + "# "
+    block = list(itertools.takewhile(lambda line: line.startswith(prefix), lines[start:]))
+    yaml_lines = [line.removeprefix(prefix) for line in block]
+    snippet = yaml.safe_load("\n".join(yaml_lines[yaml_lines.index("loras:") :]))
+    assert isinstance(snippet, dict)
+    return snippet
+
+
+@pytest.mark.parametrize("path", sorted(SMALL_CARDS), ids=str)
+def test_small_card_configs_carry_a_ready_lightning_entry(path: str) -> None:
+    """Uncommented, the Lightning lines of a one-card config give the fused 4-step model (the
+    LoRA of 1gpu-lightning.yaml), still planned in 8 bits on its card."""
+    snippet = commented_lightning(ROOT / path)
+    assert set(snippet) == {"loras", "lora_mode"}
+    args = copy.deepcopy(app(serve_config_of(ROOT / path))["args"])
+    args["model"].update(snippet)
+    config = load_config(args, environ={})
+    (lora,) = config.model.loras
+    lightning = load_config(
+        app(serve_config_of(ROOT / "deploy/configs/1gpu-lightning.yaml"))["args"], environ={}
+    )
+    assert config.model.loras == lightning.model.loras
+    assert config.model.model_ids == [lora.name]
+    assert config.defaults_for(lora.name) == (4, 1.0)
+    plan = _plan(ROOT / path, CARDS[path][0], **snippet)
+    assert plan.placement.strategy == "single" and "bf16+fp8+int8" in plan.table()
 
 
 def test_24gb_cards_need_the_1mp_limit() -> None:
