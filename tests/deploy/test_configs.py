@@ -14,14 +14,12 @@ from __future__ import annotations
 import copy
 import fnmatch
 import importlib
-import itertools
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, get_args
 
 import pytest
-import yaml
 from pydantic import BaseModel
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import ServeDeploySchema
@@ -40,6 +38,7 @@ from tests.deploy.files import (
     SERVE_CONFIG,
     SHAPE_CONFIGS,
     app,
+    commented_lightning,
     deployment,
     differences,
     gpus_per_replica,
@@ -303,21 +302,6 @@ def test_small_card_configs_fit_one_card_only_as_configured(path: str) -> None:
     assert "bf16+fp8+int8" in plan.table()
     with pytest.raises(PlacementError):
         _plan(ROOT / path, card_gib, quantization="none", text_encoder="resident")
-
-
-LIGHTNING_MARK = "The 4-step Lightning model instead: uncomment these lines"
-
-
-def commented_lightning(path: Path) -> dict[str, Any]:
-    """The model keys a one-card config carries commented out under `LIGHTNING_MARK`."""
-    lines = path.read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if LIGHTNING_MARK in line)
-    prefix = lines[start][: lines[start].index("#")] + "# "
-    block = list(itertools.takewhile(lambda line: line.startswith(prefix), lines[start:]))
-    yaml_lines = [line.removeprefix(prefix) for line in block]
-    snippet = yaml.safe_load("\n".join(yaml_lines[yaml_lines.index("loras:") :]))
-    assert isinstance(snippet, dict)
-    return snippet
 
 
 @pytest.mark.parametrize("path", sorted(SMALL_CARDS), ids=str)

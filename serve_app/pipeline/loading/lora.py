@@ -246,7 +246,11 @@ class FuseOnArrival:
             folder, weight_name=weight_name, local_files_only=True, return_lora_metadata=True
         )
         QwenImageLoraLoaderMixin.load_lora_into_transformer(
-            state, transformer=stand_in, adapter_name=spec.name, metadata=metadata
+            state,
+            transformer=stand_in,
+            adapter_name=spec.name,
+            metadata=metadata,
+            low_cpu_mem_usage=True,  # as load_lora_weights: no random init of the factors first
         )
         factors = {
             module: held[spec.name]
