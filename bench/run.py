@@ -41,8 +41,10 @@ gpus=1, or gpus=0 for CPU ranks), cfg and ulysses (degrees, default auto), base 
 scenario's name: speedup and scaling efficiency against it), restart (1: redeploy after timing and
 time the warm start, the compile cache already on the node); for one card smaller than the
 GPU (docs/gpu.md#one-card): memory_cap_gib (the replica's allocator capped to this many GiB,
-QWEN_CUDA_MEMORY_CAP_GIB, and model.max_memory_gib set to it; written as `memory_cap_gib`),
-text_encoder (resident | int8 | offload), vae_tiling (0/1), max_pixels (headroom_max_pixels).
+QWEN_CUDA_MEMORY_CAP_GIB, and model.max_memory_gib set to it; written as `memory_cap_gib`;
+with fp8 also model.quantize_at_load, as the one-card configs: a `lora` is then fused into each
+layer as it loads), text_encoder (resident | int8 | offload), vae_tiling (0/1), max_pixels
+(headroom_max_pixels).
 """
 
 from __future__ import annotations
@@ -329,6 +331,8 @@ def app_config(sc: Scenario, *, steps: int) -> dict[str, Any]:
         model["headroom_max_pixels"] = sc.max_pixels
     if sc.memory_cap_gib:
         model["max_memory_gib"] = {0: sc.memory_cap_gib}
+        if sc.fp8:  # as the one-card configs: 8-bit layers made on arrival (a LoRA fused first)
+            model["quantize_at_load"] = True
     if sc.backend:
         model["attention_backend"] = sc.backend
     if OVERRIDES:

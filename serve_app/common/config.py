@@ -157,10 +157,12 @@ class ModelConfig(_Strict):
     # weight-only, any GPU) or offload (its weights stay on the CPU and are streamed to the GPU
     # layer by layer for each encode, accelerate's cpu_offload: a cost per edit, not memory).
     text_encoder: Literal["resident", "int8", "offload"] = "resident"
-    # With fp8 and no LoRAs: each 8-bit layer is quantized as it reaches the GPU (block linears
-    # fp8, the 120 modulation linears int8), so the bf16 weights never have to fit the card at
-    # once (the one-card configs set it; docs/gpu.md#one-card). Off: fp8 quantizes the loaded
-    # bf16 block linears after loading, modulation stays bf16 (the path measured on 80 GB cards).
+    # With fp8: each 8-bit layer is quantized as it reaches the GPU (block linears fp8, the 120
+    # modulation linears int8), so the bf16 weights never have to fit the card at once (the
+    # one-card configs set it; docs/gpu.md#one-card). A fused LoRA is added to each linear in
+    # bf16 as it arrives, before it is quantized; hotswap is refused (it rewrites bf16 base
+    # weights loaded first). Off: fp8 quantizes the loaded bf16 block linears after loading,
+    # modulation stays bf16 (the path measured on 80 GB cards).
     quantize_at_load: bool = False
     # Encode and decode with the VAE in tiles (diffusers' enable_tiling): a small, fixed VAE
     # peak instead of one that grows with the image, for small cards.
@@ -202,6 +204,18 @@ class ModelConfig(_Strict):
             raise ValueError(
                 f"model.lora_mode fused folds exactly one LoRA into the weights; {len(self.loras)}"
                 " configured (use lora_mode: hotswap to serve several, or the base model too)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _no_hotswap_at_load(self) -> ModelConfig:
+        if self.loras and self.lora_mode == "hotswap" and self.quantize_at_load:
+            raise ValueError(
+                "model.lora_mode hotswap does not combine with model.quantize_at_load: switching"
+                " rewrites the adapted linears from their bf16 base weights, which a transformer"
+                " quantized as it loads never holds. Use lora_mode: fused (the one LoRA fused into"
+                " each linear as it loads, then quantized; its id alone is served), or"
+                " quantize_at_load: false on a card that holds the bf16 transformer (80 GB)"
             )
         return self
 

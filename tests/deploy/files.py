@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -183,3 +184,18 @@ def dockerfile_env() -> dict[str, str]:
     for line in re.findall(r"^ENV (.*)$", text, re.MULTILINE):
         settings.update(pair.split("=", 1) for pair in line.split())
     return settings
+
+
+LIGHTNING_MARK = "The 4-step Lightning model instead: uncomment these lines"
+
+
+def commented_lightning(path: Path) -> dict[str, Any]:
+    """The model keys a one-card config carries commented out under `LIGHTNING_MARK`."""
+    lines = path.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if LIGHTNING_MARK in line)
+    prefix = lines[start][: lines[start].index("#")] + "# "
+    block = list(itertools.takewhile(lambda line: line.startswith(prefix), lines[start:]))
+    yaml_lines = [line.removeprefix(prefix) for line in block]
+    snippet = yaml.safe_load("\n".join(yaml_lines[yaml_lines.index("loras:") :]))
+    assert isinstance(snippet, dict)
+    return snippet

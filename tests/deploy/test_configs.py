@@ -38,6 +38,7 @@ from tests.deploy.files import (
     SERVE_CONFIG,
     SHAPE_CONFIGS,
     app,
+    commented_lightning,
     deployment,
     differences,
     gpus_per_replica,
@@ -301,6 +302,26 @@ def test_small_card_configs_fit_one_card_only_as_configured(path: str) -> None:
     assert "bf16+fp8+int8" in plan.table()
     with pytest.raises(PlacementError):
         _plan(ROOT / path, card_gib, quantization="none", text_encoder="resident")
+
+
+@pytest.mark.parametrize("path", sorted(SMALL_CARDS), ids=str)
+def test_small_card_configs_carry_a_ready_lightning_entry(path: str) -> None:
+    """Uncommented, the Lightning lines of a one-card config give the fused 4-step model (the
+    LoRA of 1gpu-lightning.yaml), still planned in 8 bits on its card."""
+    snippet = commented_lightning(ROOT / path)
+    assert set(snippet) == {"loras", "lora_mode"}
+    args = copy.deepcopy(app(serve_config_of(ROOT / path))["args"])
+    args["model"].update(snippet)
+    config = load_config(args, environ={})
+    (lora,) = config.model.loras
+    lightning = load_config(
+        app(serve_config_of(ROOT / "deploy/configs/1gpu-lightning.yaml"))["args"], environ={}
+    )
+    assert config.model.loras == lightning.model.loras
+    assert config.model.model_ids == [lora.name]
+    assert config.defaults_for(lora.name) == (4, 1.0)
+    plan = _plan(ROOT / path, CARDS[path][0], **snippet)
+    assert plan.placement.strategy == "single" and "bf16+fp8+int8" in plan.table()
 
 
 def test_24gb_cards_need_the_1mp_limit() -> None:

@@ -128,8 +128,9 @@ def _finish(
     pipe = loaded.pipe
     pipe.set_progress_bar_config(disable=True)
     # LoRAs before fp8 and compile: fused weights are what gets quantized, and the compiled
-    # blocks see plain linears whichever LoRA is switched in.
-    hotswap = hold_loras(pipe, model)
+    # blocks see plain linears whichever LoRA is switched in. (Fused as the layers were loaded,
+    # with quantize_at_load: nothing left to do.)
+    hotswap = None if loaded.lora_fused else hold_loras(pipe, model)
     # Whole-GPU components need only their top-level accelerate hook (see strip_inner_hooks).
     for module in (loaded.transformer, pipe.text_encoder, pipe.vae):
         strip_inner_hooks(module)

@@ -7,6 +7,10 @@ on the replica's devices. Each returns a `LoadedPipeline`; `loader.load_runner` 
   streamed text encoder, through the placement planner (per-component loading), else
   diffusers' own `device_map`;
 - `synthetic`: the full-size architecture with random weights made on the planned devices.
+
+A fused LoRA with `quantize_at_load` (`lora.fuses_on_arrival`) is added to each adapted linear
+as the planned loaders put it on its device, before it is quantized (`lora.FuseOnArrival`);
+`LoadedPipeline.lora_fused` tells `loader` not to load it again.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 
 from serve_app.common.config import ModelConfig
 from serve_app.pipeline.loading.hub import resolve_model_path
+from serve_app.pipeline.loading.lora import FuseOnArrival, fuses_on_arrival
 from serve_app.pipeline.placement.dispatch import load_local_pipeline, stream_from_cpu
 from serve_app.pipeline.placement.load_plan import (
     device_labels,
@@ -27,7 +32,7 @@ from serve_app.pipeline.placement.load_plan import (
     offloaded_for,
     plan_load,
 )
-from serve_app.pipeline.placement.measure import component_sizes_from_configs
+from serve_app.pipeline.placement.measure import build_empty_component, component_sizes_from_configs
 from serve_app.pipeline.placement.planner import ComponentSize, GpuMemory, Placement, PlacementError
 from serve_app.pipeline.running.runner import SUPPORTED_PIPELINES
 
@@ -50,6 +55,7 @@ class LoadedPipeline:
     device_map: dict[str, str]  # component -> device label, for ModelInfo and /ready
     table: str  # the placement as logged
     transformer: Any  # what the speed switches apply to
+    lora_fused: bool = False  # the fused LoRA was added to the linears as they were loaded
 
 
 def load_tiny(model: ModelConfig, target: Target) -> LoadedPipeline:
@@ -81,18 +87,27 @@ def load_local(model: ModelConfig, target: Target) -> LoadedPipeline:
         offloaded=offloaded_for(model),
     )
 
-    def build(placement: Placement) -> Any:
+    def build(placement: Placement, fuse: FuseOnArrival | None) -> Any:
         return load_local_pipeline(
-            path, class_name, placement, dtype=target.dtype, eight_bit=eight_bit_for(model)
+            path,
+            class_name,
+            placement,
+            dtype=target.dtype,
+            eight_bit=eight_bit_for(model),
+            on_arrival=fuse,
         )
 
-    return _planned(model, target, sizes, what=str(path), build=build)
+    def stand_in() -> Any:
+        return build_empty_component(path, "transformer")
+
+    return _planned(model, target, sizes, what=str(path), build=build, stand_in=stand_in)
 
 
 def load_synthetic(model: ModelConfig, target: Target) -> LoadedPipeline:
     from serve_app.pipeline.random_weights.synthetic import (
         build_synthetic_pipeline,
         synthetic_component_sizes,
+        variant_dir,
     )
 
     sizes = synthetic_component_sizes(
@@ -103,7 +118,7 @@ def load_synthetic(model: ModelConfig, target: Target) -> LoadedPipeline:
         offloaded=offloaded_for(model),
     )
 
-    def build(placement: Placement) -> Any:
+    def build(placement: Placement, fuse: FuseOnArrival | None) -> Any:
         logger.warning(
             "!!! SYNTHETIC MODEL: real architecture, RANDOM WEIGHTS: outputs are noise"
             " (benchmarks and GPU tests only). !!!"
@@ -115,10 +130,17 @@ def load_synthetic(model: ModelConfig, target: Target) -> LoadedPipeline:
             tokenizer_source=_synthetic_tokenizer_source(model.path),
             overrides=model.synthetic_overrides,
             eight_bit=eight_bit_for(model),
+            on_arrival=fuse,
+        )
+
+    def stand_in() -> Any:
+        overrides = (model.synthetic_overrides or {}).get("transformer")
+        return build_empty_component(
+            variant_dir(model.synthetic_variant), "transformer", overrides=overrides
         )
 
     what = f"synthetic Qwen-Image-Edit-{model.synthetic_variant} (random weights)"
-    return _planned(model, target, sizes, what=what, build=build)
+    return _planned(model, target, sizes, what=what, build=build, stand_in=stand_in)
 
 
 def fetch_model_files(model: ModelConfig) -> None:
@@ -179,9 +201,11 @@ def _planned(
     sizes: list[ComponentSize],
     *,
     what: str,
-    build: Callable[[Placement], Any],
+    build: Callable[[Placement, FuseOnArrival | None], Any],
+    stand_in: Callable[[], Any],
 ) -> LoadedPipeline:
-    """Plan the placement (`planning.plan_load`) and build the pipeline laid out so."""
+    """Plan the placement (`planning.plan_load`) and build the pipeline laid out so; a LoRA
+    fused on arrival is read first from `stand_in()` (the transformer on the meta device)."""
     gpus = {"cpu": [], "cuda": target.gpus[:1]}.get(target.device_map, target.gpus)
     try:
         plan = plan_load(model, sizes, gpus)
@@ -190,9 +214,17 @@ def _planned(
         raise
     table = plan.table()
     logger.info("placement of %s (%s, visible GPUs %d):\n%s", what, target.dtype, len(gpus), table)
-    pipe = build(plan.placement)
+    fuse = None
+    # diffusers' CPU offload loads the whole bf16 pipeline: the LoRA is fused after it as usual.
+    if fuses_on_arrival(model) and plan.placement.strategy != "cpu_offload":
+        fuse = FuseOnArrival.load(model, stand_in(), dtype=target.dtype)
+    pipe = build(plan.placement, fuse)
+    if fuse is not None:
+        fuse.finish(pipe.transformer)
     stream_from_cpu(pipe, plan.placement)
-    return LoadedPipeline(pipe, device_labels(plan), table, pipe.transformer)
+    return LoadedPipeline(
+        pipe, device_labels(plan), table, pipe.transformer, lora_fused=fuse is not None
+    )
 
 
 def _placement_of(pipe: Any, *, fallback: str) -> dict[str, str]:

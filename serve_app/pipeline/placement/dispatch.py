@@ -89,6 +89,7 @@ def load_local_pipeline(
     dtype: Any,
     to_device: Callable[[Device], Any] | None = None,
     eight_bit: EightBit | None = None,
+    on_arrival: Callable[[Any, str], None] | None = None,
 ) -> Any:
     """Load a diffusers model folder laid out as `placement` says.
 
@@ -99,6 +100,8 @@ def load_local_pipeline(
     takes; tests map every GPU to "cpu" to run this path without GPUs. A component with layers
     `eight_bit` names is read into CPU memory and moved to its GPU a layer at a time, each
     quantized on arrival (`quantization.quantize_onto`): its bf16 weights need not fit the GPU.
+    `on_arrival(layer, fqn)` runs on each of the transformer's 8-bit layers on its GPU before it
+    is quantized (a fused LoRA: loading/lora.py `FuseOnArrival`).
     """
     import diffusers
 
@@ -125,8 +128,9 @@ def load_local_pipeline(
                         module.get_submodule(unit),
                         device,
                         lambda m, fqn, unit=unit: eight_bit(  # type: ignore[misc,arg-type]
-                            TRANSFORMER, m, f"{unit}.{fqn}" if fqn else unit
+                            TRANSFORMER, m, _joined(unit, fqn)
                         ),
+                        on_arrival=_under(unit, on_arrival),
                     )
             else:
                 module = cls.from_pretrained(
@@ -141,6 +145,7 @@ def load_local_pipeline(
                 module,
                 convert(placement.device_map[name]),
                 lambda m, fqn, name=name: eight_bit(name, m, fqn),  # type: ignore[misc,arg-type]
+                on_arrival=on_arrival if name == TRANSFORMER else None,
             )
             if several_devices:
                 dispatch_component(module, {"": convert(placement.device_map[name])})
@@ -154,6 +159,21 @@ def load_local_pipeline(
         module.eval().requires_grad_(False)
         modules[name] = module
     return pipeline_cls.from_pretrained(str(path), dtype=dtype, **modules)
+
+
+def _joined(unit: str, fqn: str) -> str:
+    """A submodule's name in the component from its name in placement unit `unit`."""
+    return f"{unit}.{fqn}" if fqn and unit else fqn or unit
+
+
+def _under(
+    unit: str, on_arrival: Callable[[Any, str], None] | None
+) -> Callable[[Any, str], None] | None:
+    """`on_arrival` for the modules of placement unit `unit`, told their names in the component."""
+    if on_arrival is None:
+        return None
+    hook = on_arrival
+    return lambda m, fqn: hook(m, _joined(unit, fqn))
 
 
 def _has_eight_bit(cls: Any, path: str | Path, name: str, eight_bit: EightBit | None) -> bool:

@@ -65,10 +65,11 @@ def headroom_for(model: ModelConfig) -> tuple[int, int]:
 def eight_bit_for(model: ModelConfig) -> EightBit | None:
     """The layers this config loads in 8 bits (`quantization.eight_bit_kind`), or None.
 
-    The transformer only with `quantize_at_load` and no LoRAs: otherwise it is loaded in bf16
-    and quantized afterwards (LoRAs are folded into or kept beside the bf16 weights first:
-    loading/lora.py), so the plan counts it in bf16, what the GPU holds while loading."""
-    quantization = model.quantization if model.quantize_at_load and not model.loras else "none"
+    The transformer only with `quantize_at_load` (a fused LoRA is added to each linear as it
+    arrives, before it is quantized: loading/lora.py `FuseOnArrival`; hotswap is refused with
+    it): otherwise it is loaded in bf16 and quantized afterwards, so the plan counts it in bf16,
+    what the GPU holds while loading."""
+    quantization = model.quantization if model.quantize_at_load else "none"
     if quantization == "none" and model.text_encoder != "int8":
         return None
 

@@ -99,6 +99,7 @@ def build_synthetic_pipeline(
     init_std: float = DEFAULT_INIT_STD,
     seed: int = 0,
     eight_bit: EightBit | None = None,
+    on_arrival: Callable[[nn.Module, str], None] | None = None,
 ) -> QwenImageEditPlusPipeline:
     """A `QwenImageEditPlusPipeline` of the variant, random weights laid out as `placement` says.
 
@@ -108,6 +109,8 @@ def build_synthetic_pipeline(
     to `placement.offload_gpu`. `eight_bit` (`planning.eight_bit_for`): the layers it names are
     quantized as soon as they are made; a component the plan streams from the CPU is made on
     its GPU a module at a time and moved to the CPU (the caller attaches the streaming hooks).
+    `on_arrival(module, fqn)` runs on each transformer module as soon as it is made, before it
+    is quantized (a fused LoRA: loading/lora.py `FuseOnArrival`).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
 
@@ -128,7 +131,9 @@ def build_synthetic_pipeline(
         extra = dict(overrides.get(name) or {})
         if name == "text_encoder":
             extra = {**extra, **token_ids}
-        device_map, then = _staging(placement, name, eight_bit)
+        device_map, then = _staging(
+            placement, name, eight_bit, on_arrival=on_arrival if name == "transformer" else None
+        )
         modules[name] = build_component(
             model_dir,
             name,
@@ -150,9 +155,14 @@ def build_synthetic_pipeline(
 
 
 def _staging(
-    placement: Placement, name: str, eight_bit: EightBit | None
+    placement: Placement,
+    name: str,
+    eight_bit: EightBit | None,
+    *,
+    on_arrival: Callable[[nn.Module, str], None] | None = None,
 ) -> tuple[dict[str, Device], Callable[[nn.Module, str], None] | None]:
-    """Where component `name`'s weights are made, and what happens to each module made."""
+    """Where component `name`'s weights are made, and what happens to each module made
+    (`on_arrival`, then its quantization)."""
     from accelerate.utils import set_module_tensor_to_device
 
     from serve_app.pipeline.speed.quantization import quantize_linear
@@ -166,15 +176,18 @@ def _staging(
                 set_module_tensor_to_device(module, pname, "cpu", clear_cache=False)
 
         return {"": placement.offload_gpu}, to_cpu
-    if eight_bit is None or placement.device_map[name] == "cpu":
+    eight = None if placement.device_map[name] == "cpu" else eight_bit
+    if eight is None and on_arrival is None:
         return device_map, None
 
-    def quantize(module: nn.Module, fqn: str) -> None:
-        kind = eight_bit(name, module, fqn)
+    def arrive(module: nn.Module, fqn: str) -> None:
+        if on_arrival is not None:
+            on_arrival(module, fqn)
+        kind = eight(name, module, fqn) if eight is not None else None
         if kind is not None:
             quantize_linear(module, kind)  # type: ignore[arg-type]
 
-    return device_map, quantize
+    return device_map, arrive
 
 
 def component_device_map(placement: Placement, name: str) -> dict[str, Device]:

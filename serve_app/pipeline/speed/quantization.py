@@ -112,14 +112,24 @@ def quantize_linear(module: Any, kind: Kind) -> None:
     quantize(module, lambda m, fqn: m is module)
 
 
-def quantize_onto(module: Any, device: Any, kind_of: Callable[[Any, str], Kind | None]) -> int:
+def quantize_onto(
+    module: Any,
+    device: Any,
+    kind_of: Callable[[Any, str], Kind | None],
+    *,
+    on_arrival: Callable[[Any, str], None] | None = None,
+) -> int:
     """Move `module` to `device` one layer at a time, quantizing each layer `kind_of` names as
-    it arrives, so the GPU never holds its bf16 weights at once; returns the layers quantized."""
+    it arrives, so the GPU never holds its bf16 weights at once; returns the layers quantized.
+    `on_arrival(layer, fqn)` runs on each such layer on `device` before it is quantized (a fused
+    LoRA added to its bf16 weight: loading/lora.py `FuseOnArrival`)."""
     done = 0
     for fqn, sub in list(module.named_modules()):
         kind = kind_of(sub, fqn)
         if kind is not None:
             sub.to(device)
+            if on_arrival is not None:
+                on_arrival(sub, fqn)
             quantize_linear(sub, kind)
             done += 1
     module.to(device)

@@ -47,7 +47,7 @@ def apply_speed_switches(
     transformer; returns log notes. `find_cxx` finds the C++ compiler (tests inject one)."""
     notes = []
     report = quantize_transformer(
-        transformer, model.quantization, modulation=model.quantize_at_load and not model.loras
+        transformer, model.quantization, modulation=model.quantize_at_load
     )
     if report is not None:
         notes.append(report.note())

@@ -354,3 +354,164 @@ def test_fp8_combines_with_loras() -> None:
 def test_bad_lora_configs_are_rejected(model: dict[str, Any]) -> None:
     with pytest.raises(pydantic.ValidationError):
         config(**model)
+
+
+# --- fused as each layer loads (quantize_at_load: the one-card configs) ---------------------
+
+ONE_CARD = {"quantization": "fp8", "compile": True, "quantize_at_load": True}
+
+
+def one_card_fused(lora: Path, **model: Any) -> ModelConfig:
+    """A one-card model (8-bit layers made on arrival) serving `lora` fused, its recipe's id."""
+    return ModelConfig.model_validate(
+        {
+            "source": "local",
+            "path": "/unused",
+            "device_map": "cuda",
+            **ONE_CARD,
+            "lora_mode": "fused",
+            "loras": [{"name": "l4", "path": str(lora), "recipe": "lightning-4"}],
+            **model,
+        }
+    )
+
+
+def test_fused_on_arrival_is_the_fused_path_quantized_layer_by_layer(
+    model_dir: Path, loras: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one-card loader (`load_local_pipeline`, each 8-bit layer moved and quantized alone;
+    GPUs mapped to the CPU, the quantizer faked: torchao runs in tests/gpu) with the LoRA fused
+    on arrival: every layer reaches the quantizer already holding base + B @ A * scale, and the
+    transformer and the edit equal `lora_mode: fused` today (diffusers' fuse_lora on the loaded
+    weights) BIT FOR BIT: the same product, scale and sum in the same dtype (float32 here; on a
+    GPU peft's merge computes in bf16 as `fused_weight` does)."""
+    import serve_app.pipeline.speed.quantization as quantization
+    from serve_app.pipeline.loading.lora import FuseOnArrival, fuses_on_arrival
+    from serve_app.pipeline.placement.dispatch import load_local_pipeline
+    from serve_app.pipeline.placement.load_plan import eight_bit_for
+    from serve_app.pipeline.placement.measure import (
+        build_empty_component,
+        component_sizes_from_configs,
+    )
+    from serve_app.pipeline.placement.planner import GiB, GpuMemory, plan_placement
+
+    handed: dict[int, Any] = {}  # id(module) -> the weight the quantizer was handed
+    monkeypatch.setattr(
+        quantization,
+        "quantize_linear",
+        lambda module, kind: handed.setdefault(id(module), module.weight.detach().clone()),
+    )
+    cfg = one_card_fused(loras["l4"])
+    assert fuses_on_arrival(cfg)
+    eight_bit = eight_bit_for(cfg)
+    sizes = component_sizes_from_configs(model_dir, dtype_bytes=4, eight_bit=eight_bit)
+    placement = plan_placement(
+        sizes,
+        [GpuMemory(0, "fake", GiB, sum(c.weight_bytes for c in sizes))],
+        activation_headroom_bytes=0,
+        aux_headroom_bytes=0,
+    )
+    fuse = FuseOnArrival.load(
+        cfg, build_empty_component(model_dir, "transformer"), dtype=torch.float32
+    )
+    pipe = load_local_pipeline(
+        model_dir,
+        "QwenImageEditPlusPipeline",
+        placement,
+        dtype=torch.float32,
+        to_device=lambda d: "cpu",
+        eight_bit=eight_bit,
+        on_arrival=fuse,
+    )
+    fuse.finish(pipe.transformer)
+    assert fuse.pending == []
+
+    existing = make_runner(
+        model_dir,
+        lora_mode="fused",
+        loras=[{"name": "l4", "path": str(loras["l4"]), "recipe": "lightning-4"}],
+    )
+    base = dict(make_runner(model_dir).pipe.transformer.named_parameters())
+    want = dict(existing.pipe.transformer.named_parameters())
+    modules = dict(pipe.transformer.named_modules())
+    adapted = [n for n, got in pipe.transformer.named_parameters() if not torch.equal(got, base[n])]
+    assert adapted and all(".attn." in n for n in adapted)  # the LoRA's layers, and only those
+    for name, got in pipe.transformer.named_parameters():
+        assert torch.equal(got, want[name]), name
+    quantized = [n for n, m in modules.items() if id(m) in handed]
+    assert any(f"{n}.weight" in adapted for n in quantized)  # fused layers were quantized too
+    for name in quantized:  # each handed over fused, not fused after quantizing
+        assert torch.equal(handed[id(modules[name])], want[f"{name}.weight"]), name
+
+    # The loader's last steps (`_finish`) as on a GPU, less fp8 and compile (faked / CUDA only):
+    # the LoRA is not loaded a second time.
+    from serve_app.pipeline.loading.loader import _finish
+    from serve_app.pipeline.loading.sources import LoadedPipeline
+
+    on_cpu = cfg.model_copy(update={"quantization": "none", "compile": False})
+    loaded = LoadedPipeline(pipe, {}, "", pipe.transformer, lora_fused=True)
+    ours = _finish(loaded, on_cpu, _gen())
+    assert ours.info.served_names == ["l4"]
+    latents, sigmas = served(ours, "l4", **LIGHTNING)
+    want_latents, want_sigmas = served(existing, "l4", **LIGHTNING)
+    assert torch.equal(sigmas, want_sigmas)
+    assert torch.equal(latents, want_latents)
+
+
+def test_the_synthetic_loader_fuses_each_layer_as_it_is_made(tmp_path: Path) -> None:
+    """The synthetic source (the GPU tests' and benchmarks') adds the LoRA to each linear as
+    the linear is made: the transformer equals the same synthetic model with the LoRA fused by
+    diffusers after loading, bit for bit (float32 on the CPU), and the loader says it fused."""
+    from serve_app.pipeline.loading.lora import hold_loras
+    from serve_app.pipeline.loading.sources import Target, load_synthetic
+    from serve_app.pipeline.random_weights.synthetic import build_synthetic_lora
+    from tests.pipeline.random_weights.test_synthetic import SHRUNK
+
+    lora = build_synthetic_lora("2511", tmp_path / "lora", rank=4, overrides=SHRUNK)
+    target = Target(gpus=[], device_map="cpu", dtype=torch.float32)
+    synthetic = {"source": "synthetic", "synthetic_variant": "2511",
+                 "synthetic_overrides": SHRUNK}  # fmt: skip
+    # One-card settings on the CPU: past validation (fp8 needs GPUs), the quantizer not reached.
+    cfg = one_card_fused(lora, **synthetic).model_copy(update={"device_map": "cpu"})
+    loaded = load_synthetic(cfg, target)
+    assert loaded.lora_fused
+
+    plain = ModelConfig.model_validate({**synthetic, "device_map": "cpu"})
+    existing = load_synthetic(plain, target)
+    assert not existing.lora_fused
+    fused = ModelConfig.model_validate(
+        {**synthetic, "device_map": "cpu", "lora_mode": "fused",
+         "loras": [{"name": "l4", "path": str(lora)}]}
+    )  # fmt: skip
+    base = {n: p.clone() for n, p in existing.transformer.named_parameters()}
+    hold_loras(existing.pipe, fused)
+    want = dict(existing.transformer.named_parameters())
+    changed = 0
+    for name, got in loaded.transformer.named_parameters():
+        assert torch.equal(got, want[name]), name
+        changed += not torch.equal(got, base[name])
+    assert changed == 12 * 2  # the 12 attention and feed-forward linears of both blocks
+
+
+def test_a_lora_of_another_model_fails_on_arrival(model_dir: Path, loras: dict[str, Path]) -> None:
+    from serve_app.pipeline.loading.lora import FuseOnArrival
+    from serve_app.pipeline.placement.measure import build_empty_component
+
+    fuse = FuseOnArrival.load(
+        one_card_fused(loras["l4"]),
+        build_empty_component(model_dir, "transformer"),
+        dtype=torch.float32,
+    )
+    with pytest.raises(ValueError, match="not in the transformer"):
+        fuse.finish(torch.nn.Module())
+
+
+def test_one_card_settings_combine_with_a_fused_lora_not_with_hotswap() -> None:
+    lora = [{"name": "f", "path": "/f", "recipe": "lightning-4"}]
+    model = {"device_map": "cuda", **ONE_CARD, "text_encoder": "offload", "vae_tiling": True}
+    cfg = config(**model, loras=lora, lora_mode="fused")
+    assert cfg.model.quantize_at_load and cfg.model.model_ids == ["f"]
+    with pytest.raises(pydantic.ValidationError, match="lora_mode: fused"):
+        config(**model, loras=lora, lora_mode="hotswap")
+    # Without LoRAs the default lora_mode (hotswap) is no concern.
+    assert config(**model).model.lora_mode == "hotswap"

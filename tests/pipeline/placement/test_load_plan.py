@@ -170,6 +170,28 @@ def test_fp8_counts_block_linears_in_fp8_and_modulation_in_int8(placed: Any) -> 
     assert streamed["text_encoder"].streamed_bytes < 1.1 * GiB  # the embedding, one module
 
 
+def test_a_fused_lora_keeps_the_transformer_in_8_bits(placed: Any) -> None:
+    """A LoRA fused as each linear loads (then quantized) leaves the one-card plan as it is:
+    the transformer counted in 8 bits, the table saying so, on a 24 GB card."""
+    from serve_app.pipeline.placement.load_plan import eight_bit_for, offloaded_for
+    from serve_app.pipeline.random_weights.synthetic import synthetic_component_sizes
+
+    settings = {"quantization": "fp8", "text_encoder": "offload", "small": True,
+                "vae_tiling": True}  # fmt: skip
+    lora = {"lora_mode": "fused", "loras": [{"name": "l4", "path": "/l4", "recipe": "lightning-4"}]}
+    cfg = one_card(**settings, **lora)
+    sizes = synthetic_component_sizes(
+        "2511", eight_bit=eight_bit_for(cfg), offloaded=offloaded_for(cfg)
+    )
+    assert sizes == placed(one_card(**settings))
+    transformer = {c.name: c for c in sizes}["transformer"]
+    assert transformer.form == "bf16+fp8+int8"
+    bf16 = {c.name: c for c in placed(model())}["transformer"]
+    assert transformer.weight_bytes < bf16.weight_bytes - 18 * GiB
+    plan = plan_load(cfg, sizes, card(24))
+    assert plan.placement.strategy == "single" and "bf16+fp8+int8" in plan.table()
+
+
 @pytest.mark.parametrize(
     ("gib", "fields", "expected"),
     [
