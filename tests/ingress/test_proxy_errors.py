@@ -195,4 +195,14 @@ def test_serve_loads_it_from_the_environment_the_clusters_get() -> None:
     )
     assert [m.cls for m in middlewares] == [m.cls for m in proxy_middlewares()]
     # Outside Serve's own RequestIdMiddleware, whose id the answers carry.
-    assert isinstance(_apply_middlewares(no_answer, middlewares), ProxyErrorsAsJSON)
+    proxy = _apply_middlewares(no_answer, middlewares)
+    assert isinstance(proxy, ProxyErrorsAsJSON)
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    asyncio.run(proxy({**scope(), "headers": [(b"host", b"serve")]}, _receive, send))
+    status, headers, body = answer(sent)
+    assert (status, body["error"]["code"]) == (503, "replica_unavailable")
+    assert len(headers["x-request-id"]) > 8  # the id Serve made for the request

@@ -404,8 +404,16 @@ def test_url_results_in_redis_cross_nodes(deployed: Nodes) -> None:
 def test_an_ingress_replica_killed_under_load(deployed: Nodes) -> None:
     with Load(deployed.head_url, clients=3) as load:
         wait_until(lambda: load.answered() >= 3, timeout=60, what="the load to run")
-        killed_at = time.monotonic()
-        killed = deployed.call("kill_actor", name_part=f"{APP}#{INGRESS}")["killed"]
+        # The replica killed holds requests (the other may hold them all for a moment).
+        kill: dict[str, Any] = {}
+
+        def killed_a_busy_one() -> bool:
+            kill["at"] = time.monotonic()
+            kill.update(deployed.call("kill_actor", name_part=f"{APP}#{INGRESS}", busy=True))
+            return kill["killed"] is not None
+
+        wait_until(killed_a_busy_one, timeout=60, what="an ingress replica holding a request")
+        killed, killed_at = kill["killed"], kill["at"]
 
         def replaced() -> bool:
             names = deployed.call("actors", name_part=f"{APP}#{INGRESS}")["names"]
@@ -415,11 +423,12 @@ def test_an_ingress_replica_killed_under_load(deployed: Nodes) -> None:
         time.sleep(2)
     figures = record(
         "ingress_replica_killed",
-        {**load.figures(fault_at=killed_at), "replica_replaced_s": round(replaced_s, 2)},
-    )
-    # Only requests that had reached the killed replica: at most one per client. Serve balances
-    # the 3 clients' requests over the 2 replicas, so the killed one held at least one, which
-    # the proxy answered JSON 503 with Retry-After (a plain-text 500 counts as failed).
+        {**load.figures(fault_at=killed_at), "in_killed_replica": kill["ongoing"],
+         "replica_replaced_s": round(replaced_s, 2)},
+    )  # fmt: skip
+    # Only requests that had reached the killed replica: at most one per client. It held at
+    # least one, which the proxy answered JSON 503 with Retry-After (a plain-text 500 would
+    # count as failed).
     assert_clean(figures, lost_at_most=3)
     assert figures["lost_ingress_503"] >= 1, figures
 
