@@ -397,7 +397,8 @@ class AppConfig(_Strict):
     http: HttpConfig = HttpConfig()
     # Per-request deadline from its arrival, upload and queueing included: past it denoising
     # stops and the client gets 504 (408 while the body is still arriving). Keep it below
-    # http_options.request_timeout_s, whose 408 is the proxy's plain text, not our JSON.
+    # http_options.request_timeout_s, past which Serve's proxy answers instead of the app
+    # (ingress/proxy_errors.py).
     request_timeout_s: float = Field(default=600.0, gt=0)
     # An upload that sends nothing for this long is answered 408 at once, freeing its slot.
     upload_stall_timeout_s: float = Field(default=30.0, gt=0)

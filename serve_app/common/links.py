@@ -6,10 +6,19 @@ from __future__ import annotations
 
 from serve_app.common.config import HttpConfig, StorageConfig
 
-# For every process of a cluster (the launcher, the container image and the tests set it):
-# Serve's HTTP proxy (uvicorn) would apply X-Forwarded-Proto/For from any loopback client
-# itself; the ingress trusts such headers only from `http.trusted_proxies`, so the proxy none.
-PROXY_ENV = {"FORWARDED_ALLOW_IPS": ""}
+# Serve's hook for middleware in every HTTP proxy: an import path Serve calls in the proxy.
+PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+# For every process of a cluster (the launcher, the container image, the manifests and the tests
+# set it), read by Serve's HTTP proxy when it starts:
+# - FORWARDED_ALLOW_IPS: uvicorn would apply X-Forwarded-Proto/For from any loopback client
+#   itself; the ingress trusts such headers only from `http.trusted_proxies`, so the proxy none;
+# - the proxy's own error answers (a lost ingress replica, its queue full, its timeout) as
+#   OpenAI error JSON with Retry-After instead of plain text (serve_app.ingress.proxy_errors;
+#   a string here: the proxy imports it, this layer does not).
+PROXY_ENV = {
+    "FORWARDED_ALLOW_IPS": "",
+    PROXY_CALLBACK_ENV: "serve_app.ingress.proxy_errors:proxy_middlewares",
+}
 
 
 def host_header_warning(storage: StorageConfig, http: HttpConfig) -> str | None:

@@ -421,6 +421,16 @@ def test_dockerfile_tunes_malloc_as_the_launcher_does() -> None:
     assert {name: dockerfile_env()[name] for name in PROXY_ENV} == PROXY_ENV
 
 
+@pytest.mark.parametrize("path", MANIFESTS, ids=name)
+def test_every_proxy_answers_its_own_errors_as_json(path: Path) -> None:
+    # Every Ray container runs a Serve proxy (EveryNode); each must load the middleware, even
+    # on a cluster of another image than deploy/Dockerfile's.
+    from serve_app.common.links import PROXY_CALLBACK_ENV, PROXY_ENV
+
+    for container in containers(path):
+        assert env(container)[PROXY_CALLBACK_ENV] == PROXY_ENV[PROXY_CALLBACK_ENV]
+
+
 def test_dockerfile_installs_the_package_without_weights() -> None:
     text = DOCKERFILE.read_text()
     assert re.search(r"pip install[^\n]*(\s\.|\./src)", text.replace("\\\n", " ")), text

@@ -100,14 +100,22 @@ class Driver:
         named = ray.util.list_named_actors(all_namespaces=True)
         return {"names": sorted(a["name"] for a in named if name_part in a["name"])}
 
-    def kill_actor(self, name_part: str) -> dict[str, Any]:
+    def kill_actor(self, name_part: str, busy: bool = False) -> dict[str, Any]:
+        """Kills the first actor whose name holds `name_part`; with `busy`, the first Serve
+        replica among them that holds a request (`killed` None when none does)."""
         import ray
 
         named = ray.util.list_named_actors(all_namespaces=True)
         actors = sorted((a for a in named if name_part in a["name"]), key=lambda a: a["name"])
-        actor = ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"])
-        ray.kill(actor, no_restart=True)
-        return {"killed": actors[0]["name"]}
+        for entry in actors:
+            actor = ray.get_actor(entry["name"], namespace=entry["namespace"])
+            ongoing = ray.get(actor.get_num_ongoing_requests.remote(), timeout=10) if busy else 0
+            if busy and ongoing < 1:
+                continue
+            ray.kill(actor, no_restart=True)
+            return {"killed": entry["name"], "ongoing": ongoing}
+        assert busy, f"no actor named like {name_part}"
+        return {"killed": None}
 
     def remove_node(self, name: str) -> dict[str, Any]:
         self.cluster.remove_node(self.nodes.pop(name), allow_graceful=False)

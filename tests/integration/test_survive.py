@@ -7,9 +7,9 @@ itself. What a client may get:
 
 - the app's own answer, well-formed: the result, an OpenAI error (503 `replica_unavailable` with
   Retry-After when the model replica died), or for a stream already started an `error` event;
-- when the ingress replica dies, Serve's proxy answers for it: 500 `Internal Server Error` in
-  plain text (docs/api.md, "What only the proxy answers"), or, for a stream already under way,
-  closes the connection mid-stream;
+- when the ingress replica dies, Serve's proxy answers for it (serve_app.ingress.proxy_errors):
+  503 `replica_unavailable` JSON with Retry-After (docs/api.md, "What only the proxy answers"),
+  or, for a stream already under way, closes the connection mid-stream;
 - when the proxy itself dies, the connection closes without an answer (mid-stream for a stream
   under way).
 
@@ -34,6 +34,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from serve_app.ingress.proxy_errors import LOST_MESSAGE
 from tests.integration.conftest import (
     Cluster,
     Server,
@@ -138,7 +139,7 @@ def send(server: Server, kind: str, *, steps: int = STEPS) -> Outcome:
 
 
 def classify(outcome: Outcome, ledger: Ledger) -> str:
-    """ "answer" (the app's, well-formed), "proxy_500", "dropped", or "bad: <why>"."""
+    """ "answer" (the app's, well-formed), "proxy_503", "dropped", or "bad: <why>"."""
     import json
 
     if outcome.status is None:
@@ -146,10 +147,6 @@ def classify(outcome: Outcome, ledger: Ledger) -> str:
             ledger.lost_url_answers += 1
         # A stream whose answer had started is cut; anything else never got one.
         return "cut" if "incomplete" in outcome.error else "dropped"
-    if outcome.status == 500 and outcome.content_type.startswith("text/plain"):
-        if outcome.kind == "url":
-            ledger.lost_url_answers += 1
-        return "proxy_500" if outcome.body == b"Internal Server Error" else "bad: 500 text"
     if outcome.content_type.startswith("text/event-stream"):
         frames = outcome.body.decode().strip().split("\n\n")
         last = dict(line.split(": ", 1) for line in frames[-1].splitlines())
@@ -172,6 +169,10 @@ def classify(outcome: Outcome, ledger: Ledger) -> str:
         return f"bad: {outcome.status} {body}"
     if outcome.status == 503 and int(outcome.retry_after or 0) < 1:
         return "bad: 503 without Retry-After"
+    if outcome.status == 503 and error["message"] == LOST_MESSAGE:
+        if outcome.kind == "url":
+            ledger.lost_url_answers += 1  # the image may be stored, its answer was lost
+        return "proxy_503"  # the proxy's, for a request inside a lost ingress replica
     return "answer" if outcome.status in (503, 504) else f"bad: {outcome.status} {error}"
 
 
@@ -260,8 +261,8 @@ def test_model_replica_killed_mid_edit(server: Server, ledger: Ledger) -> None:
 
 def test_ingress_replica_killed_mid_edit(server: Server, ledger: Ledger) -> None:
     outcomes = during(server, lambda: kill_actor(f"{APP}#OpenAIIngress", restart=False))
-    classes = check(outcomes, ledger, {"answer", "proxy_500", "cut"})
-    assert "proxy_500" in classes
+    classes = check(outcomes, ledger, {"answer", "proxy_503", "cut"})
+    assert "proxy_503" in classes
     print(f"  recovered in {assert_recovers(server, ledger):.1f} s")
 
 

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from serve_app.common import malloc
+from serve_app.common.links import PROXY_CALLBACK_ENV
 from serve_app.launch import cli as launch
 from serve_app.launch.cli import banner, load_env_file
 
@@ -131,6 +132,13 @@ def test_serves_proxy_trusts_no_forwarded_headers_in_its_own_cluster() -> None:
     assert launch._child_env({}, local, own_cluster=True)["FORWARDED_ALLOW_IPS"] == ""
     mine = launch._child_env({"FORWARDED_ALLOW_IPS": "10.0.0.1"}, local, own_cluster=True)
     assert mine["FORWARDED_ALLOW_IPS"] == "10.0.0.1"
+
+
+def test_serves_proxy_answers_its_own_errors_as_json_in_its_own_cluster() -> None:
+    local = yaml.safe_load((ROOT / "deploy/local.yaml").read_text())
+    own = launch._child_env({}, local, own_cluster=True)
+    assert own[PROXY_CALLBACK_ENV] == "serve_app.ingress.proxy_errors:proxy_middlewares"
+    assert PROXY_CALLBACK_ENV not in launch._child_env({}, local, own_cluster=False)
 
 
 def test_port_and_host_overrides() -> None:
