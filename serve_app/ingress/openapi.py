@@ -160,7 +160,8 @@ _ERRORS: dict[int | str, str] = {
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """`responses=` of a route: these statuses and the default, each an `Error`."""
-    return {s: {"model": Error, "description": _ERRORS[s]} for s in (*statuses, "default")}
+    keys: list[int | str] = [*statuses, "default"]
+    return {s: {"model": Error, "description": _ERRORS[s]} for s in keys}
 
 
 # `responses=` of the edit: JSON, or with `stream=true` Server-Sent Events.
@@ -310,6 +311,6 @@ def install(app: FastAPI, config: AppConfig, *, auth_enabled: bool) -> dict[str,
     # Starlette's routes answer HEAD wherever they answer GET, FastAPI's do not: added now, after
     # the document, which lists GET alone.
     for route in app.routes:
-        if isinstance(route, APIRoute) and "GET" in route.methods:
+        if isinstance(route, APIRoute) and route.methods and "GET" in route.methods:
             route.methods.add("HEAD")
     return doc
