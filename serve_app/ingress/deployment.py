@@ -1,4 +1,4 @@
-"""The ingress's Ray Serve deployment: builds the Starlette app at replica start.
+"""The ingress's Ray Serve deployment: builds the FastAPI app at replica start.
 
 CPU only: nothing under `serve_app.ingress` imports torch, so the ingress never initialises CUDA
 on a GPU node (tests/test_architecture.py keeps it so).

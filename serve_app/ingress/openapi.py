@@ -1,42 +1,57 @@
-"""`GET /openapi.json`: this server's API as an OpenAPI 3.1 document, and `GET /docs`, its page.
+"""`GET /openapi.json` and `GET /docs`: the OpenAPI 3.1 document FastAPI generates from the routes
+of `routes.py` and the protocol's pydantic models, completed with what it cannot see.
 
-The request fields and response bodies come from the protocol's pydantic models (JSON Schema
-2020-12, which OpenAPI 3.1 uses as is), specialised to this server's configuration (its model
-names and limits); the routes, statuses and stream events are described here. Both routes are
-answered without an API key (`PUBLIC_PATHS`): they describe the API, they do not use it.
-tests/ingress/test_openapi.py checks the document against the OpenAPI 3.1 schema and against the
-routes the app really serves.
+- The edit's multipart body: `forms.py` reads it (FastAPI's own form parsing would answer 422s,
+  not OpenAI's 400s naming the field), so `/v1/images/edits` describes it through
+  `openapi_extra` (`EDIT_BODY`), its schema built from `EditParams` and this server's limits.
+- The SSE events of `stream=true` and OpenAI's error shape, as pydantic models.
+- API keys: the security schemes, and `security: []` on the routes answered without one
+  (`PUBLIC`; `PUBLIC_PATHS` here: they describe the API, they do not use it).
+
+`/docs` is the document drawn as one plain page on the server (`openapi_page`), not Swagger UI,
+whose script comes from a CDN that a server without internet cannot reach.
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import re
 from importlib import metadata
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
-from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
-from starlette.routing import Route
 
 from serve_app.common.config import AppConfig, has_random_weights
-from serve_app.ingress import playground
 from serve_app.ingress.openapi_page import MODEL_SOURCE_KEY, RANDOM_WEIGHTS_KEY, render_page
 from serve_app.ingress.protocol import (
     IMAGE_FIELDS,
     MASK_FIELD,
     EditParams,
     ImagesResponse,
-    ModelList,
+    OutputFormat,
+    Usage,
 )
 
 OPENAPI_PATH = "/openapi.json"
 DOCS_PATH = "/docs"
 PUBLIC_PATHS = [OPENAPI_PATH, DOCS_PATH]
-
+# openapi_extra of a route answered without an API key.
+PUBLIC: dict[str, Any] = {"security": []}
+TITLE = "qwen-image-edit-serve"
+DESCRIPTION = (
+    "Qwen-Image-Edit behind the OpenAI Images API. The official `openai` clients work unchanged"
+    ' (base URL `<server>/v1`). Every error is `{"error": {"message", "type", "param", "code"}}`.'
+)
+TAGS = [
+    {"name": "images", "description": "OpenAI Images API"},
+    {"name": "models", "description": "OpenAI Models API"},
+    {"name": "operations", "description": "Probes"},
+    {"name": "documentation", "description": "This description"},
+    {"name": "playground", "description": "The browser playground"},
+]
 _REF = "#/components/schemas/{model}"
 
 # What each form field of an edit means (the protocol model holds its type and bounds).
@@ -68,448 +83,234 @@ FIELD_DOCS = {
         " the same hardware. Default: random (returned as `data[i].seed` where supported)."
     ),
 }
-
 _FILE = {"type": "string", "contentMediaType": "application/octet-stream"}
-# The file fields, by name (protocol.IMAGE_FIELDS: `images` / `images[]` are the seed server's
-# spelling of the same field, docs/migrating.md).
-_IMAGE_DOCS = {
-    "image": (
-        "The image to edit (PNG, JPEG or WebP, judged by content); repeat the field for several"
-        " images. The first is edited, the others are references. Required, in this field or"
-        " one of its spellings (`image[]`, `images`, `images[]`)."
-    ),
-    "image[]": "Several images, as the official clients send them (or repeat `image`).",
-    "images": "The seed server's spelling of `image`; the same field.",
-    "images[]": "The seed server's spelling of `image[]`; the same field.",
-}
+_IMAGE_DOC = (
+    "The image to edit (PNG, JPEG or WebP, judged by content); repeat the field for several"
+    " images: the first is edited, the others are references. Required, in one of the four"
+    " spellings: `image`, `image[]` (the official clients'), `images`, `images[]` (the seed"
+    " server's, docs/migrating.md)."
+)
 _MASK_DOC = (
     "PNG/WebP with alpha, the size of the first image: fully transparent pixels are repainted,"
     " the rest is kept. One input image only."
 )
-_IMAGE_TYPES = "image/png, image/jpeg, image/webp"
 
 
-def _file_fields() -> dict[str, Any]:
-    """The multipart file fields: a name with `[]` is an array, a bare one a file or several."""
-    fields: dict[str, Any] = {}
-    for name in IMAGE_FIELDS:
-        array = {"type": "array", "items": _FILE, "minItems": 1}
-        shape = array if name.endswith("[]") else {"oneOf": [_FILE, array]}
-        fields[name] = {"description": _IMAGE_DOCS[name], **shape}
-    fields[MASK_FIELD] = {**_FILE, "description": _MASK_DOC}
-    return fields
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(examples=["invalid_request_error"])
+    param: str | None = Field(description="The field at fault.")
+    code: str | None = Field(examples=["invalid_value"])
 
 
-_ERROR_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "description": "OpenAI's error shape; all four keys are always present.",
-    "required": ["error"],
-    "properties": {
-        "error": {
-            "type": "object",
-            "required": ["message", "type", "param", "code"],
-            "properties": {
-                "message": {"type": "string"},
-                "type": {"type": "string", "examples": ["invalid_request_error"]},
-                "param": {"type": ["string", "null"], "description": "The field at fault."},
-                "code": {"type": ["string", "null"], "examples": ["invalid_value"]},
-            },
-        }
-    },
+class Error(BaseModel):
+    """OpenAI's error shape; all four keys are always present."""
+
+    error: ErrorDetail
+
+
+class _ImageEvent(BaseModel):
+    b64_json: str
+    created_at: int
+    size: str = Field(examples=["1024x1024"])
+    quality: str
+    background: str
+    output_format: OutputFormat
+
+
+class ImageEditPartialImageEvent(_ImageEvent):
+    """SSE `event: image_edit.partial_image`: a preview while denoising."""
+
+    type: Literal["image_edit.partial_image"]
+    partial_image_index: int = Field(ge=0)
+
+
+class ImageEditCompletedEvent(_ImageEvent):
+    """SSE `event: image_edit.completed`: the final image, last event."""
+
+    type: Literal["image_edit.completed"]
+    usage: Usage
+    seed: int | None = Field(default=None, description="Extension: the seed used, where returned.")
+
+
+class ErrorEvent(BaseModel):
+    """SSE `event: error`: the edit failed after the stream started."""
+
+    type: Literal["error"]
+    error: ErrorDetail
+
+
+EVENTS = (ImageEditPartialImageEvent, ImageEditCompletedEvent, ErrorEvent)
+
+_ERRORS: dict[int | str, str] = {
+    400: "Invalid request; `param` names the field.",
+    401: "API keys are on and the key is missing or wrong.",
+    403: "A browser page on another site sent it (`cross_site_request`; `http.allowed_origins`).",
+    404: "Unknown route, model or image.",
+    408: "The body stalled, or was not all in within `upload_timeout_s`.",
+    413: "The body is larger than `limits.max_upload_bytes`.",
+    415: "The Content-Type's `charset` is no ASCII-compatible text encoding.",
+    431: "The request headers together are larger than `limits.max_header_bytes`.",
+    503: "The model queue is full or a replica died; retry after `Retry-After` seconds.",
+    504: "The edit passed `request_timeout_s`.",
+    # Also keeps FastAPI from listing its 422, which this API never answers (its 400s instead).
+    "default": "Any other error (405 with `Allow`, 500 with no traceback), in the same shape.",
 }
 
-_EVENT_COMMON: dict[str, Any] = {
-    "created_at": {"type": "integer"},
-    "size": {"type": "string", "examples": ["1024x1024"]},
-    "quality": {"type": "string"},
-    "background": {"type": "string"},
-    "output_format": {"type": "string", "enum": ["png", "jpeg", "webp"]},
-    "b64_json": {"type": "string", "contentEncoding": "base64"},
-}
-_EVENTS: dict[str, Any] = {
-    "ImageEditPartialImageEvent": {
-        "type": "object",
-        "description": "SSE `event: image_edit.partial_image`: a preview while denoising.",
-        "required": ["type", "b64_json", "partial_image_index"],
-        "properties": {
-            "type": {"const": "image_edit.partial_image"},
-            "partial_image_index": {"type": "integer", "minimum": 0},
-            **_EVENT_COMMON,
-        },
-    },
-    "ImageEditCompletedEvent": {
-        "type": "object",
-        "description": "SSE `event: image_edit.completed`: the final image, last event.",
-        "required": ["type", "b64_json"],
-        "properties": {
-            "type": {"const": "image_edit.completed"},
-            "usage": {"$ref": _REF.format(model="Usage")},
-            "seed": {"type": "integer", "description": "Extension: the seed used, where returned."},
-            **_EVENT_COMMON,
-        },
-    },
-    "ErrorEvent": {
-        "type": "object",
-        "description": "SSE `event: error`: the edit failed after the stream started.",
-        "required": ["type", "error"],
-        "properties": {
-            "type": {"const": "error"},
-            "error": _ERROR_SCHEMA["properties"]["error"],
-        },
-    },
-}
 
-_FORMATS = ("png", "jpeg", "webp")
-_PLAIN_OBJECT = {"type": "object", "additionalProperties": True}
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` of a route: these statuses and the default, each an `Error`."""
+    keys: list[int | str] = [*statuses, "default"]
+    return {s: {"model": Error, "description": _ERRORS[s]} for s in keys}
 
-# status -> (description, extra headers)
-_ERRORS: dict[str, str] = {
-    "400": "Invalid request; `param` names the field.",
-    "401": "API keys are on and the key is missing or wrong.",
-    "403": "A browser page on another site sent it (`cross_site_request`; `http.allowed_origins`).",
-    "404": "Unknown route, model or image.",
-    "405": "Method not allowed; the `Allow` header lists the route's methods.",
-    "408": "The body stalled, or was not all in within `upload_timeout_s`.",
-    "413": "The body is larger than `limits.max_upload_bytes`.",
-    "415": "The Content-Type's `charset` is no ASCII-compatible text encoding.",
-    "431": "The request headers together are larger than `limits.max_header_bytes`.",
-    "500": "Internal failure (no traceback reaches the client).",
-    "503": "The model queue is full or a replica died; retry after `Retry-After` seconds.",
-    "504": "The edit passed `request_timeout_s`.",
+
+# `responses=` of the edit: JSON, or with `stream=true` Server-Sent Events.
+EDIT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": ImagesResponse,
+        "description": "The edited images (JSON), or with `stream=true` Server-Sent Events.",
+        "headers": {
+            "Server-Timing": {
+                "description": "Where the time went, per stage in ms (not on streams).",
+                "schema": {"type": "string"},
+            }
+        },
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "oneOf": [{"$ref": _REF.format(model=e.__name__)} for e in EVENTS],
+                    "description": "Each SSE `data:` line is one of these JSON objects.",
+                }
+            }
+        },
+    },
+    **errors(400, 401, 403, 408, 413, 415, 431, 503, 504),
+}
+# `openapi_extra` of the edit: its body, read by forms.py.
+EDIT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {"$ref": _REF.format(model="ImageEditRequest")},
+                "encoding": {
+                    **{
+                        name: {"contentType": "image/png, image/jpeg, image/webp"}
+                        for name in IMAGE_FIELDS
+                    },
+                    MASK_FIELD: {"contentType": "image/png, image/webp"},
+                },
+            }
+        },
+    }
 }
 
 
 def _strip_nulls(schema: dict[str, Any]) -> dict[str, Any]:
     """A form field is absent or has a value: `anyOf [X, null]` with `default: null` -> X."""
-    options = schema.get("anyOf")
-    if isinstance(options, list):
-        kept = [o for o in options if o != {"type": "null"}]
-        if len(kept) == 1:
-            schema = {**{k: v for k, v in schema.items() if k != "anyOf"}, **kept[0]}
-    if schema.get("default", 0) is None:
-        schema = {k: v for k, v in schema.items() if k != "default"}
+    options = [o for o in schema.pop("anyOf", []) if o != {"type": "null"}]
+    if len(options) == 1:
+        schema.update(options[0])
+    if "default" in schema and schema["default"] is None:
+        del schema["default"]
+    schema.pop("title", None)
     return schema
 
 
-def _model_schemas() -> dict[str, Any]:
-    models: list[tuple[type[BaseModel], Any]] = [
-        (EditParams, "validation"),
-        (ImagesResponse, "serialization"),
-        (ModelList, "serialization"),
-    ]
-    _, schema = models_json_schema(models, ref_template=_REF)
-    schemas = dict(schema["$defs"])
-    # Edit responses are written without null fields (`images_response_json`).
-    for name in ("ImagesResponse", "ImageData"):
-        props = schemas[name]["properties"]
-        schemas[name]["properties"] = {k: _strip_nulls(v) for k, v in props.items()}
-    return schemas
-
-
-def _edit_form_schema(params: dict[str, Any], config: AppConfig) -> dict[str, Any]:
-    """The multipart body: the image fields, then EditParams' fields with this server's bounds."""
+def edit_form_schema(config: AppConfig) -> dict[str, Any]:
+    """The multipart body: the file fields, then EditParams' fields with this server's bounds."""
+    params = EditParams.model_json_schema()
     fields = {name: _strip_nulls(field) for name, field in params["properties"].items()}
     for name, field in fields.items():
-        field.pop("title", None)
-        if name in FIELD_DOCS:
-            field["description"] = FIELD_DOCS[name]
+        field["description"] = FIELD_DOCS[name]
+    fields["size"] = {  # parsed from `auto` or `WIDTHxHEIGHT`
+        "type": "string",
+        "examples": ["auto", "1024x1024"],
+        "description": FIELD_DOCS["size"],
+    }
     fields["model"]["enum"] = list(config.model.model_ids)
     fields["n"]["maximum"] = config.limits.max_n
     fields["prompt"]["maxLength"] = config.limits.max_prompt_chars
     fields["num_inference_steps"]["maximum"] = config.generation.max_steps
+    files: dict[str, Any] = {
+        name: {"description": _IMAGE_DOC, "type": "array", "items": _FILE, "minItems": 1}
+        if name.endswith("[]")
+        else {"description": _IMAGE_DOC, "oneOf": [_FILE, {"type": "array", "items": _FILE}]}
+        for name in IMAGE_FIELDS
+    }
     return {
         "type": "object",
-        "required": params.get("required", []),
-        # One of the image field's spellings carries the image(s).
-        "anyOf": [{"required": [name]} for name in IMAGE_FIELDS],
-        "properties": {**_file_fields(), **fields},
+        "required": params["required"],
+        "anyOf": [{"required": [name]} for name in IMAGE_FIELDS],  # one spelling carries them
+        "properties": {**files, MASK_FIELD: {**_FILE, "description": _MASK_DOC}, **fields},
     }
 
 
-def _json(ref: str, description: str) -> dict[str, Any]:
-    schema = {"$ref": _REF.format(model=ref)}
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
-
-
-def _errors(*statuses: str) -> dict[str, Any]:
-    error = {"$ref": "#/components/responses/Error"}
-    return {status: {**error, "description": _ERRORS[status]} for status in statuses}
-
-
-def _operation(
-    summary: str,
-    responses: dict[str, Any],
-    *,
-    tag: str,
-    public: bool = False,
-    description: str | None = None,
-    parameters: list[dict[str, Any]] | None = None,
-    request_body: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    op: dict[str, Any] = {"summary": summary, "tags": [tag], "responses": responses}
-    if description:
-        op["description"] = description
-    if parameters:
-        op["parameters"] = parameters
-    if request_body:
-        op["requestBody"] = request_body
-    if public:
-        op["security"] = []  # open even when API keys are on
-    op["operationId"] = re.sub(r"\W+", "_", summary.lower()).strip("_")
-    return op
-
-
-def _path_param(name: str, description: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "in": "path",
-        "required": True,
-        "description": description,
-        "schema": {"type": "string"},
-    }
-
-
-def _page(media_type: str, description: str) -> dict[str, Any]:
-    return {"200": {"description": description, "content": {media_type: {"schema": _FILE}}}}
-
-
-def _paths() -> dict[str, Any]:
-    stream_schema = {
-        "oneOf": [{"$ref": _REF.format(model=name)} for name in _EVENTS],
-        "description": "Each SSE `data:` line is one of these JSON objects.",
-    }
-    edit_ok = {
-        "description": (
-            "The edited images (JSON), or with `stream=true` a stream of Server-Sent Events."
-        ),
-        "headers": {
-            "Server-Timing": {
-                "description": "Where the time went, per stage in ms (not on streams).",
-                "schema": {"type": "string"},
-            },
-            "x-request-id": {"$ref": "#/components/headers/RequestId"},
-        },
-        "content": {
-            "application/json": {"schema": {"$ref": _REF.format(model="ImagesResponse")}},
-            "text/event-stream": {"schema": stream_schema},
-        },
-    }
-    image_id = _path_param("image_id", "The id in a `response_format=url` result's URL.")
-    model_id = _path_param("model_id", "A model id from `GET /v1/models`.")
-    return {
-        "/v1/images/edits": {
-            "post": _operation(
-                "Edit images",
-                {
-                    "200": edit_ok,
-                    **_errors("400", "401", "403", "408", "413", "415", "431", "500", "503", "504"),
-                },
-                tag="images",
-                description="OpenAI's `POST /v1/images/edits`, with the extensions marked so.",
-                request_body={
-                    "required": True,
-                    "content": {
-                        "multipart/form-data": {
-                            "schema": {"$ref": _REF.format(model="ImageEditRequest")},
-                            "encoding": {
-                                **{name: {"contentType": _IMAGE_TYPES} for name in IMAGE_FIELDS},
-                                MASK_FIELD: {"contentType": "image/png, image/webp"},
-                            },
-                        }
-                    },
-                },
-            )
-        },
-        "/v1/images/{image_id}": {
-            "get": _operation(
-                "Get a stored image",
-                {
-                    "200": {
-                        "description": "The image bytes, until `storage.ttl_s` after the edit.",
-                        "content": {f"image/{f}": {"schema": _FILE} for f in _FORMATS},
-                    },
-                    **_errors("401", "404"),
-                },
-                tag="images",
-                parameters=[image_id],
-            )
-        },
-        "/v1/models": {
-            "get": _operation(
-                "List models",
-                {"200": _json("ModelList", "The served models and LORAs."), **_errors("401")},
-                tag="models",
-            )
-        },
-        "/v1/models/{model_id}": {
-            "get": _operation(
-                "Get a model",
-                {"200": _json("ModelCard", "One model."), **_errors("401", "404")},
-                tag="models",
-                parameters=[model_id],
-            )
-        },
-        "/health": {
-            "get": _operation(
-                "Liveness",
-                {"200": {"description": "The ingress answers.", "content": _any_json()}},
-                tag="operations",
-                public=True,
-            )
-        },
-        "/ready": {
-            "get": _operation(
-                "Readiness",
-                {
-                    "200": {
-                        "description": "A model replica is loaded: pipeline, variant, placement.",
-                        "content": _any_json(),
-                    },
-                    "503": {"$ref": "#/components/responses/Error", "description": "Not ready."},
-                },
-                tag="operations",
-                public=True,
-            )
-        },
-        OPENAPI_PATH: {
-            "get": _operation(
-                "OpenAPI document",
-                {"200": {"description": "This document.", "content": _any_json()}},
-                tag="documentation",
-                public=True,
-            )
-        },
-        DOCS_PATH: {
-            "get": _operation(
-                "API reference page",
-                _page("text/html", "This document as a web page."),
-                tag="documentation",
-                public=True,
-            )
-        },
-    }
-
-
-def _playground_paths() -> dict[str, Any]:
-    media = {path: media.split(";")[0] for path, (_, media) in playground.ASSETS.items()}
-    paths = {
-        path: {
-            "get": _operation(
-                f"Playground {'page' if path == playground.PAGE_PATH else path.rsplit('/', 1)[-1]}",
-                _page(media[path], "The playground's page or one of its files."),
-                tag="playground",
-                public=True,
-            )
-        }
-        for path in playground.ASSETS
-    }
-    paths[playground.CONFIG_PATH] = {
-        "get": _operation(
-            "Playground settings",
-            {
-                "200": {
-                    "description": "Whether API keys are on, and the limits the page enforces.",
-                    "content": _any_json(),
-                }
-            },
-            tag="playground",
-            public=True,
-        )
-    }
-    return paths
-
-
-def _any_json(ref: str | None = None) -> dict[str, Any]:
-    return {"application/json": {"schema": {"$ref": ref} if ref else dict(_PLAIN_OBJECT)}}
-
-
-def _version() -> str:
+def version() -> str:
     try:
         return metadata.version("qwen-image-edit-serve")
     except metadata.PackageNotFoundError:  # pragma: no cover - a source tree without install
         return "0.0.0"
 
 
-def openapi_document(config: AppConfig, *, auth_enabled: bool) -> dict[str, Any]:
-    """The OpenAPI 3.1 document for a server with `config`."""
-    schemas = _model_schemas()
-    schemas["ImageEditRequest"] = _edit_form_schema(schemas.pop("EditParams"), config)
-    schemas.update(copy.deepcopy(_EVENTS))
-    schemas["Error"] = copy.deepcopy(_ERROR_SCHEMA)
-    doc: dict[str, Any] = {
-        "openapi": "3.1.0",
-        "info": {
-            "title": "qwen-image-edit-serve",
-            "version": _version(),
-            "description": (
-                "Qwen-Image-Edit behind the OpenAI Images API. The official `openai` clients"
-                " work unchanged (base URL `<server>/v1`). Every error is"
-                ' `{"error": {"message", "type", "param", "code"}}`.'
-            ),
-            MODEL_SOURCE_KEY: config.model.source,
-            RANDOM_WEIGHTS_KEY: has_random_weights(config.model.source),
+def _complete(doc: dict[str, Any], config: AppConfig, *, auth_enabled: bool) -> None:
+    """Add to FastAPI's document what its routes do not tell it."""
+    doc["info"][MODEL_SOURCE_KEY] = config.model.source
+    doc["info"][RANDOM_WEIGHTS_KEY] = has_random_weights(config.model.source)
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    _, events = models_json_schema([(e, "serialization") for e in EVENTS], ref_template=_REF)
+    for name, schema in events["$defs"].items():
+        schemas.setdefault(name, schema)
+    schemas["ImageEditRequest"] = edit_form_schema(config)
+    doc["components"]["securitySchemes"] = {
+        "bearer": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "An API key from `QWEN_API_KEYS` or `auth.api_keys_file`.",
         },
-        "paths": {**_paths(), **_playground_paths()},
-        "components": {
-            "schemas": schemas,
-            "responses": {
-                "Error": {
-                    "description": "An OpenAI error.",
-                    "headers": {
-                        "x-request-id": {"$ref": "#/components/headers/RequestId"},
-                        "Retry-After": {
-                            "description": "Seconds to wait before retrying (429 and 503).",
-                            "schema": {"type": "integer"},
-                        },
-                    },
-                    "content": _any_json(_REF.format(model="Error")),
-                }
-            },
-            "headers": {
-                "RequestId": {
-                    "description": "The request's id (the caller's, or a new one).",
-                    "schema": {"type": "string"},
-                }
-            },
-            "securitySchemes": {
-                "bearer": {
-                    "type": "http",
-                    "scheme": "bearer",
-                    "description": "An API key from `QWEN_API_KEYS` or `auth.api_keys_file`.",
-                },
-                "basic": {
-                    "type": "http",
-                    "scheme": "basic",
-                    "description": "The same key as the password, any user name.",
-                },
-            },
+        "basic": {
+            "type": "http",
+            "scheme": "basic",
+            "description": "The same key as the password, any user name.",
         },
-        "tags": [
-            {"name": "images", "description": "OpenAI Images API"},
-            {"name": "models", "description": "OpenAI Models API"},
-            {"name": "operations", "description": "Probes"},
-            {"name": "documentation", "description": "This description"},
-            {"name": "playground", "description": "The browser playground"},
-        ],
     }
     if auth_enabled:
         doc["security"] = [{"bearer": []}, {"basic": []}]  # either one
-    return doc
 
 
-def routes(config: AppConfig, *, auth_enabled: bool) -> list[Route]:
-    """`GET /openapi.json` and `GET /docs`; the document is built once, here."""
-    doc = openapi_document(config, auth_enabled=auth_enabled)
-    body = json.dumps(doc, separators=(",", ":")).encode()
-    page = render_page(doc)
+def install(app: FastAPI, config: AppConfig, *, auth_enabled: bool) -> dict[str, Any]:
+    """Add `GET /openapi.json` and `GET /docs` to `app` (its last routes) and generate the
+    document now, once: it is served as these bytes for the replica's life."""
+    body = b""
+    page = ""
 
-    async def openapi_json(request: Request) -> Response:
+    async def openapi_json() -> Response:
         return Response(body, media_type="application/json")
 
-    async def docs(request: Request) -> Response:
+    async def docs() -> Response:
         return HTMLResponse(page)
 
-    return [
-        Route(OPENAPI_PATH, openapi_json, methods=["GET"]),
-        Route(DOCS_PATH, docs, methods=["GET"]),
-    ]
+    for path, endpoint, summary, media in (
+        (OPENAPI_PATH, openapi_json, "OpenAPI document", "application/json"),
+        (DOCS_PATH, docs, "API reference page", "text/html"),
+    ):
+        app.add_api_route(
+            path,
+            endpoint,
+            methods=["GET"],
+            summary=summary,
+            tags=["documentation"],
+            response_class=Response,
+            responses={200: {"description": summary, "content": {media: {}}}},
+            openapi_extra=PUBLIC,
+        )
+    doc = app.openapi()
+    _complete(doc, config, auth_enabled=auth_enabled)
+    body = json.dumps(doc, separators=(",", ":")).encode()
+    page = render_page(doc)
+    # Starlette's routes answer HEAD wherever they answer GET, FastAPI's do not: added now, after
+    # the document, which lists GET alone.
+    for route in app.routes:
+        if isinstance(route, APIRoute) and route.methods and "GET" in route.methods:
+            route.methods.add("HEAD")
+    return doc

@@ -7,12 +7,14 @@ from __future__ import annotations
 import re
 
 import pytest
+from starlette.testclient import TestClient
 
 from serve_app.common.config import AppConfig, load_config
-from serve_app.ingress.openapi import openapi_document
-from serve_app.ingress.openapi_page import render_page
+from serve_app.ingress.routes import create_app
+from serve_app.ingress.service import EditService
 from tests.deploy.examples import Example, examples, parse, problems
 from tests.deploy.files import LOCAL_CONFIG, README, app, manifest
+from tests.fakes import FakeModelHandle
 
 EXAMPLES = list(examples())
 
@@ -37,7 +39,8 @@ def test_every_example_fits_make_runs_limits(example: Example) -> None:
 
 def test_the_docs_pages_own_example_fits_make_runs_limits() -> None:
     config = make_run_config()
-    page = render_page(openapi_document(config, auth_enabled=False))
+    service = EditService(model=FakeModelHandle(), config=config)
+    page = TestClient(create_app(service)).get("/docs").text
     (example,) = re.findall(r"<h2>Example</h2><pre>(.*?)</pre>", page, re.S)
     parsed = parse(example)
     assert parsed.steps and parsed.sizes

@@ -1,19 +1,21 @@
-"""serve_app.ingress.openapi: a valid OpenAPI 3.1 document that lists every route the app serves."""
+"""serve_app.ingress.openapi: FastAPI's document of the app, valid OpenAPI 3.1, listing every route
+the app serves, with the multipart fields, stream events and error shape it cannot infer."""
 
 from __future__ import annotations
 
 import re
 from html.parser import HTMLParser
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
+from fastapi import Path as PathParam
+from openai.types import image_edit_params
 from openapi_spec_validator import validate
 from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from serve_app.common.config import AppConfig
-from serve_app.ingress.openapi import DOCS_PATH, FIELD_DOCS, OPENAPI_PATH, openapi_document
+from serve_app.ingress.openapi import DOCS_PATH, FIELD_DOCS, OPENAPI_PATH
 from serve_app.ingress.protocol import IMAGE_FIELDS, MASK_FIELD, EditParams
 from tests.fixtures import ingress_client
 
@@ -54,7 +56,7 @@ def test_the_served_document_is_valid_openapi_31(keys: list[str] | None) -> None
 
 def test_an_invalid_document_is_refused_by_the_validator() -> None:
     # The check above can fail: a path parameter left undeclared does not pass.
-    doc = openapi_document(AppConfig.model_validate(CONFIG), auth_enabled=False)
+    doc = _client().get(OPENAPI_PATH).json()
     del doc["paths"]["/v1/models/{model_id}"]["get"]["parameters"]
     with pytest.raises(OpenAPIValidationError, match="model_id"):
         validate(doc)
@@ -88,13 +90,29 @@ def test_the_edit_body_has_every_form_field_with_this_servers_limits() -> None:
     assert fields["prompt"]["maxLength"] == 500
     assert fields["model"]["enum"] == ["qwen-image-edit", "sketch"]
     assert fields["seed"]["type"] == "integer"  # not "integer or null": a form field is absent
+    assert fields["size"]["type"] == "string"  # `auto` or WIDTHxHEIGHT, parsed by the server
+
+
+# What OpenAI's Images API sends to an edit; the openai SDK's own parameter list holds them.
+OPENAI_EDIT_FIELDS = {
+    *("image", "prompt", "mask", "model", "n", "size", "response_format", "output_format"),
+    *("output_compression", "quality", "background", "input_fidelity", "partial_images", "user"),
+}
+
+
+def test_the_official_clients_fields_are_all_documented() -> None:
+    assert set(image_edit_params.ImageEditParamsBase.__annotations__) >= OPENAI_EDIT_FIELDS
+    doc = _client().get(OPENAPI_PATH).json()
+    fields = doc["components"]["schemas"]["ImageEditRequest"]["properties"]
+    assert {*OPENAI_EDIT_FIELDS, "image[]", "stream"} <= set(fields)
 
 
 def test_the_response_has_the_seed_of_each_image_and_the_usage_extensions() -> None:
     schemas = _client().get(OPENAPI_PATH).json()["components"]["schemas"]
     ok = schemas["ImagesResponse"]["properties"]
     assert ok["data"]["items"]["$ref"].endswith("/ImageData")
-    assert schemas["ImageData"]["properties"]["seed"]["type"] == "integer"  # data[].seed
+    seed = schemas["ImageData"]["properties"]["seed"]  # data[].seed
+    assert {"type": "integer"} in seed["anyOf"]
     usage = schemas["Usage"]["properties"]
     assert {"input_images", "generated_images", "processing_time_seconds"} <= set(usage)
 
@@ -102,7 +120,8 @@ def test_the_response_has_the_seed_of_each_image_and_the_usage_extensions() -> N
 def test_errors_have_openai_shape_and_the_stream_its_events() -> None:
     doc = _client().get(OPENAPI_PATH).json()
     schemas = doc["components"]["schemas"]
-    assert schemas["Error"]["properties"]["error"]["required"] == [
+    assert schemas["Error"]["properties"]["error"]["$ref"].endswith("/ErrorDetail")
+    assert schemas["ErrorDetail"]["required"] == [
         "message",
         "type",
         "param",
@@ -110,7 +129,9 @@ def test_errors_have_openai_shape_and_the_stream_its_events() -> None:
     ]
     edit = doc["paths"]["/v1/images/edits"]["post"]["responses"]
     assert {"400", "401", "413", "503", "504"} <= set(edit)
-    assert edit["400"]["$ref"] == "#/components/responses/Error"
+    error_ref = {"$ref": "#/components/schemas/Error"}
+    assert edit["400"]["content"]["application/json"]["schema"] == error_ref
+    assert edit["default"]["content"]["application/json"]["schema"] == error_ref
     events = edit["200"]["content"]["text/event-stream"]["schema"]["oneOf"]
     names = [e["$ref"].rsplit("/", 1)[-1] for e in events]
     assert [schemas[n]["properties"]["type"]["const"] for n in names] == [
@@ -118,6 +139,25 @@ def test_errors_have_openai_shape_and_the_stream_its_events() -> None:
         "image_edit.completed",
         "error",
     ]
+
+
+def test_fastapis_validation_answers_never_leak() -> None:
+    # The routes take strings, so FastAPI's parameter checks never fail on them; a typed
+    # parameter would, and is answered as OpenAI's 400 naming it, not FastAPI's 422.
+    client = _client()
+
+    async def probe(count: Annotated[int, PathParam()]) -> dict[str, int]:
+        return {"count": count}
+
+    client.app.add_api_route("/v1/probe/{count}", probe, methods=["GET"])  # type: ignore[attr-defined]
+    assert client.get("/v1/probe/3").json() == {"count": 3}
+    resp = client.get("/v1/probe/three")
+    assert resp.status_code == 400
+    assert resp.json()["error"]["param"] == "count"
+    # ... and the document lists no 422 and none of FastAPI's validation error schemas.
+    doc = _client().get(OPENAPI_PATH).json()
+    assert "422" not in str([op["responses"] for i in doc["paths"].values() for op in i.values()])
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
 
 
 def test_with_keys_the_api_is_guarded_and_the_public_routes_are_open() -> None:
