@@ -41,9 +41,13 @@ run: $(STAMP)
 SLOW_MARKERS := integration or multiprocess or network
 PYTEST := $(PY) -m pytest -q -ra
 
+# The fast suite on every core (pytest-xdist; `TEST_WORKERS=0` runs it in one process). A test
+# file stays on one worker, so its module fixtures are built once; the workers share only the
+# tiny models' cache folder, which is published atomically (pipeline/random_weights/tiny.py).
+TEST_WORKERS ?= auto
 test: export HF_HUB_OFFLINE ?= 1
 test: $(STAMP) lint typecheck
-	$(PYTEST) -m "not ($(SLOW_MARKERS))"
+	$(PYTEST) -n $(TEST_WORKERS) --dist loadfile -m "not ($(SLOW_MARKERS))"
 
 test-integration: export HF_HUB_OFFLINE ?= 1
 test-integration: $(STAMP)
