@@ -64,6 +64,13 @@ def _run(argv: list[str], handler: Handler, **env: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+@pytest.fixture(autouse=True)
+def _in_a_fresh_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run where the default output (out.png) is free: the README's examples write one into the
+    checkout, and the client refuses to overwrite it."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def image(tmp_path: Path) -> Path:
     path = tmp_path / "in.png"
